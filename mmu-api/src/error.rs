@@ -1,0 +1,114 @@
+//! Typed errors, one enum per concern.
+
+use crate::addr::{Gpa, SlotId, VcpuId};
+
+/// A paging context that no CPU can be in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum ContextError {
+    /// MAXPHYADDR outside 32..=52.
+    #[error("MAXPHYADDR {0} is outside 32..=52")]
+    MaxPhyAddr(u8),
+    /// CPL above 3.
+    #[error("CPL {0} is above 3")]
+    Cpl(u8),
+    /// CR0.PG without CR0.PE.
+    #[error("CR0.PG is set without CR0.PE")]
+    PagingWithoutProtection,
+    /// EFER.LMA without CR0.PG and CR4.PAE.
+    #[error("EFER.LMA is set without CR0.PG and CR4.PAE")]
+    LongModeWithoutPae,
+    /// CR4.LA57 with paging on but outside long mode.
+    #[error("CR4.LA57 is set with paging outside long mode")]
+    La57OutsideLongMode,
+    /// A control bit whose CPUID feature the vCPU does not have.
+    #[error("{0} is set but the vCPU lacks the feature")]
+    MissingFeature(&'static str),
+}
+
+/// A memslot operation the backend refuses.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum MemslotError {
+    /// Size zero.
+    #[error("{0} has size zero")]
+    ZeroSize(SlotId),
+    /// Base, size or backing not 4 KiB aligned.
+    #[error("{0} is not 4 KiB aligned")]
+    Unaligned(SlotId),
+    /// Base + size beyond the guest-physical address width.
+    #[error("{slot} ends at {end:#x}, beyond the {width}-bit guest-physical space")]
+    TooLarge {
+        /// The slot.
+        slot: SlotId,
+        /// Its end (exclusive), saturated.
+        end: u64,
+        /// The guest-physical address width in bits.
+        width: u8,
+    },
+    /// The range overlaps another slot.
+    #[error("{slot} overlaps {other} at {at}")]
+    Overlap {
+        /// The slot being set.
+        slot: SlotId,
+        /// The slot already there.
+        other: SlotId,
+        /// First overlapping guest-physical address.
+        at: Gpa,
+    },
+    /// A live slot may move or change flags, not both, and never change
+    /// its size or backing.
+    #[error("{0} cannot change that way: delete and re-add it")]
+    IllegalChange(SlotId),
+    /// No slot with this id.
+    #[error("{0} does not exist")]
+    UnknownSlot(SlotId),
+    /// The backend holds its maximum number of slots.
+    #[error("the backend already holds {0} memslots")]
+    TooManySlots(usize),
+    /// The host backing is null or its frame address wraps.
+    #[error("{0} has an invalid host backing")]
+    InvalidBacking(SlotId),
+    /// The host-side hypervisor refused the change.
+    #[error("the hypervisor refused the memslot change: {0}")]
+    Hypervisor(String),
+}
+
+/// Errors from backend-wide operations.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// A memslot operation failed.
+    #[error(transparent)]
+    Memslot(#[from] MemslotError),
+    /// A vCPU with this id was already created.
+    #[error("{0} already exists")]
+    VcpuExists(VcpuId),
+    /// The page limit is below what the backend needs to make progress.
+    #[error("page limit {requested} is below the minimum of {minimum}")]
+    PageLimitTooLow {
+        /// What the caller asked for.
+        requested: u64,
+        /// The smallest limit that works.
+        minimum: u64,
+    },
+    /// The backend does not implement this operation.
+    #[error("the {backend} backend does not support {what}")]
+    Unsupported {
+        /// Backend name.
+        backend: &'static str,
+        /// What was asked.
+        what: &'static str,
+    },
+}
+
+/// Errors from a vCPU's MMU operations.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VcpuError {
+    /// The paging context is impossible.
+    #[error("invalid paging context")]
+    Context(#[from] ContextError),
+    /// Guest memory the operation needs is not backed.
+    #[error("guest-physical address {0} is not backed by a memslot")]
+    Unbacked(Gpa),
+    /// The backend could not allocate a table page even after reclaim.
+    #[error("no shadow page could be allocated after reclaim")]
+    OutOfPages,
+}

@@ -1,0 +1,187 @@
+//! The guest-physical memory port the walker reads tables through.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::addr::{Gfn, Gpa, PAGE_SIZE};
+
+/// Why the walker could not reach a guest-physical address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PhysMemError {
+    /// No memory is backed at this address (it is MMIO or outside every
+    /// memslot).
+    #[error("no memory at guest-physical address {0}")]
+    Unbacked(Gpa),
+    /// The address is not 8-byte aligned.
+    #[error("guest-physical address {0} is not 8-byte aligned")]
+    Misaligned(Gpa),
+}
+
+/// A small port onto guest-physical memory: what a page-table walker needs.
+///
+/// Accesses are 8 bytes wide and 8-byte aligned. 32-bit paging reads the
+/// aligned 8 bytes that contain its 4-byte entry and updates only its half.
+pub trait GuestPhysMemory {
+    /// Reads the aligned u64 at `gpa` (little endian, as the guest sees it).
+    fn read_u64(&self, gpa: Gpa) -> Result<u64, PhysMemError>;
+
+    /// Atomically replaces the u64 at `gpa` with `new` if it still holds
+    /// `current`. Returns `Ok(Ok(()))` on success and `Ok(Err(actual))` when
+    /// another writer got there first. This is how the walker sets A and D
+    /// bits without losing a concurrent guest write.
+    fn compare_exchange_u64(
+        &self,
+        gpa: Gpa,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<(), u64>, PhysMemError>;
+}
+
+impl<T: GuestPhysMemory + ?Sized> GuestPhysMemory for &T {
+    fn read_u64(&self, gpa: Gpa) -> Result<u64, PhysMemError> {
+        (**self).read_u64(gpa)
+    }
+
+    fn compare_exchange_u64(
+        &self,
+        gpa: Gpa,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<(), u64>, PhysMemError> {
+        (**self).compare_exchange_u64(gpa, current, new)
+    }
+}
+
+const WORDS_PER_PAGE: usize = (PAGE_SIZE / 8) as usize;
+
+/// Guest-physical memory made of 4 KiB frames held in a hash map; frames
+/// that were never added are unbacked.
+///
+/// Meant for tests, fuzzers and benches that need a guest's tables without
+/// a VM. Thread-safe.
+#[derive(Debug, Default)]
+pub struct SparseMemory {
+    frames: Mutex<HashMap<Gfn, Box<[u64; WORDS_PER_PAGE]>>>,
+}
+
+impl SparseMemory {
+    /// Empty memory: every address is unbacked.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Backs `gfn` with a zeroed frame (no change if already backed).
+    pub fn add_frame(&self, gfn: Gfn) {
+        self.lock()
+            .entry(gfn)
+            .or_insert_with(|| Box::new([0; WORDS_PER_PAGE]));
+    }
+
+    /// Removes the frame `gfn`; its addresses become unbacked.
+    pub fn remove_frame(&self, gfn: Gfn) {
+        self.lock().remove(&gfn);
+    }
+
+    /// True if `gfn` is backed.
+    pub fn is_backed(&self, gfn: Gfn) -> bool {
+        self.lock().contains_key(&gfn)
+    }
+
+    /// Writes the aligned u64 at `gpa`.
+    pub fn write_u64(&self, gpa: Gpa, value: u64) -> Result<(), PhysMemError> {
+        let (gfn, idx) = split(gpa)?;
+        let mut frames = self.lock();
+        let frame = frames.get_mut(&gfn).ok_or(PhysMemError::Unbacked(gpa))?;
+        frame[idx] = value;
+        Ok(())
+    }
+
+    /// Writes a 4-byte value at a 4-byte aligned `gpa` (a 32-bit paging entry).
+    pub fn write_u32(&self, gpa: Gpa, value: u32) -> Result<(), PhysMemError> {
+        if gpa.raw() % 4 != 0 {
+            return Err(PhysMemError::Misaligned(gpa));
+        }
+        let word = Gpa(gpa.raw() & !7);
+        let shift = (gpa.raw() & 4) * 8;
+        let old = self.read_u64(word)?;
+        let new = (old & !(0xffff_ffffu64 << shift)) | (u64::from(value) << shift);
+        self.write_u64(word, new)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Gfn, Box<[u64; WORDS_PER_PAGE]>>> {
+        // A panic while holding this lock cannot leave a frame half-written
+        // (every update is one store), so a poisoned lock is still usable.
+        self.frames.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn split(gpa: Gpa) -> Result<(Gfn, usize), PhysMemError> {
+    if gpa.raw() % 8 != 0 {
+        return Err(PhysMemError::Misaligned(gpa));
+    }
+    Ok((gpa.gfn(), (gpa.page_offset() / 8) as usize))
+}
+
+impl GuestPhysMemory for SparseMemory {
+    fn read_u64(&self, gpa: Gpa) -> Result<u64, PhysMemError> {
+        let (gfn, idx) = split(gpa)?;
+        self.lock()
+            .get(&gfn)
+            .map(|f| f[idx])
+            .ok_or(PhysMemError::Unbacked(gpa))
+    }
+
+    fn compare_exchange_u64(
+        &self,
+        gpa: Gpa,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<(), u64>, PhysMemError> {
+        let (gfn, idx) = split(gpa)?;
+        let mut frames = self.lock();
+        let frame = frames.get_mut(&gfn).ok_or(PhysMemError::Unbacked(gpa))?;
+        if frame[idx] == current {
+            frame[idx] = new;
+            Ok(Ok(()))
+        } else {
+            Ok(Err(frame[idx]))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unbacked_and_misaligned_are_errors() {
+        let mem = SparseMemory::new();
+        assert_eq!(
+            mem.read_u64(Gpa(0x1000)),
+            Err(PhysMemError::Unbacked(Gpa(0x1000)))
+        );
+        mem.add_frame(Gfn(1));
+        assert_eq!(mem.read_u64(Gpa(0x1000)), Ok(0));
+        assert_eq!(
+            mem.read_u64(Gpa(0x1004)),
+            Err(PhysMemError::Misaligned(Gpa(0x1004)))
+        );
+    }
+
+    #[test]
+    fn cmpxchg_and_u32_halves() {
+        let mem = SparseMemory::new();
+        mem.add_frame(Gfn(0));
+        mem.write_u32(Gpa(4), 0xdead_beef).unwrap();
+        mem.write_u32(Gpa(0), 0x1234_5678).unwrap();
+        assert_eq!(mem.read_u64(Gpa(0)), Ok(0xdead_beef_1234_5678));
+        assert_eq!(mem.compare_exchange_u64(Gpa(0), 1, 2), Ok(Err(0xdead_beef_1234_5678)));
+        assert_eq!(
+            mem.compare_exchange_u64(Gpa(0), 0xdead_beef_1234_5678, 7),
+            Ok(Ok(()))
+        );
+        assert_eq!(mem.read_u64(Gpa(0)), Ok(7));
+        mem.remove_frame(Gfn(0));
+        assert!(!mem.is_backed(Gfn(0)));
+    }
+}

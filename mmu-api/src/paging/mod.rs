@@ -1,0 +1,19 @@
+//! The x86 guest paging model: registers, modes, entry bits, accesses, and
+//! the reference walker every backend translates with.
+
+mod access;
+mod context;
+mod entry;
+mod mem;
+mod walker;
+
+pub use access::{Access, AccessKind, AccessMode, PfErrorCode, Rights};
+pub use context::{
+    Cr0, Cr4, CpuFeatures, Efer, MAX_MAXPHYADDR, MIN_MAXPHYADDR, PagingContext, PagingMode,
+};
+pub use entry::{GuestPte, PKEY_MASK, PKEY_SHIFT, PteFlags};
+pub use mem::{GuestPhysMemory, PhysMemError, SparseMemory};
+pub use walker::{
+    MAX_AD_RETRIES, PageFault, PageSize, RangeSegment, Translation, WalkError, WalkOptions,
+    WalkStep, translate_range, walk, walk_with,
+};
