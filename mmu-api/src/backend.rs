@@ -122,7 +122,16 @@ pub trait MmuBackend: Send + Sync + fmt::Debug {
     /// KVM's slots lock does). Guarantees on return: no translation held by
     /// any vCPU or cached by the backend maps the slot's old range or grants
     /// rights the new flags remove, and the memslot generation has advanced.
-    fn set_memslot(&self, slot: Memslot) -> Result<MemslotChange, MemslotError>;
+    ///
+    /// # Safety
+    ///
+    /// `slot.backing.host_addr` must be valid for reads and writes of
+    /// `slot.size` bytes, page aligned, from this call until
+    /// [`delete_memslot`](Self::delete_memslot) for the slot has returned
+    /// (the backend reads guest page tables and dirty state through it).
+    /// `slot.backing.hpa` must be where the hardware walking the backend's
+    /// tables sees that same memory.
+    unsafe fn set_memslot(&self, slot: Memslot) -> Result<MemslotChange, MemslotError>;
 
     /// Deletes memslot `id` and returns it. Same caller rules as
     /// [`set_memslot`](Self::set_memslot). Guarantees on return: no vCPU can

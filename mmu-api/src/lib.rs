@@ -55,3 +55,8 @@ pub use memslot::{
 pub use paging::{
     Access, AccessKind, AccessMode, PageSize, PagingContext, PagingMode, PfErrorCode, Rights,
 };
+
+/// The README's Rust examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

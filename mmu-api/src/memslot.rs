@@ -80,9 +80,8 @@ impl Memslot {
 
     /// Host virtual address of `gpa`, which must be inside the slot.
     pub fn host_addr_of(&self, gpa: Gpa) -> Option<HostVirtAddr> {
-        self.contains(gpa).then(|| {
-            HostVirtAddr(self.backing.host_addr.0 + (gpa.raw() - self.guest_base.raw()))
-        })
+        self.contains(gpa)
+            .then(|| HostVirtAddr(self.backing.host_addr.0 + (gpa.raw() - self.guest_base.raw())))
     }
 
     /// True if the guest may write through the slot.
@@ -180,7 +179,7 @@ impl MemslotTable {
         if slot.size == 0 {
             return Err(MemslotError::ZeroSize(id));
         }
-        let aligned = |v: u64| v % PAGE_SIZE == 0;
+        let aligned = |v: u64| v.is_multiple_of(PAGE_SIZE);
         if !aligned(slot.guest_base.raw())
             || !aligned(slot.size)
             || !aligned(slot.backing.hpa.raw())
@@ -237,7 +236,9 @@ impl MemslotTable {
             });
         }
         self.slots.retain(|s| s.id != slot.id);
-        let pos = self.slots.partition_point(|s| s.guest_base < slot.guest_base);
+        let pos = self
+            .slots
+            .partition_point(|s| s.guest_base < slot.guest_base);
         self.slots.insert(pos, slot);
         Ok(match existing {
             None => MemslotChange::Created,
@@ -309,10 +310,10 @@ impl DirtyBitmap {
     /// A bitmap from KVM-layout words.
     pub fn from_words(pages: u64, mut words: Vec<u64>) -> Self {
         words.resize(pages.div_ceil(64) as usize, 0);
-        if pages % 64 != 0 {
-            if let Some(last) = words.last_mut() {
-                *last &= (1u64 << (pages % 64)) - 1;
-            }
+        if !pages.is_multiple_of(64)
+            && let Some(last) = words.last_mut()
+        {
+            *last &= (1u64 << (pages % 64)) - 1;
         }
         Self { words, pages }
     }
@@ -422,7 +423,10 @@ mod tests {
             t.set(slot(2, 0x4000, 0x1000)),
             Err(MemslotError::TooManySlots(2))
         );
-        assert_eq!(t.delete(SlotId(9)), Err(MemslotError::UnknownSlot(SlotId(9))));
+        assert_eq!(
+            t.delete(SlotId(9)),
+            Err(MemslotError::UnknownSlot(SlotId(9)))
+        );
         let mut grown = slot(1, 0x2000, 0x2000);
         grown.backing = slot(1, 0x2000, 0x1000).backing;
         assert_eq!(t.set(grown), Err(MemslotError::IllegalChange(SlotId(1))));

@@ -136,7 +136,7 @@ pub const MAX_MAXPHYADDR: u8 = 52;
 /// privilege, EFLAGS.AC, PKRU, and the CPU's physical-address width and
 /// paging features.
 ///
-/// Built with [`PagingContext::new`] (which validates it) or field by field
+/// Built with [`PagingContext::for_mode`] (which validates it) or field by field
 /// followed by [`PagingContext::validate`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PagingContext {
@@ -155,7 +155,7 @@ pub struct PagingContext {
     pub eflags_ac: bool,
     /// PKRU: two bits (access-disable, write-disable) per protection key.
     pub pkru: u32,
-    /// The CPU's physical-address width in bits (CPUID.80000008:EAX[7:0]).
+    /// The CPU's physical-address width in bits (CPUID.80000008:EAX bits 7:0).
     pub maxphyaddr: u8,
     /// The vCPU's paging features.
     pub features: CpuFeatures,

@@ -98,7 +98,7 @@ impl SparseMemory {
 
     /// Writes a 4-byte value at a 4-byte aligned `gpa` (a 32-bit paging entry).
     pub fn write_u32(&self, gpa: Gpa, value: u32) -> Result<(), PhysMemError> {
-        if gpa.raw() % 4 != 0 {
+        if !gpa.raw().is_multiple_of(4) {
             return Err(PhysMemError::Misaligned(gpa));
         }
         let word = Gpa(gpa.raw() & !7);
@@ -116,7 +116,7 @@ impl SparseMemory {
 }
 
 fn split(gpa: Gpa) -> Result<(Gfn, usize), PhysMemError> {
-    if gpa.raw() % 8 != 0 {
+    if !gpa.raw().is_multiple_of(8) {
         return Err(PhysMemError::Misaligned(gpa));
     }
     Ok((gpa.gfn(), (gpa.page_offset() / 8) as usize))
@@ -175,7 +175,10 @@ mod tests {
         mem.write_u32(Gpa(4), 0xdead_beef).unwrap();
         mem.write_u32(Gpa(0), 0x1234_5678).unwrap();
         assert_eq!(mem.read_u64(Gpa(0)), Ok(0xdead_beef_1234_5678));
-        assert_eq!(mem.compare_exchange_u64(Gpa(0), 1, 2), Ok(Err(0xdead_beef_1234_5678)));
+        assert_eq!(
+            mem.compare_exchange_u64(Gpa(0), 1, 2),
+            Ok(Err(0xdead_beef_1234_5678))
+        );
         assert_eq!(
             mem.compare_exchange_u64(Gpa(0), 0xdead_beef_1234_5678, 7),
             Ok(Ok(()))

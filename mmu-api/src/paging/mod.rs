@@ -5,14 +5,16 @@ mod access;
 mod context;
 mod entry;
 mod mem;
+mod slot_mem;
 mod walker;
 
 pub use access::{Access, AccessKind, AccessMode, PfErrorCode, Rights};
 pub use context::{
-    Cr0, Cr4, CpuFeatures, Efer, MAX_MAXPHYADDR, MIN_MAXPHYADDR, PagingContext, PagingMode,
+    CpuFeatures, Cr0, Cr4, Efer, MAX_MAXPHYADDR, MIN_MAXPHYADDR, PagingContext, PagingMode,
 };
 pub use entry::{GuestPte, PKEY_MASK, PKEY_SHIFT, PteFlags};
 pub use mem::{GuestPhysMemory, PhysMemError, SparseMemory};
+pub use slot_mem::SlotMemory;
 pub use walker::{
     MAX_AD_RETRIES, PageFault, PageSize, RangeSegment, Translation, WalkError, WalkOptions,
     WalkStep, translate_range, walk, walk_with,

@@ -47,7 +47,7 @@ use crate::addr::{Gpa, Gva, PAGE_SIZE};
 use crate::error::ContextError;
 
 use super::access::{Access, AccessKind, AccessMode, PfErrorCode, Rights};
-use super::context::{Cr4, CpuFeatures, PagingContext, PagingMode};
+use super::context::{CpuFeatures, Cr4, PagingContext, PagingMode};
 use super::entry::{GuestPte, PteFlags};
 use super::mem::{GuestPhysMemory, PhysMemError};
 
@@ -396,7 +396,9 @@ fn update_entry<M: GuestPhysMemory + ?Sized>(
     set: u64,
 ) -> Result<bool, PhysMemError> {
     if entry_bytes == 8 {
-        return Ok(mem.compare_exchange_u64(gpa, expected, expected | set)?.is_ok());
+        return Ok(mem
+            .compare_exchange_u64(gpa, expected, expected | set)?
+            .is_ok());
     }
     let word_gpa = Gpa(gpa.raw() & !7);
     let shift = (gpa.raw() & 4) * 8;
@@ -427,9 +429,8 @@ fn error_code_base(ctx: &PagingContext, access: Access) -> PfErrorCode {
 
 /// Is `access` denied by the rights of the whole walk (not counting keys)?
 fn permission_denied(ctx: &PagingContext, rights: Rights, access: Access) -> bool {
-    let smap_blocks = |mode: AccessMode| {
-        ctx.smap() && (mode == AccessMode::ImplicitSupervisor || !ctx.eflags_ac)
-    };
+    let smap_blocks =
+        |mode: AccessMode| ctx.smap() && (mode == AccessMode::ImplicitSupervisor || !ctx.eflags_ac);
     match access.mode {
         AccessMode::User => {
             !rights.user
@@ -442,9 +443,7 @@ fn permission_denied(ctx: &PagingContext, rights: Rights, access: Access) -> boo
         mode => match access.kind {
             AccessKind::Fetch => (rights.user && ctx.smep()) || !rights.exec,
             AccessKind::Read => rights.user && smap_blocks(mode),
-            AccessKind::Write => {
-                (rights.user && smap_blocks(mode)) || (!rights.write && ctx.wp())
-            }
+            AccessKind::Write => (rights.user && smap_blocks(mode)) || (!rights.write && ctx.wp()),
         },
     }
 }
@@ -566,11 +565,11 @@ fn walk_once<M: GuestPhysMemory + ?Sized>(
     let pkey = ctx.pke_active().then(|| GuestPte(leaf_raw).pkey());
     let mut code = PfErrorCode::empty();
     let mut denied = permission_denied(ctx, rights, access);
-    if let Some(key) = pkey {
-        if pkey_denied(ctx, rights, key, access) {
-            code |= PfErrorCode::PK;
-            denied = true;
-        }
+    if let Some(key) = pkey
+        && pkey_denied(ctx, rights, key, access)
+    {
+        code |= PfErrorCode::PK;
+        denied = true;
     }
     if denied {
         return Err(fault(0, PfErrorCode::PRESENT | code, None));
@@ -706,7 +705,10 @@ mod tests {
         let mem = four_level(0x9000 | P | W | U, P | W | U);
         let t = walk(&ctx4(), &mem, Gva(0x10), Access::user(AccessKind::Write)).unwrap();
         assert_eq!(t.gpa, Gpa(0x9010));
-        assert_eq!(mem.read_u64(Gpa(0x4000)).unwrap(), 0x9000 | P | W | U | A | D);
+        assert_eq!(
+            mem.read_u64(Gpa(0x4000)).unwrap(),
+            0x9000 | P | W | U | A | D
+        );
         assert_eq!(mem.read_u64(Gpa(0x3000)).unwrap(), 0x4000 | P | W | U | A);
         assert_eq!(t.steps().len(), 4);
         assert_eq!(t.leaf().unwrap().entry.raw(), 0x9000 | P | W | U | A | D);
@@ -728,21 +730,37 @@ mod tests {
         let mem = mem_with(&[1, 2, 3]);
         mem.write_u64(Gpa(0x1000), 0x2000 | P | W).unwrap();
         mem.write_u64(Gpa(0x2000), 0x3000 | P | W).unwrap();
-        mem.write_u64(Gpa(0x3000 + 8), 0x4020_0000 | P | W | PS).unwrap();
-        let t = walk(&ctx4(), &mem, Gva(0x2f_1234), Access::supervisor(AccessKind::Read))
+        mem.write_u64(Gpa(0x3000 + 8), 0x4020_0000 | P | W | PS)
             .unwrap();
+        let t = walk(
+            &ctx4(),
+            &mem,
+            Gva(0x2f_1234),
+            Access::supervisor(AccessKind::Read),
+        )
+        .unwrap();
         assert_eq!(t.page_size, PageSize::Size2M);
         assert_eq!(t.gpa, Gpa(0x402f_1234));
         // 1 GiB via PDPTE PS, then without the feature it is reserved.
-        mem.write_u64(Gpa(0x2000 + 8), 0xc000_0000 | P | PS).unwrap();
-        let t = walk(&ctx4(), &mem, Gva(0x4123_4567), Access::supervisor(AccessKind::Read))
+        mem.write_u64(Gpa(0x2000 + 8), 0xc000_0000 | P | PS)
             .unwrap();
+        let t = walk(
+            &ctx4(),
+            &mem,
+            Gva(0x4123_4567),
+            Access::supervisor(AccessKind::Read),
+        )
+        .unwrap();
         assert_eq!((t.page_size, t.gpa), (PageSize::Size1G, Gpa(0xc123_4567)));
         let mut ctx = ctx4();
         ctx.features.remove(CpuFeatures::PAGE_1G);
-        let f = pf(
-            walk(&ctx, &mem, Gva(0x4123_4567), Access::supervisor(AccessKind::Read)).unwrap_err(),
-        );
+        let f = pf(walk(
+            &ctx,
+            &mem,
+            Gva(0x4123_4567),
+            Access::supervisor(AccessKind::Read),
+        )
+        .unwrap_err());
         assert!(f.error_code.contains(PfErrorCode::RSVD));
         assert_eq!(f.level, 3);
     }
@@ -755,16 +773,34 @@ mod tests {
         mem.write_u32(Gpa(0x1004), pde).unwrap();
         mem.write_u32(Gpa(0x1000), 0xdead_0000).unwrap(); // neighbour untouched
         let ctx = PagingContext::for_mode(PagingMode::Bits32, 0x1000, 40).unwrap();
-        let t = walk(&ctx, &mem, Gva(0x0045_6789), Access::user(AccessKind::Write)).unwrap();
+        let t = walk(
+            &ctx,
+            &mem,
+            Gva(0x0045_6789),
+            Access::user(AccessKind::Write),
+        )
+        .unwrap();
         assert_eq!(t.page_size, PageSize::Size4M);
         assert_eq!(t.gpa, Gpa(0x3_0045_6789));
-        assert_eq!(mem.read_u64(Gpa(0x1000)).unwrap() >> 32, u64::from(pde) | A | D);
-        assert_eq!(mem.read_u64(Gpa(0x1000)).unwrap() & 0xffff_ffff, 0xdead_0000);
+        assert_eq!(
+            mem.read_u64(Gpa(0x1000)).unwrap() >> 32,
+            u64::from(pde) | A | D
+        );
+        assert_eq!(
+            mem.read_u64(Gpa(0x1000)).unwrap() & 0xffff_ffff,
+            0xdead_0000
+        );
         // With MAXPHYADDR 36, bits 20:17 are reserved.
         let mut ctx36 = ctx;
         ctx36.maxphyaddr = 36;
         mem.write_u32(Gpa(0x1004), pde | (1 << 17)).unwrap();
-        let f = pf(walk(&ctx36, &mem, Gva(0x0040_0000), Access::user(AccessKind::Read)).unwrap_err());
+        let f = pf(walk(
+            &ctx36,
+            &mem,
+            Gva(0x0040_0000),
+            Access::user(AccessKind::Read),
+        )
+        .unwrap_err());
         assert!(f.error_code.contains(PfErrorCode::RSVD));
     }
 
@@ -786,7 +822,12 @@ mod tests {
     fn non_canonical_is_gp() {
         let mem = four_level(0x9000 | P, P);
         assert_eq!(
-            walk(&ctx4(), &mem, Gva(0x0000_8000_0000_0000), Access::user(AccessKind::Read)),
+            walk(
+                &ctx4(),
+                &mem,
+                Gva(0x0000_8000_0000_0000),
+                Access::user(AccessKind::Read)
+            ),
             Err(WalkError::NonCanonical(Gva(0x0000_8000_0000_0000)))
         );
     }
@@ -857,7 +898,14 @@ mod tests {
         let opts = WalkOptions {
             set_accessed_dirty: false,
         };
-        walk_with(&ctx4(), &mem, Gva(0), Access::supervisor(AccessKind::Write), opts).unwrap();
+        walk_with(
+            &ctx4(),
+            &mem,
+            Gva(0),
+            Access::supervisor(AccessKind::Write),
+            opts,
+        )
+        .unwrap();
         assert_eq!(mem.read_u64(Gpa(0x4000)).unwrap(), 0x9000 | P | W);
     }
 }
