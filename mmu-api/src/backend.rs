@@ -57,6 +57,15 @@ pub enum FaultOutcome {
         /// Value for CR2.
         cr2: Gva,
     },
+    /// The access is allowed but must not go through a mapping: it writes a
+    /// guest page table the MMU shadows (write-protected). Emulate the
+    /// faulting instruction and hand each guest-memory write it makes to the
+    /// vCPU's MMU (`write_guest`), which updates its shadow state; then
+    /// advance RIP.
+    Emulate {
+        /// Guest-physical address of the access.
+        gpa: Gpa,
+    },
     /// The access raises #GP in the guest (a non-canonical address, or
     /// PAE PDPTEs with reserved bits).
     InjectGeneralProtection,

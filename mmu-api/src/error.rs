@@ -61,6 +61,12 @@ pub enum MemslotError {
     /// No slot with this id.
     #[error("{0} does not exist")]
     UnknownSlot(SlotId),
+    /// Dirty logging is not enabled on the slot.
+    #[error("{0} does not log dirty pages")]
+    NotLogging(SlotId),
+    /// The backing overlaps memory the backend owns (the shadow page pool).
+    #[error("{0} overlaps memory the MMU backend owns")]
+    OverlapsBackend(SlotId),
     /// The backend holds its maximum number of slots.
     #[error("the backend already holds {0} memslots")]
     TooManySlots(usize),
@@ -108,6 +114,17 @@ pub enum VcpuError {
     /// Guest memory the operation needs is not backed.
     #[error("guest-physical address {0} is not backed by a memslot")]
     Unbacked(Gpa),
+    /// The guest-physical address lies in a read-only memslot.
+    #[error("guest-physical address {0} is in a read-only memslot")]
+    ReadOnly(Gpa),
+    /// An emulated access crosses a page boundary.
+    #[error("an emulated access of {len} bytes at {gpa} crosses a page")]
+    CrossesPage {
+        /// Where it starts.
+        gpa: Gpa,
+        /// Its length.
+        len: usize,
+    },
     /// The backend could not allocate a table page even after reclaim.
     #[error("no shadow page could be allocated after reclaim")]
     OutOfPages,

@@ -1,8 +1,97 @@
-//! Shadow paging backend for `mmu-api` (not implemented yet).
+//! Shadow paging backend for `mmu-api`.
 //!
-//! This crate will hold the software MMU: a pool of shadow pages that the
-//! hardware walks, built from the guest's own page tables and the memslots,
-//! with the generation ("fast") zap, zapped-obsolete-first reclaim, MMIO
-//! caching in reserved-bit SPTEs and parent-aware reclaim. Until its issue
-//! lands it exports nothing; see `DESIGN.md` for the invariants it will keep.
+//! The backend builds the page tables the hardware walks (guest-virtual to
+//! host frame) from the guest's own page tables and the memslots, in the
+//! structure of Linux KVM's shadow MMU:
+//!
+//! - a **pool** of 4 KiB frames in one host region the hardware can walk
+//!   (on KVM, a memslot outside the guest's physical space), holding real
+//!   x86-64 4-level tables (5-level for 5-level guests);
+//! - **shadow pages** looked up by (gfn, role) in a hash, where the role
+//!   carries level, direct, access, CR0.WP, NX, SMEP/SMAP-and-not-WP, the
+//!   guest's entry size and quadrant (32-bit guests) and whether it stands
+//!   in for a guest level with no table in memory;
+//! - an **rmap** (gfn to the leaf SPTEs mapping it) and per-page **parent
+//!   lists**, kept exact;
+//! - **roots** per vCPU with a cache of the last four CR3s;
+//! - guest **A/D bits** set exactly as hardware sets them (every fault
+//!   re-walks the guest tables with the reference walker; a clean page is
+//!   mapped read-only until written);
+//! - **write protection** of every guest page table it shadows: a write to
+//!   one is emulated ([`mmu_api::FaultOutcome::Emulate`], then
+//!   [`ShadowVcpu::write_guest`]), which zaps the SPTEs derived from the
+//!   written entries; three writes without a use in between, or one
+//!   misaligned write, zap the page (write flooding). There are no unsync
+//!   pages;
+//! - **prefetch** of present, accessed neighbouring guest PTEs;
+//! - **memslots** (add, delete, move, READONLY, LOG_DIRTY) and dirty-log
+//!   harvest; a **page limit** with oldest-first reclaim;
+//! - **stats**, `tracing` events, and [`ShadowBackend::audit`].
+//!
+//! [`soft::SoftVcpu`] is a software CPU that walks the shadow tables as the
+//! hardware would, with a TLB, so tests run without KVM and a missing
+//! flush fails them.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use mmu_api::{MmuBackend, VcpuId};
+//! use mmu_shadow::{ShadowBackend, ShadowConfig, soft::NoKick};
+//!
+//! let backend = ShadowBackend::new(ShadowConfig::default()).unwrap();
+//! let vcpu = backend.create_vcpu(VcpuId(0), Arc::new(NoKick)).unwrap();
+//! assert_eq!(vcpu.id(), VcpuId(0));
+//! assert_eq!(backend.stats().get("sps_in_use"), Some(0));
+//! backend.audit().unwrap();
+//! ```
 #![deny(missing_docs)]
+
+mod audit;
+mod backend;
+mod fault;
+mod pool;
+mod role;
+pub mod soft;
+mod spte;
+mod state;
+mod stats;
+mod vcpu;
+
+pub use audit::AuditError;
+pub use backend::{MIN_PAGE_LIMIT, ShadowBackend};
+pub use pool::PoolError;
+pub use vcpu::ShadowVcpu;
+
+use mmu_api::Hpa;
+
+/// How a shadow backend is built.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShadowConfig {
+    /// Frames in the shadow page pool (4 KiB each). The mapping is reserved
+    /// lazily, so a large pool costs address space, not memory.
+    pub pool_pages: u32,
+    /// Where the hardware sees the pool. It must not overlap any memslot's
+    /// backing; on KVM it is a guest-physical address above guest memory.
+    pub pool_hpa: Hpa,
+    /// The most shadow pages the backend may hold (`None`: the pool size).
+    pub page_limit: Option<u64>,
+    /// Neighbouring guest PTEs mapped on a fault (0 or 1: off). Rounded up
+    /// to a power of two; KVM uses 8.
+    pub prefetch: usize,
+    /// Width of the guest-physical address space in bits, for memslot
+    /// validation.
+    pub gpa_width: u8,
+}
+
+impl Default for ShadowConfig {
+    fn default() -> Self {
+        ShadowConfig {
+            pool_pages: 1 << 16,
+            pool_hpa: Hpa(1 << 40),
+            page_limit: None,
+            prefetch: 8,
+            gpa_width: 46,
+        }
+    }
+}

@@ -17,5 +17,5 @@ pub use mem::{GuestPhysMemory, PhysMemError, SparseMemory};
 pub use slot_mem::SlotMemory;
 pub use walker::{
     MAX_AD_RETRIES, PageFault, PageSize, RangeSegment, Translation, WalkError, WalkOptions,
-    WalkStep, translate_range, walk, walk_with,
+    WalkStep, permission_fault, translate_range, walk, walk_with,
 };

@@ -145,9 +145,10 @@ pub enum WalkError {
     /// The linear address is not canonical for the mode: #GP (or #SS), not #PF.
     #[error("non-canonical address {0}")]
     NonCanonical(Gva),
-    /// A present PAE PDPTE has a reserved bit set. The CPU raises #GP when
-    /// it loads the PDPTEs (at the CR3 load), so the guest never reaches
-    /// this walk; the walker reads the PDPTEs as if CR3 was just loaded.
+    /// A present PAE PDPTE (any of the four, not only the one the address
+    /// uses) has a reserved bit set. The CPU raises #GP when it loads the
+    /// PDPTEs at the CR3 load, so the guest never reaches this walk; the
+    /// walker reads the PDPTEs as if CR3 was just loaded.
     #[error("PAE PDPTE {index} has reserved bits set: {value:#x}")]
     InvalidPdpte {
         /// Which of the four PDPTEs.
@@ -459,6 +460,30 @@ fn pkey_denied(ctx: &PagingContext, rights: Rights, pkey: u8, access: Access) ->
     access_disable || (access.is_write() && write_disable && (access.is_user() || ctx.wp()))
 }
 
+/// The #PF error code the CPU raises when `access` uses a translation with
+/// `rights` (and protection key `pkey`, if keys are active), or `None` if
+/// the access is allowed.
+///
+/// This is the check a TLB hit goes through: a cached translation keeps the
+/// rights of its whole walk, and the CPU checks them against the current
+/// CR0.WP, CR4.SMEP/SMAP, EFLAGS.AC and PKRU.
+pub fn permission_fault(
+    ctx: &PagingContext,
+    rights: Rights,
+    pkey: Option<u8>,
+    access: Access,
+) -> Option<PfErrorCode> {
+    let mut code = PfErrorCode::PRESENT | error_code_base(ctx, access);
+    let mut denied = permission_denied(ctx, rights, access);
+    if let Some(key) = pkey
+        && pkey_denied(ctx, rights, key, access)
+    {
+        code |= PfErrorCode::PK;
+        denied = true;
+    }
+    denied.then_some(code)
+}
+
 /// One attempt; `Ok(None)` means an A/D update lost a race: walk again.
 fn walk_once<M: GuestPhysMemory + ?Sized>(
     ctx: &PagingContext,
@@ -510,6 +535,19 @@ fn walk_once<M: GuestPhysMemory + ?Sized>(
         PagingMode::Pae => ctx.cr3 & 0xffff_ffe0,
         _ => ctx.cr3 & ctx.phys_mask() & bits(12, 51),
     };
+    if mode == PagingMode::Pae {
+        // The CPU loads all four PDPTEs at the CR3 load and raises #GP if
+        // any present one has a reserved bit, whichever the address uses.
+        for index in 0..4u8 {
+            let gpa = Gpa(table + 8 * u64::from(index));
+            let Ok(value) = mem.read_u64(gpa) else {
+                continue;
+            };
+            if value & 1 != 0 && value & reserved_mask(ctx, mode, 3, false) != 0 {
+                return Err(WalkError::InvalidPdpte { index, value });
+            }
+        }
+    }
     let mut rights = Rights::ALL;
     let mut steps = [WalkStep::default(); 5];
     let mut depth = 0usize;
@@ -525,16 +563,6 @@ fn walk_once<M: GuestPhysMemory + ?Sized>(
         };
         let pte = GuestPte(raw);
 
-        if mode == PagingMode::Pae && level == 3 {
-            // The PDPTE "registers": no A bit, no rights, reserved bits are
-            // a #GP at CR3 load.
-            if pte.is_present() && raw & reserved_mask(ctx, mode, 3, false) != 0 {
-                return Err(WalkError::InvalidPdpte {
-                    index: layout.index(addr, 3) as u8,
-                    value: raw,
-                });
-            }
-        }
         if !pte.is_present() {
             return Err(fault(level, PfErrorCode::empty(), None));
         }
@@ -563,16 +591,8 @@ fn walk_once<M: GuestPhysMemory + ?Sized>(
     };
 
     let pkey = ctx.pke_active().then(|| GuestPte(leaf_raw).pkey());
-    let mut code = PfErrorCode::empty();
-    let mut denied = permission_denied(ctx, rights, access);
-    if let Some(key) = pkey
-        && pkey_denied(ctx, rights, key, access)
-    {
-        code |= PfErrorCode::PK;
-        denied = true;
-    }
-    if denied {
-        return Err(fault(0, PfErrorCode::PRESENT | code, None));
+    if let Some(code) = permission_fault(ctx, rights, pkey, access) {
+        return Err(fault(0, code, None));
     }
 
     if options.set_accessed_dirty {

@@ -1,0 +1,217 @@
+//! The shadow page pool: 4 KiB frames in one host region the hardware walks.
+//!
+//! The region is an anonymous mapping owned by the pool. The hardware sees it
+//! at `hpa_base` (on KVM the VMM registers it as a memslot outside the
+//! guest's physical address space, at that address). Entries are written
+//! with single 64-bit atomic stores because the hardware may walk a table
+//! while the MMU edits it.
+
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use mmu_api::{HostVirtAddr, Hpa, PAGE_SIZE};
+
+/// Entries in one table page.
+pub(crate) const ENTRIES_PER_PAGE: usize = 512;
+
+/// Index of a frame in the pool; also the id of the shadow page it holds.
+pub(crate) type FrameId = u32;
+
+/// Why the pool could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// Zero frames, or more than fit the address space.
+    #[error("a pool of {0} frames is not possible")]
+    Size(u64),
+    /// `hpa_base` is not page aligned or the range wraps.
+    #[error("pool base {0} is not page aligned or the range wraps")]
+    Base(Hpa),
+    /// The host refused the mapping.
+    #[error("could not map the pool")]
+    Map(#[source] std::io::Error),
+}
+
+/// The frames and their entries.
+#[derive(Debug)]
+pub(crate) struct ShadowPool {
+    base: NonNull<AtomicU64>,
+    frames: u32,
+    hpa_base: Hpa,
+    free: Vec<FrameId>,
+}
+
+// SAFETY: the pool owns its mapping; every access to the memory goes through
+// `AtomicU64`, so sharing the pointer between threads is sound.
+unsafe impl Send for ShadowPool {}
+// SAFETY: as above; `&ShadowPool` only hands out atomic views of the memory.
+unsafe impl Sync for ShadowPool {}
+
+impl ShadowPool {
+    /// Maps `frames` zeroed frames, seen by the hardware at `hpa_base`.
+    pub(crate) fn new(frames: u32, hpa_base: Hpa) -> Result<Self, PoolError> {
+        if frames == 0 {
+            return Err(PoolError::Size(0));
+        }
+        let len = u64::from(frames) * PAGE_SIZE;
+        let len_usize = usize::try_from(len).map_err(|_| PoolError::Size(u64::from(frames)))?;
+        if !hpa_base.is_aligned(PAGE_SIZE) || hpa_base.raw().checked_add(len).is_none() {
+            return Err(PoolError::Base(hpa_base));
+        }
+        // SAFETY: an anonymous private mapping at an address of the kernel's
+        // choosing touches no existing memory; the result is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                len_usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(PoolError::Map(std::io::Error::last_os_error()));
+        }
+        let base = NonNull::new(ptr.cast::<AtomicU64>())
+            .ok_or_else(|| PoolError::Map(std::io::Error::other("mmap returned null")))?;
+        Ok(ShadowPool {
+            base,
+            frames,
+            hpa_base,
+            // Pop from the end: hand out low frames first.
+            free: (0..frames).rev().collect(),
+        })
+    }
+
+    /// Number of frames.
+    pub(crate) fn capacity(&self) -> u32 {
+        self.frames
+    }
+
+    /// Frames not holding a shadow page.
+    pub(crate) fn free_frames(&self) -> u32 {
+        self.free.len() as u32
+    }
+
+    /// Where the hardware sees the pool.
+    pub(crate) fn hpa_base(&self) -> Hpa {
+        self.hpa_base
+    }
+
+    /// The pool's host mapping and size, for registering it with a
+    /// hypervisor (a memslot at [`hpa_base`](Self::hpa_base)).
+    pub(crate) fn host_region(&self) -> (HostVirtAddr, u64) {
+        (
+            HostVirtAddr(self.base.as_ptr() as u64),
+            u64::from(self.frames) * PAGE_SIZE,
+        )
+    }
+
+    /// Takes a free frame; its entries are all zero.
+    pub(crate) fn alloc(&mut self) -> Option<FrameId> {
+        self.free.pop()
+    }
+
+    /// Returns a frame, zeroing it. The caller must have made sure that no
+    /// hardware walk can still reach it (TLBs flushed).
+    pub(crate) fn free(&mut self, frame: FrameId) {
+        for i in 0..ENTRIES_PER_PAGE {
+            self.store(frame, i, 0);
+        }
+        self.free.push(frame);
+    }
+
+    /// The hardware address of a frame.
+    pub(crate) fn hpa(&self, frame: FrameId) -> Hpa {
+        Hpa(self.hpa_base.raw() + u64::from(frame) * PAGE_SIZE)
+    }
+
+    /// The frame at hardware address `hpa`, if it lies in the pool.
+    pub(crate) fn frame_at(&self, hpa: Hpa) -> Option<FrameId> {
+        let off = hpa.raw().checked_sub(self.hpa_base.raw())?;
+        let frame = off / PAGE_SIZE;
+        (frame < u64::from(self.frames)).then_some(frame as FrameId)
+    }
+
+    /// True if `hpa` lies inside the pool.
+    pub(crate) fn contains(&self, hpa: Hpa) -> bool {
+        self.frame_at(hpa).is_some()
+    }
+
+    fn entry(&self, frame: FrameId, index: usize) -> &AtomicU64 {
+        assert!(frame < self.frames && index < ENTRIES_PER_PAGE);
+        let offset = frame as usize * ENTRIES_PER_PAGE + index;
+        // SAFETY: the assert keeps `offset` inside the mapping, so the
+        // pointer stays in bounds of one allocation.
+        let ptr = unsafe { self.base.as_ptr().add(offset) };
+        // SAFETY: `ptr` is in the mapping, which lives as long as `self`,
+        // is 8-byte aligned and is only accessed atomically.
+        unsafe { &*ptr }
+    }
+
+    /// Reads one entry.
+    pub(crate) fn load(&self, frame: FrameId, index: usize) -> u64 {
+        self.entry(frame, index).load(Ordering::Acquire)
+    }
+
+    /// Writes one entry with a single atomic store.
+    pub(crate) fn store(&self, frame: FrameId, index: usize, value: u64) {
+        self.entry(frame, index).store(value, Ordering::Release);
+    }
+
+    /// Compare-and-exchange on one entry (for a hardware model setting A/D).
+    pub(crate) fn compare_exchange(
+        &self,
+        frame: FrameId,
+        index: usize,
+        current: u64,
+        new: u64,
+    ) -> Result<u64, u64> {
+        self.entry(frame, index)
+            .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
+    }
+}
+
+impl Drop for ShadowPool {
+    fn drop(&mut self) {
+        let len = self.frames as usize * PAGE_SIZE as usize;
+        // SAFETY: `base` and `len` are exactly the mapping `new` created, and
+        // no reference into it outlives `self`.
+        let rc = unsafe { libc::munmap(self.base.as_ptr().cast(), len) };
+        debug_assert_eq!(rc, 0, "munmap of the shadow pool failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alloc_store_free() {
+        let mut pool = ShadowPool::new(4, Hpa(0x10_0000_0000)).unwrap();
+        let f = pool.alloc().unwrap();
+        assert_eq!(f, 0);
+        assert_eq!(pool.hpa(f), Hpa(0x10_0000_0000));
+        pool.store(f, 511, 0xdead_b000);
+        assert_eq!(pool.load(f, 511), 0xdead_b000);
+        assert_eq!(pool.frame_at(Hpa(0x10_0000_1fff)), Some(1));
+        assert_eq!(pool.frame_at(Hpa(0x10_0000_4000)), None);
+        pool.free(f);
+        assert_eq!(pool.load(f, 511), 0);
+        assert_eq!(pool.free_frames(), 4);
+        let (host, len) = pool.host_region();
+        assert!(host.0 % PAGE_SIZE == 0 && len == 4 * PAGE_SIZE);
+    }
+
+    #[test]
+    fn bad_pools_are_errors() {
+        assert!(matches!(
+            ShadowPool::new(0, Hpa(0)),
+            Err(PoolError::Size(0))
+        ));
+        assert!(matches!(
+            ShadowPool::new(1, Hpa(0x123)),
+            Err(PoolError::Base(_))
+        ));
+    }
+}

@@ -1,0 +1,371 @@
+//! A software CPU for tests without KVM: it walks the shadow tables exactly
+//! as the hardware would (with the reference walker), keeps a TLB, and
+//! exits to the MMU on a #PF.
+//!
+//! The TLB is the point: a translation stays cached until INVLPG, a flush or
+//! a root change, exactly like hardware, so an MMU that forgets a remote
+//! flush leaves a stale entry here and the test comparing against the guest's
+//! own page tables fails.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use mmu_api::paging::{
+    CpuFeatures, Cr0, Cr4, Efer, GuestPhysMemory, PhysMemError, WalkError, WalkOptions,
+    permission_fault, walk_with,
+};
+use mmu_api::{
+    Access, AccessKind, AccessMode, BackendError, FaultOutcome, Gpa, Gva, Hpa, MmuVcpu,
+    PagingContext, PfErrorCode, Rights, VcpuError, VcpuId, VcpuKick,
+};
+
+use crate::ShadowBackend;
+use crate::fault::write_bytes;
+use crate::state::MmuState;
+use crate::vcpu::ShadowVcpu;
+
+/// A kick for a vCPU that runs on the caller's thread: it is never in
+/// guest mode while another thread waits for it (the soft vCPU leaves guest
+/// mode at the end of every access), so there is nothing to interrupt.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoKick;
+
+impl VcpuKick for NoKick {
+    fn kick(&self) {}
+}
+
+/// What one access did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SoftOutcome {
+    /// The access completed; the value read (or written).
+    Done(u64),
+    /// The guest gets #PF with this error code and CR2.
+    PageFault {
+        /// Error code.
+        error_code: PfErrorCode,
+        /// CR2.
+        cr2: Gva,
+    },
+    /// The access is MMIO at this guest-physical address.
+    Mmio(Gpa),
+    /// The guest gets #GP.
+    GeneralProtection,
+}
+
+/// Failures of the soft CPU itself (each one is an MMU bug or a misuse).
+#[derive(Debug, thiserror::Error)]
+pub enum SoftError {
+    /// The MMU reported an error.
+    #[error("the MMU failed")]
+    Vcpu(#[from] VcpuError),
+    /// Access size not 1, 2, 4 or 8, or not naturally aligned.
+    #[error("access of {size} bytes at {gva} is not naturally aligned")]
+    Unaligned {
+        /// Address.
+        gva: Gva,
+        /// Size.
+        size: u8,
+    },
+    /// The MMU kept answering "retry" without fixing the mapping.
+    #[error("no progress after {0} faults at the same address")]
+    NoProgress(u32),
+    /// A translation (from the TLB or the tables) points at memory no
+    /// memslot backs: a stale translation survived a memslot change.
+    #[error("a translation reaches {0}, which no memslot backs")]
+    StaleFrame(Hpa),
+    /// The hardware walk of the shadow tables failed in a way no correct
+    /// shadow table allows (a reserved bit, an unreadable table).
+    #[error("the hardware walk of the shadow tables failed")]
+    Walk(#[source] WalkError),
+    /// The MMU asked for something the access cannot do (emulate a read).
+    #[error("the MMU answered {0:?} to a {1:?}")]
+    Unexpected(FaultOutcome, AccessKind),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct TlbEntry {
+    frame: Hpa,
+    rights: Rights,
+    pkey: Option<u8>,
+}
+
+/// Bound on faults per access before the soft CPU calls it a livelock.
+const MAX_FAULTS_PER_ACCESS: u32 = 16;
+
+/// A software CPU running on the shadow backend.
+#[derive(Debug)]
+pub struct SoftVcpu {
+    backend: ShadowBackend,
+    mmu: ShadowVcpu,
+    tlb: HashMap<u64, TlbEntry>,
+    root: Option<Hpa>,
+}
+
+impl SoftVcpu {
+    /// Creates vCPU `id` on `backend`.
+    pub fn new(backend: &ShadowBackend, id: VcpuId) -> Result<Self, BackendError> {
+        let mmu = backend.create_shadow_vcpu(id, Arc::new(NoKick))?;
+        Ok(SoftVcpu {
+            backend: backend.clone(),
+            mmu,
+            tlb: HashMap::new(),
+            root: None,
+        })
+    }
+
+    /// Loads guest registers (MOV CR3 / CR0 / CR4 / EFER): the MMU picks the
+    /// root, and the TLB is flushed.
+    pub fn load_context(&mut self, ctx: &PagingContext) -> Result<(), VcpuError> {
+        let load = self.mmu.set_paging_context(ctx)?;
+        self.root = load.root;
+        self.tlb.clear();
+        Ok(())
+    }
+
+    /// INVLPG.
+    pub fn invlpg(&mut self, gva: Gva) {
+        self.tlb.remove(&gva.page_number());
+        self.mmu.invlpg(gva);
+    }
+
+    /// A full TLB flush.
+    pub fn flush(&mut self) {
+        self.tlb.clear();
+        self.mmu.flush_tlb(true);
+    }
+
+    /// The MMU half, for what the CPU does not model.
+    pub fn mmu(&mut self) -> &mut ShadowVcpu {
+        &mut self.mmu
+    }
+
+    /// Cached translations.
+    pub fn tlb_len(&self) -> usize {
+        self.tlb.len()
+    }
+
+    /// Reads `size` bytes at `gva`.
+    pub fn read(&mut self, gva: Gva, size: u8, mode: AccessMode) -> Result<SoftOutcome, SoftError> {
+        self.access(gva, AccessKind::Read, mode, size, 0)
+    }
+
+    /// Writes the low `size` bytes of `value` at `gva`.
+    pub fn write(
+        &mut self,
+        gva: Gva,
+        size: u8,
+        value: u64,
+        mode: AccessMode,
+    ) -> Result<SoftOutcome, SoftError> {
+        self.access(gva, AccessKind::Write, mode, size, value)
+    }
+
+    /// Fetches 1 byte at `gva`.
+    pub fn fetch(&mut self, gva: Gva, mode: AccessMode) -> Result<SoftOutcome, SoftError> {
+        self.access(gva, AccessKind::Fetch, mode, 1, 0)
+    }
+
+    fn enter(&mut self) -> Result<(), VcpuError> {
+        let load = self.mmu.prepare_entry()?;
+        if load.root != self.root || load.flush_tlb {
+            self.tlb.clear();
+        }
+        self.root = load.root;
+        Ok(())
+    }
+
+    /// The registers the hardware runs the shadow tables with.
+    fn hardware_context(&self, guest: &PagingContext, root: Hpa) -> PagingContext {
+        let mut cr0 = Cr0::PE | Cr0::PG;
+        if guest.wp() {
+            cr0 |= Cr0::WP;
+        }
+        let mut cr4 = Cr4::PAE | (guest.cr4 & (Cr4::SMEP | Cr4::SMAP | Cr4::PKE));
+        if guest.mode() == mmu_api::PagingMode::Level5 {
+            cr4 |= Cr4::LA57;
+        }
+        PagingContext {
+            cr0,
+            cr3: root.raw(),
+            cr4,
+            efer: Efer::LME | Efer::LMA | Efer::NXE,
+            cpl: guest.cpl,
+            eflags_ac: guest.eflags_ac,
+            pkru: guest.pkru,
+            maxphyaddr: 52,
+            features: CpuFeatures::all(),
+        }
+    }
+
+    /// One access, exiting to the MMU on faults until it completes.
+    pub fn access(
+        &mut self,
+        gva: Gva,
+        kind: AccessKind,
+        mode: AccessMode,
+        size: u8,
+        value: u64,
+    ) -> Result<SoftOutcome, SoftError> {
+        if !matches!(size, 1 | 2 | 4 | 8) || !gva.raw().is_multiple_of(u64::from(size)) {
+            return Err(SoftError::Unaligned { gva, size });
+        }
+        let access = Access { kind, mode };
+        let page = gva.page_number();
+        for _ in 0..MAX_FAULTS_PER_ACCESS {
+            self.enter()?;
+            let guest = *self.mmu.paging_context();
+            let root = self.root.ok_or(VcpuError::OutOfPages)?;
+            let hw = self.hardware_context(&guest, root);
+            let cached = self.tlb.get(&page).copied();
+            let frame = match cached {
+                Some(e) if permission_fault(&hw, e.rights, e.pkey, access).is_none() => Ok(e.frame),
+                _ => {
+                    // A miss, or a hit the rights refuse: the CPU drops the
+                    // entry and walks the tables.
+                    self.tlb.remove(&page);
+                    let st = self.backend.inner.lock();
+                    let r = walk_with(
+                        &hw,
+                        &HardwareMemory { st: &st },
+                        gva,
+                        access,
+                        WalkOptions {
+                            set_accessed_dirty: false,
+                        },
+                    );
+                    drop(st);
+                    match r {
+                        Ok(t) => {
+                            let frame = Hpa(t.page_gpa().raw()
+                                + (gva.raw() & (t.page_size.bytes() - 1) & !0xfff));
+                            self.tlb.insert(
+                                page,
+                                TlbEntry {
+                                    frame,
+                                    rights: t.rights,
+                                    pkey: t.pkey,
+                                },
+                            );
+                            Ok(frame)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            let frame = match frame {
+                Ok(f) => f,
+                Err(WalkError::PageFault(pf)) => {
+                    self.mmu.exit_guest();
+                    match self.mmu.handle_page_fault(gva, pf.error_code)? {
+                        FaultOutcome::Retry => continue,
+                        FaultOutcome::InjectPageFault { error_code, cr2 } => {
+                            return Ok(SoftOutcome::PageFault { error_code, cr2 });
+                        }
+                        FaultOutcome::Mmio { gpa } => return Ok(SoftOutcome::Mmio(gpa)),
+                        FaultOutcome::Emulate { gpa } if kind == AccessKind::Write => {
+                            let bytes = value.to_le_bytes();
+                            self.mmu.write_guest(gpa, &bytes[..usize::from(size)])?;
+                            return Ok(SoftOutcome::Done(value));
+                        }
+                        FaultOutcome::InjectGeneralProtection => {
+                            return Ok(SoftOutcome::GeneralProtection);
+                        }
+                        other => return Err(SoftError::Unexpected(other, kind)),
+                    }
+                }
+                Err(WalkError::NonCanonical(_)) => {
+                    self.mmu.exit_guest();
+                    return Ok(SoftOutcome::GeneralProtection);
+                }
+                Err(e) => {
+                    self.mmu.exit_guest();
+                    return Err(SoftError::Walk(e));
+                }
+            };
+            let hpa = Hpa(frame.raw() + gva.page_offset());
+            let result = self.host_access(hpa, kind, size, value);
+            self.mmu.exit_guest();
+            return result.map(SoftOutcome::Done);
+        }
+        self.mmu.exit_guest();
+        Err(SoftError::NoProgress(MAX_FAULTS_PER_ACCESS))
+    }
+
+    /// Reads or writes guest memory at a host-physical address, as the
+    /// memory bus would.
+    fn host_access(
+        &self,
+        hpa: Hpa,
+        kind: AccessKind,
+        size: u8,
+        value: u64,
+    ) -> Result<u64, SoftError> {
+        let st = self.backend.inner.lock();
+        let gpa = hpa_to_gpa(&st, hpa).ok_or(SoftError::StaleFrame(hpa))?;
+        let mem = st.guest_mem();
+        if kind == AccessKind::Write {
+            write_bytes(&mem, gpa, &value.to_le_bytes()[..usize::from(size)])?;
+            return Ok(value);
+        }
+        let word = mem
+            .read_u64(Gpa(gpa.raw() & !7))
+            .map_err(|_| SoftError::StaleFrame(hpa))?;
+        let shift = (gpa.raw() & 7) * 8;
+        let mask = if size == 8 {
+            u64::MAX
+        } else {
+            (1u64 << (u32::from(size) * 8)) - 1
+        };
+        Ok((word >> shift) & mask)
+    }
+}
+
+impl Drop for SoftVcpu {
+    fn drop(&mut self) {
+        self.mmu.exit_guest();
+    }
+}
+
+/// The guest-physical address whose memslot backing holds `hpa`.
+fn hpa_to_gpa(st: &MmuState, hpa: Hpa) -> Option<Gpa> {
+    st.slots.iter().find_map(|s| {
+        let off = hpa.raw().checked_sub(s.backing.hpa.raw())?;
+        (off < s.size).then(|| Gpa(s.guest_base.raw() + off))
+    })
+}
+
+/// Host-physical memory as the hardware sees it: the shadow pool and the
+/// memslots' backing.
+struct HardwareMemory<'a> {
+    st: &'a MmuState,
+}
+
+impl GuestPhysMemory for HardwareMemory<'_> {
+    fn read_u64(&self, addr: Gpa) -> Result<u64, PhysMemError> {
+        let hpa = Hpa(addr.raw());
+        if let Some(frame) = self.st.pool.frame_at(hpa) {
+            return Ok(self.st.pool.load(frame, (hpa.page_offset() / 8) as usize));
+        }
+        let gpa = hpa_to_gpa(self.st, hpa).ok_or(PhysMemError::Unbacked(addr))?;
+        self.st.guest_mem().read_u64(gpa)
+    }
+
+    fn compare_exchange_u64(
+        &self,
+        addr: Gpa,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<(), u64>, PhysMemError> {
+        let hpa = Hpa(addr.raw());
+        if let Some(frame) = self.st.pool.frame_at(hpa) {
+            let index = (hpa.page_offset() / 8) as usize;
+            return Ok(self
+                .st
+                .pool
+                .compare_exchange(frame, index, current, new)
+                .map(|_| ()));
+        }
+        let gpa = hpa_to_gpa(self.st, hpa).ok_or(PhysMemError::Unbacked(addr))?;
+        self.st.guest_mem().compare_exchange_u64(gpa, current, new)
+    }
+}

@@ -1,0 +1,504 @@
+//! The MMU state behind the VM's MMU lock: shadow pages, their hash, the
+//! rmap, parent lists, the active list, memslots and dirty logs.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use mmu_api::paging::SlotMemory;
+use mmu_api::{DirtyBitmap, Gfn, Gpa, MemslotFlags, MemslotTable, SlotId, VcpuError, VcpuId};
+
+use crate::ShadowConfig;
+use crate::pool::{ENTRIES_PER_PAGE, FrameId, ShadowPool};
+use crate::role::SpKey;
+use crate::spte::Spte;
+use crate::stats::Counters;
+use crate::vcpu::{Requests, VcpuShared};
+
+/// Where one SPTE lives: shadow page and index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct SptePtr {
+    pub(crate) sp: FrameId,
+    pub(crate) index: u16,
+}
+
+/// Metadata of one shadow page (one pool frame).
+#[derive(Debug)]
+pub(crate) struct ShadowPage {
+    pub(crate) key: SpKey,
+    /// Position in the active list: larger is younger.
+    pub(crate) seq: u64,
+    /// vCPU root caches holding this page as a root.
+    pub(crate) root_count: u32,
+    /// Zapped while still a root: out of the hash, freed when the last root
+    /// user lets go.
+    pub(crate) invalid: bool,
+    /// SPTEs in other shadow pages that link to this one.
+    pub(crate) parents: Vec<SptePtr>,
+    /// For level-1 pages: the gfn each present leaf maps.
+    pub(crate) leaf_gfns: Option<Box<[Gfn]>>,
+    /// Emulated writes to the shadowed guest table since it was last used.
+    pub(crate) write_flooding: u8,
+    /// PAE roots: the PDPTEs the root was built from.
+    pub(crate) pdptes: Option<[u64; 4]>,
+}
+
+/// One entry of a vCPU's root cache.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CachedRoot {
+    /// The guest context the root was last loaded for (audits re-walk it).
+    pub(crate) ctx: mmu_api::PagingContext,
+    pub(crate) key: SpKey,
+    pub(crate) pdptes: Option<[u64; 4]>,
+    pub(crate) frame: FrameId,
+}
+
+/// A vCPU's roots: the current one first, then recent ones.
+#[derive(Debug, Default)]
+pub(crate) struct RootCache {
+    pub(crate) entries: VecDeque<CachedRoot>,
+}
+
+/// Everything behind the MMU lock.
+#[derive(Debug)]
+pub(crate) struct MmuState {
+    pub(crate) pool: ShadowPool,
+    pub(crate) pages: Vec<Option<ShadowPage>>,
+    pub(crate) hash: HashMap<SpKey, FrameId>,
+    /// Leaf SPTEs mapping each gfn.
+    pub(crate) rmap: HashMap<Gfn, Vec<SptePtr>>,
+    /// Shadow pages shadowing each guest table frame (write-protected).
+    pub(crate) gfn_pages: HashMap<Gfn, Vec<FrameId>>,
+    /// Active pages by age (FIFO: oldest first).
+    pub(crate) active: BTreeMap<u64, FrameId>,
+    pub(crate) next_seq: u64,
+    pub(crate) slots: MemslotTable,
+    pub(crate) dirty: HashMap<SlotId, DirtyBitmap>,
+    pub(crate) counters: Counters,
+    pub(crate) page_limit: Option<u64>,
+    /// Zapped pages waiting for the remote TLB flush before reuse.
+    pub(crate) pending_free: Vec<FrameId>,
+    /// A present SPTE was removed or narrowed since the last flush.
+    pub(crate) need_flush: bool,
+    /// A root was zapped since the last reload request.
+    pub(crate) need_reload: bool,
+    pub(crate) vcpus: Vec<Arc<VcpuShared>>,
+    pub(crate) roots: HashMap<VcpuId, RootCache>,
+}
+
+/// How many roots a vCPU keeps (the current one and three recent CR3s).
+pub(crate) const ROOT_CACHE_SIZE: usize = 4;
+
+impl MmuState {
+    pub(crate) fn new(config: &ShadowConfig, pool: ShadowPool, gpa_width: u8) -> Self {
+        let frames = pool.capacity() as usize;
+        MmuState {
+            page_limit: config.page_limit,
+            pool,
+            pages: (0..frames).map(|_| None).collect(),
+            hash: HashMap::new(),
+            rmap: HashMap::new(),
+            gfn_pages: HashMap::new(),
+            active: BTreeMap::new(),
+            next_seq: 0,
+            slots: MemslotTable::new(gpa_width, mmu_api::DEFAULT_MAX_SLOTS),
+            dirty: HashMap::new(),
+            counters: Counters::default(),
+            pending_free: Vec::new(),
+            need_flush: false,
+            need_reload: false,
+            vcpus: Vec::new(),
+            roots: HashMap::new(),
+        }
+    }
+
+    /// The guest memory port over the current memslots.
+    pub(crate) fn guest_mem(&self) -> SlotMemory<'_> {
+        // SAFETY: every slot in the table was registered through
+        // `MmuBackend::set_memslot`, whose contract keeps its host mapping
+        // valid until `delete_memslot` returns; deletion takes this lock, so
+        // no slot leaves the table while the port borrows it.
+        unsafe { SlotMemory::new(&self.slots) }
+    }
+
+    pub(crate) fn page(&self, frame: FrameId) -> &ShadowPage {
+        self.pages[frame as usize]
+            .as_ref()
+            .expect("frame holds a shadow page")
+    }
+
+    pub(crate) fn page_mut(&mut self, frame: FrameId) -> &mut ShadowPage {
+        self.pages[frame as usize]
+            .as_mut()
+            .expect("frame holds a shadow page")
+    }
+
+    /// Shadow pages currently allocated (including invalid roots and pages
+    /// waiting for their flush).
+    pub(crate) fn used_pages(&self) -> u64 {
+        u64::from(self.pool.capacity() - self.pool.free_frames())
+    }
+
+    /// The limit in force: the configured one, capped by the pool.
+    pub(crate) fn effective_limit(&self) -> u64 {
+        let cap = u64::from(self.pool.capacity());
+        self.page_limit.map_or(cap, |l| l.min(cap))
+    }
+
+    /// True if `gfn` holds a guest page table some shadow page shadows.
+    pub(crate) fn is_write_protected(&self, gfn: Gfn) -> bool {
+        self.gfn_pages.get(&gfn).is_some_and(|v| !v.is_empty())
+    }
+
+    /// Looks up a live shadow page.
+    pub(crate) fn lookup(&self, key: &SpKey) -> Option<FrameId> {
+        self.hash.get(key).copied()
+    }
+
+    /// Allocates a shadow page for `key`. The caller made pages available
+    /// first ([`make_pages_available`](Self::make_pages_available)).
+    pub(crate) fn alloc_page(&mut self, key: SpKey) -> Result<FrameId, VcpuError> {
+        let frame = self.pool.alloc().ok_or(VcpuError::OutOfPages)?;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let leaf_gfns =
+            (key.role.level == 1).then(|| vec![Gfn(0); ENTRIES_PER_PAGE].into_boxed_slice());
+        self.pages[frame as usize] = Some(ShadowPage {
+            key,
+            seq,
+            root_count: 0,
+            invalid: false,
+            parents: Vec::new(),
+            leaf_gfns,
+            write_flooding: 0,
+            pdptes: None,
+        });
+        self.hash.insert(key, frame);
+        self.active.insert(seq, frame);
+        self.counters.sps_allocated += 1;
+        let used = self.used_pages();
+        if used > self.effective_limit() {
+            self.counters.pages_over_limit_max = self
+                .counters
+                .pages_over_limit_max
+                .max(used - self.effective_limit());
+        }
+        if key.role.shadows_guest_table() {
+            let list = self.gfn_pages.entry(key.gfn).or_default();
+            list.push(frame);
+            if list.len() == 1 {
+                self.write_protect_gfn(key.gfn);
+            }
+        }
+        tracing::trace!(
+            frame,
+            gfn = key.gfn.raw(),
+            level = key.role.level,
+            "shadow page allocated"
+        );
+        Ok(frame)
+    }
+
+    /// Finds or creates the shadow page for `key`.
+    pub(crate) fn get_or_create(&mut self, key: SpKey) -> Result<FrameId, VcpuError> {
+        match self.lookup(&key) {
+            Some(f) => Ok(f),
+            None => self.alloc_page(key),
+        }
+    }
+
+    /// Removes write access from every leaf SPTE mapping `gfn`.
+    pub(crate) fn write_protect_gfn(&mut self, gfn: Gfn) {
+        let Some(ptrs) = self.rmap.get(&gfn) else {
+            return;
+        };
+        for p in ptrs {
+            let spte = Spte(self.pool.load(p.sp, usize::from(p.index)));
+            if spte.is_writable() {
+                self.pool
+                    .store(p.sp, usize::from(p.index), spte.write_protected().0);
+                self.need_flush = true;
+            }
+        }
+    }
+
+    /// Writes a link from `parent[index]` to `child`.
+    pub(crate) fn link(&mut self, parent: FrameId, index: usize, child: FrameId) {
+        let hpa = self.pool.hpa(child);
+        self.pool.store(parent, index, Spte::link(hpa).0);
+        self.page_mut(child).parents.push(SptePtr {
+            sp: parent,
+            index: index as u16,
+        });
+    }
+
+    /// Installs a leaf SPTE in level-1 page `sp` mapping `gfn`.
+    pub(crate) fn set_leaf(&mut self, sp: FrameId, index: usize, gfn: Gfn, spte: Spte) {
+        let old = Spte(self.pool.load(sp, index));
+        if old.is_present() {
+            let old_gfn = self.page(sp).leaf_gfns.as_ref().expect("level 1")[index];
+            if old_gfn != gfn {
+                self.drop_spte(sp, index);
+            } else if old.is_writable() && !spte.is_writable() {
+                self.need_flush = true;
+            }
+        }
+        let was_present = Spte(self.pool.load(sp, index)).is_present();
+        self.pool.store(sp, index, spte.0);
+        self.page_mut(sp).leaf_gfns.as_mut().expect("level 1")[index] = gfn;
+        if !was_present {
+            self.rmap.entry(gfn).or_default().push(SptePtr {
+                sp,
+                index: index as u16,
+            });
+        }
+    }
+
+    /// Clears one SPTE, unlinking a child or dropping an rmap entry.
+    pub(crate) fn drop_spte(&mut self, sp: FrameId, index: usize) {
+        let spte = Spte(self.pool.load(sp, index));
+        if !spte.is_present() {
+            return;
+        }
+        let ptr = SptePtr {
+            sp,
+            index: index as u16,
+        };
+        if self.page(sp).key.role.level > 1 {
+            let child = self
+                .pool
+                .frame_at(spte.addr())
+                .expect("a link points into the pool");
+            self.page_mut(child).parents.retain(|p| *p != ptr);
+        } else {
+            let gfn = self.page(sp).leaf_gfns.as_ref().expect("level 1")[index];
+            if let Some(list) = self.rmap.get_mut(&gfn) {
+                list.retain(|p| *p != ptr);
+                if list.is_empty() {
+                    self.rmap.remove(&gfn);
+                }
+            }
+        }
+        self.pool.store(sp, index, 0);
+        self.need_flush = true;
+    }
+
+    /// Zaps one shadow page: unlinks it from its parents and its children,
+    /// drops its leaves from the rmap, and queues its frame for freeing
+    /// after the next remote flush (or marks it invalid if it is a root).
+    pub(crate) fn zap_page(&mut self, frame: FrameId) {
+        for i in 0..ENTRIES_PER_PAGE {
+            self.drop_spte(frame, i);
+        }
+        let parents = std::mem::take(&mut self.page_mut(frame).parents);
+        for p in parents {
+            self.pool.store(p.sp, usize::from(p.index), 0);
+            self.need_flush = true;
+        }
+        let (key, seq, root_count, already_invalid) = {
+            let p = self.page(frame);
+            (p.key, p.seq, p.root_count, p.invalid)
+        };
+        if !already_invalid {
+            if self.hash.get(&key) == Some(&frame) {
+                self.hash.remove(&key);
+            }
+            self.active.remove(&seq);
+            if key.role.shadows_guest_table()
+                && let Some(list) = self.gfn_pages.get_mut(&key.gfn)
+            {
+                list.retain(|f| *f != frame);
+                if list.is_empty() {
+                    self.gfn_pages.remove(&key.gfn);
+                }
+            }
+            self.counters.sps_zapped += 1;
+        }
+        if root_count > 0 {
+            self.page_mut(frame).invalid = true;
+            self.need_reload = true;
+        } else {
+            self.pending_free.push(frame);
+        }
+        tracing::debug!(
+            frame,
+            gfn = key.gfn.raw(),
+            level = key.role.level,
+            "shadow page zapped"
+        );
+    }
+
+    /// Drops one root reference; frees an invalid root nobody uses.
+    pub(crate) fn put_root(&mut self, frame: FrameId) {
+        let p = self.page_mut(frame);
+        p.root_count -= 1;
+        if p.root_count == 0 && p.invalid {
+            self.pending_free.push(frame);
+        }
+    }
+
+    /// Zaps every shadow page under the lock (the naive zap-all).
+    pub(crate) fn zap_all_pages(&mut self) {
+        let frames: Vec<FrameId> = self.active.values().copied().collect();
+        for f in frames {
+            if self.pages[f as usize].as_ref().is_some_and(|p| !p.invalid) {
+                self.zap_page(f);
+            }
+        }
+        self.counters.zap_all += 1;
+    }
+
+    /// Zaps the oldest non-root pages (FIFO, as KVM) until `need` pages
+    /// can be allocated under the limit. Returns the number reclaimed.
+    /// Called before a fault builds its path, so no page of that path is
+    /// reclaimed while it is being linked.
+    pub(crate) fn make_pages_available(&mut self, need: u64) -> u64 {
+        let limit = self.effective_limit();
+        let available = |s: &Self| limit.saturating_sub(s.used_pages());
+        if available(self) >= need {
+            return 0;
+        }
+        // As KVM: once short, free a batch so the next faults do not
+        // reclaim one page at a time.
+        let target = need.max((limit / 4).min(25));
+        let mut reclaimed = 0;
+        while available(self) < target {
+            let want = (target - available(self)) as usize;
+            let victims: Vec<FrameId> = self
+                .active
+                .values()
+                .copied()
+                .filter(|&f| self.page(f).root_count == 0)
+                .take(want)
+                .collect();
+            if victims.is_empty() {
+                if !self.evict_cached_roots() {
+                    break;
+                }
+            } else {
+                for v in victims {
+                    self.zap_page(v);
+                    reclaimed += 1;
+                }
+            }
+            // Frames only return to the pool after the flush.
+            self.commit_zap();
+        }
+        self.counters.reclaimed += reclaimed;
+        if reclaimed > 0 {
+            tracing::debug!(
+                reclaimed,
+                used = self.used_pages(),
+                limit,
+                "reclaimed shadow pages"
+            );
+        }
+        reclaimed
+    }
+
+    /// Drops every vCPU's cached roots except its current one. Returns true
+    /// if any root reference was dropped.
+    fn evict_cached_roots(&mut self) -> bool {
+        let mut dropped = Vec::new();
+        for cache in self.roots.values_mut() {
+            while cache.entries.len() > 1 {
+                dropped.push(cache.entries.pop_back().expect("len > 1").frame);
+            }
+        }
+        let any = !dropped.is_empty();
+        for f in dropped {
+            self.put_root(f);
+        }
+        any
+    }
+
+    /// Makes every vCPU drop stale translations, then frees the zapped
+    /// frames. Called before the lock is released after any zap.
+    pub(crate) fn commit_zap(&mut self) {
+        if self.need_reload {
+            self.need_reload = false;
+            self.request_all(Requests::RELOAD_ROOT);
+        }
+        if self.need_flush || !self.pending_free.is_empty() {
+            self.need_flush = false;
+            self.counters.remote_flushes += 1;
+            self.request_all(Requests::FLUSH_TLB);
+        }
+        for f in std::mem::take(&mut self.pending_free) {
+            self.pages[f as usize] = None;
+            self.pool.free(f);
+            self.counters.sps_freed += 1;
+        }
+    }
+
+    /// Posts `req` to every vCPU, kicks those in guest mode, and waits until
+    /// each has acknowledged or left guest mode (it then services the
+    /// request before it enters again).
+    pub(crate) fn request_all(&self, req: Requests) {
+        for v in &self.vcpus {
+            v.post(req);
+        }
+        for v in &self.vcpus {
+            v.wait_out_of_guest_or_ack(req);
+        }
+    }
+
+    /// Marks `gfn` dirty in its slot's log, if the slot logs.
+    pub(crate) fn mark_dirty(&mut self, gfn: Gfn) {
+        let Some(slot) = self.slots.find_gfn(gfn) else {
+            return;
+        };
+        if slot.flags.contains(MemslotFlags::LOG_DIRTY) {
+            let page = gfn.raw() - slot.base_gfn().raw();
+            let id = slot.id;
+            let pages = slot.pages();
+            let map = self
+                .dirty
+                .entry(id)
+                .or_insert_with(|| DirtyBitmap::new(pages));
+            if !map.is_dirty(page) {
+                self.counters.dirty_pages_logged += 1;
+            }
+            map.set(page);
+        }
+    }
+
+    /// Removes write access from every leaf mapping a gfn in `[start, end)`.
+    pub(crate) fn write_protect_range(&mut self, start: Gfn, end: Gfn) {
+        let gfns: Vec<Gfn> = self
+            .rmap
+            .keys()
+            .copied()
+            .filter(|g| *g >= start && *g < end)
+            .collect();
+        for g in gfns {
+            self.write_protect_gfn(g);
+        }
+    }
+
+    /// Zaps every shadow page shadowing a guest table in `[start, end)`
+    /// (the host wrote there behind the guest's back).
+    pub(crate) fn zap_shadowed_range(&mut self, start: Gfn, end: Gfn) {
+        let frames: Vec<FrameId> = self
+            .gfn_pages
+            .iter()
+            .filter(|(g, _)| **g >= start && **g < end)
+            .flat_map(|(_, v)| v.iter().copied())
+            .collect();
+        for f in frames {
+            if self.pages[f as usize].as_ref().is_some_and(|p| !p.invalid) {
+                self.zap_page(f);
+            }
+        }
+    }
+
+    /// Whether a guest-physical address is backed by a slot.
+    pub(crate) fn slot_of(&self, gpa: Gpa) -> Option<mmu_api::Memslot> {
+        self.slots.find(gpa).copied()
+    }
+
+    /// The vCPU with this id has its root cache entry.
+    pub(crate) fn register_vcpu(&mut self, shared: Arc<VcpuShared>) {
+        self.roots.insert(shared.id, RootCache::default());
+        self.vcpus.push(shared);
+    }
+}

@@ -1,0 +1,87 @@
+//! Test support: guest RAM in real host memory, and a table writer.
+#![allow(dead_code, unreachable_pub)]
+
+use mmu_api::{
+    Gpa, HostBacking, HostVirtAddr, Hpa, Memslot, MemslotFlags, MmuBackend, PAGE_SIZE, SlotId,
+};
+use mmu_shadow::{ShadowBackend, ShadowConfig};
+
+/// Page-aligned guest RAM owned by the test. It never moves or resizes, so
+/// its address stays valid while the backend holds slots into it.
+pub struct GuestRam {
+    words: Box<[u64]>,
+    offset: usize,
+    pub pages: u64,
+}
+
+/// Where tests pretend the hardware sees RAM page 0.
+pub const RAM_HPA: u64 = 0x10_0000_0000;
+
+impl GuestRam {
+    pub fn new(pages: u64) -> Self {
+        let words = vec![0u64; (pages as usize + 1) * 512].into_boxed_slice();
+        let addr = words.as_ptr() as usize;
+        let offset = (addr.next_multiple_of(4096) - addr) / 8;
+        GuestRam {
+            words,
+            offset,
+            pages,
+        }
+    }
+
+    pub fn host_addr(&self, page: u64) -> HostVirtAddr {
+        HostVirtAddr(self.words.as_ptr() as u64 + 8 * (self.offset as u64 + page * 512))
+    }
+
+    /// A memslot of `pages` RAM pages starting at RAM page `first`.
+    pub fn slot(&self, id: u32, gpa: u64, first: u64, pages: u64, flags: MemslotFlags) -> Memslot {
+        assert!(first + pages <= self.pages);
+        Memslot {
+            id: SlotId(id),
+            guest_base: Gpa(gpa),
+            size: pages * PAGE_SIZE,
+            backing: HostBacking {
+                hpa: Hpa(RAM_HPA + first * PAGE_SIZE),
+                host_addr: self.host_addr(first),
+            },
+            flags,
+        }
+    }
+
+    /// Word `index` of RAM page `page` (host view).
+    pub fn word(&self, page: u64, index: usize) -> u64 {
+        let p = (self.host_addr(page).0 as *const u64).wrapping_add(index);
+        // SAFETY: `page` < `pages` and `index` < 512 keep `p` inside `words`,
+        // which lives as long as `self`; u64 reads of our own buffer.
+        unsafe { p.read_volatile() }
+    }
+
+    pub fn set_word(&mut self, page: u64, index: usize, value: u64) {
+        assert!(page < self.pages && index < 512);
+        self.words[self.offset + page as usize * 512 + index] = value;
+    }
+
+    pub fn page_words(&self, page: u64) -> &[u64] {
+        let start = self.offset + page as usize * 512;
+        &self.words[start..start + 512]
+    }
+}
+
+/// A backend with a small pool at a high hardware address.
+pub fn backend(page_limit: Option<u64>, prefetch: usize) -> ShadowBackend {
+    ShadowBackend::new(ShadowConfig {
+        pool_pages: 512,
+        pool_hpa: Hpa(0x40_0000_0000),
+        page_limit,
+        prefetch,
+        gpa_width: 40,
+    })
+    .expect("pool")
+}
+
+/// Registers `slot` with `backend`.
+pub fn add_slot(backend: &ShadowBackend, slot: Memslot) {
+    // SAFETY: test slots point into a `GuestRam` the test keeps alive for
+    // as long as the backend exists.
+    unsafe { backend.set_memslot(slot) }.expect("slot");
+}
