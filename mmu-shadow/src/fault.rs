@@ -238,7 +238,14 @@ impl MmuState {
         }
         let leaf_level = t.leaf().map_or(1, |s| s.level);
         if level < leaf_level {
-            return direct(level, t.gpa.raw(), t.rights.into());
+            // Pieces of a guest large page. A clean large page never shares
+            // a page with a dirty mapping of the same range (whose SPTEs may
+            // be writable), so its first write faults and sets D.
+            let mut key = direct(level, t.gpa.raw(), t.rights.into());
+            key.role.guest_dirty = t
+                .leaf()
+                .is_some_and(|l| l.entry.raw() & PteFlags::DIRTY.bits() != 0);
+            return key;
         }
         let table_gfn = |l: u8| {
             t.steps()
@@ -317,6 +324,17 @@ impl MmuState {
             Err(WalkError::Contended) => return Ok(FaultOutcome::Retry),
             Err(WalkError::InvalidContext(e)) => return Err(VcpuError::Context(e)),
         };
+        // The entries as the walk left them. Read back rather than taken from
+        // the walk: a frame used at two levels of the same walk (aliasing)
+        // has its entry changed by the walk's own A/D update.
+        let four_byte = ctx.mode() == PagingMode::Bits32;
+        let snapshot: Vec<Option<u64>> = {
+            let mem = self.guest_mem();
+            t.steps()
+                .iter()
+                .map(|s| read_gpte(&mem, s.entry_gpa, four_byte))
+                .collect()
+        };
         let gpa = t.gpa;
         let gfn = gpa.gfn();
         let Some(slot) = self.slot_of(gpa) else {
@@ -363,9 +381,8 @@ impl MmuState {
         // The guest may have changed an entry between the walk and the
         // write protection the path just set up: then walk again.
         let mem = self.guest_mem();
-        let four_byte = ctx.mode() == PagingMode::Bits32;
-        for step in t.steps() {
-            if read_gpte(&mem, step.entry_gpa, four_byte) != Some(step.entry.raw()) {
+        for (step, before) in t.steps().iter().zip(&snapshot) {
+            if read_gpte(&mem, step.entry_gpa, four_byte) != *before {
                 self.commit_zap();
                 return Ok(FaultOutcome::Retry);
             }

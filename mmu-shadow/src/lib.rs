@@ -28,6 +28,11 @@
 //!   harvest; a **page limit** with oldest-first reclaim;
 //! - **stats**, `tracing` events, and [`ShadowBackend::audit`].
 //!
+//! The hardware must run the shadow tables with CR0.WP = 1 whatever the
+//! guest's CR0.WP, and with EFER.NXE = 1: read-only SPTEs must stop
+//! supervisor writes, and a guest's CR0.WP = 0 is emulated with kernel-only
+//! writable SPTEs (KVM's approach).
+//!
 //! [`soft::SoftVcpu`] is a software CPU that walks the shadow tables as the
 //! hardware would, with a TLB, so tests run without KVM and a missing
 //! flush fails them.

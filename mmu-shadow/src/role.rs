@@ -32,6 +32,9 @@ pub(crate) struct Role {
     /// guest table has 1024 entries and is shadowed by 2 (PT) or 4 (PD)
     /// pages; for PAE roots, which 32-byte PDPT inside the frame.
     pub(crate) quadrant: u8,
+    /// Direct pages mapping a guest large page: the guest entry's D bit.
+    /// True for every other page.
+    pub(crate) guest_dirty: bool,
     /// Levels of the guest's paging mode (0 = no paging), so tables of
     /// guests in different modes never share a page.
     pub(crate) guest_levels: u8,
@@ -83,6 +86,7 @@ impl Role {
             smap_andnot_wp: ctx.smap() && !ctx.wp(),
             has_4_byte_gpte: mode == PagingMode::Bits32,
             quadrant: 0,
+            guest_dirty: true,
             guest_levels: mode.levels(),
         }
     }

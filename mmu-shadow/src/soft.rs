@@ -174,12 +174,12 @@ impl SoftVcpu {
         Ok(())
     }
 
-    /// The registers the hardware runs the shadow tables with.
+    /// The registers the hardware runs the shadow tables with. CR0.WP is
+    /// always set: read-only SPTEs (clean pages, write-protected guest
+    /// tables, dirty logging) must stop supervisor writes too; the MMU
+    /// emulates a guest's CR0.WP = 0 with kernel-only writable SPTEs.
     fn hardware_context(&self, guest: &PagingContext, root: Hpa) -> PagingContext {
-        let mut cr0 = Cr0::PE | Cr0::PG;
-        if guest.wp() {
-            cr0 |= Cr0::WP;
-        }
+        let cr0 = Cr0::PE | Cr0::PG | Cr0::WP;
         let mut cr4 = Cr4::PAE | (guest.cr4 & (Cr4::SMEP | Cr4::SMAP | Cr4::PKE));
         if guest.mode() == mmu_api::PagingMode::Level5 {
             cr4 |= Cr4::LA57;
