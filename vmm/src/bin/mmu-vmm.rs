@@ -1,0 +1,224 @@
+//! `mmu-vmm`: the reference VMM's command line.
+//!
+//! ```text
+//! mmu-vmm info
+//! mmu-vmm touch [--vcpus N] [--pages N] [--passes N] [--mem-mib N]
+//!               [--read] [--ops native|paravirt] [--levels 4|5] [--time-limit SECS]
+//! mmu-vmm conformance [--cases N] [--seed S] [--json]
+//! ```
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use vmm::kit::abi::tag;
+use vmm::kit::workloads::{self, TouchKind};
+use vmm::{PagingOps, VcpuArgs, Vm, VmConfig};
+
+const USAGE: &str = "usage:
+  mmu-vmm info
+      what the host's KVM offers guests
+  mmu-vmm touch [--vcpus N] [--pages N] [--passes N] [--mem-mib N] [--read]
+                [--ops native|paravirt] [--levels 4|5] [--time-limit SECS]
+      every vCPU touches its own N 4 KiB pages from CPL3 and reports a checksum,
+      which is checked against the host's model
+  mmu-vmm conformance [--cases N] [--seed S] [--levels 4|5] [--json]
+      access-matrix test of mmu-api's walker against KVM";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("info") => info(),
+        Some("touch") => touch(&args[1..]),
+        Some("conformance") => conformance(&args[1..]),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => Err(format!("missing or unknown command\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("mmu-vmm: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--name value` options.
+struct Options<'a> {
+    args: &'a [String],
+}
+
+impl<'a> Options<'a> {
+    fn new(args: &'a [String], known: &[&str], flags: &[&str]) -> Result<Self, String> {
+        let mut i = 0;
+        while i < args.len() {
+            let arg = args[i].as_str();
+            if flags.contains(&arg) {
+                i += 1;
+            } else if known.contains(&arg) {
+                if i + 1 >= args.len() {
+                    return Err(format!("{arg} needs a value"));
+                }
+                i += 2;
+            } else {
+                return Err(format!("unknown option {arg}\n{USAGE}"));
+            }
+        }
+        Ok(Self { args })
+    }
+
+    fn flag(&self, name: &str) -> bool {
+        self.args.iter().any(|a| a == name)
+    }
+
+    fn value<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.args.iter().position(|a| a == name) {
+            Some(i) => self.args[i + 1]
+                .parse()
+                .map_err(|e| format!("{name} {}: {e}", self.args[i + 1])),
+            None => Ok(default),
+        }
+    }
+}
+
+fn info() -> Result<(), String> {
+    let vm = Vm::new(VmConfig::default()).map_err(|e| error_chain(&e))?;
+    let cpu = vm.cpu();
+    println!("kvm api version: {}", vm.kvm().get_api_version());
+    println!("pvm: {}", cpu.pvm);
+    println!("maxphyaddr: {}", cpu.maxphyaddr);
+    println!("paging features: {:?}", cpu.features);
+    println!("max vcpus: {}", vm.kvm().get_max_vcpus());
+    Ok(())
+}
+
+fn touch(args: &[String]) -> Result<(), String> {
+    let opts = Options::new(
+        args,
+        &[
+            "--vcpus",
+            "--pages",
+            "--passes",
+            "--mem-mib",
+            "--ops",
+            "--levels",
+            "--time-limit",
+        ],
+        &["--read"],
+    )?;
+    let vcpus: usize = opts.value("--vcpus", 2)?;
+    let pages: u64 = opts.value("--pages", 1024)?;
+    let passes: u64 = opts.value("--passes", 1)?;
+    let ops: PagingOps = opts.value("--ops", PagingOps::Native)?;
+    let levels: u8 = opts.value("--levels", 4)?;
+    let limit = Duration::from_secs_f64(opts.value("--time-limit", 60.0)?);
+    let kind = if opts.flag("--read") {
+        TouchKind::Read
+    } else {
+        TouchKind::Write
+    };
+    // Enough memory for every vCPU's pages, plus the fixed areas.
+    let needed_mib = (vcpus as u64 * pages * 4096).div_ceil(1 << 20) + 16;
+    let mem_mib: u64 = opts.value("--mem-mib", needed_mib.next_multiple_of(2))?;
+
+    let mut vm = Vm::new(VmConfig {
+        vcpus,
+        mem_size: mem_mib << 20,
+        paging_ops: ops,
+        paging_levels: levels,
+        ..VmConfig::default()
+    })
+    .map_err(|e| error_chain(&e))?;
+    let seed = 0x5eed_0000_0000;
+    let mut vcpu_args = Vec::with_capacity(vcpus);
+    for i in 0..vcpus {
+        let slice = vm.layout().data_slice(i, vcpus);
+        if (slice.end - slice.start) / 4096 < pages {
+            return Err(format!(
+                "{pages} pages per vCPU do not fit in {mem_mib} MiB; raise --mem-mib"
+            ));
+        }
+        if kind == TouchKind::Read {
+            for p in 0..pages {
+                let address = slice.start + p * 4096;
+                vm.write_u64(address, address.rotate_left(17))
+                    .map_err(|e| error_chain(&e))?;
+            }
+        }
+        vcpu_args.push(VcpuArgs([
+            slice.start,
+            pages,
+            passes,
+            seed + i as u64,
+            0,
+            0,
+        ]));
+    }
+    let program = workloads::touch(kind).map_err(|e| error_chain(&e))?;
+    let report = vm
+        .run(&program, &vcpu_args, limit)
+        .map_err(|e| error_chain(&e))?;
+    let mut bad = 0;
+    for (vcpu, arg) in report.vcpus.iter().zip(&vcpu_args) {
+        let [base, pages, passes, seed, ..] = arg.0;
+        let expected =
+            workloads::touch_checksum(kind, base, pages, passes, seed, |a| a.rotate_left(17));
+        let got = vcpu.last(tag::CHECKSUM);
+        let ok = got == Some(expected);
+        bad += usize::from(!ok);
+        println!(
+            "{}: {:?} checksum {:#x} ({}) in {:?}, {} exits",
+            vcpu.id,
+            vcpu.outcome,
+            got.unwrap_or(0),
+            if ok { "ok" } else { "MISMATCH" },
+            vcpu.elapsed,
+            vcpu.stats.exits
+        );
+    }
+    println!(
+        "touch: {vcpus} vCPUs x {pages} pages x {passes} passes ({kind:?}, {ops:?}) in {:?}",
+        report.elapsed
+    );
+    if bad > 0 {
+        return Err(format!("{bad} checksum mismatches"));
+    }
+    Ok(())
+}
+
+fn conformance(args: &[String]) -> Result<(), String> {
+    let opts = Options::new(args, &["--cases", "--seed", "--levels"], &["--json"])?;
+    let defaults = vmm::conformance::Options::default();
+    let levels = match opts.value::<u8>("--levels", 0)? {
+        0 => defaults.levels,
+        n => vec![n],
+    };
+    let options = vmm::conformance::Options {
+        cases: opts.value("--cases", defaults.cases)?,
+        seed: opts.value("--seed", defaults.seed)?,
+        levels,
+    };
+    let summary = vmm::conformance::run(&options).map_err(|e| error_chain(&e))?;
+    vmm::conformance::print(&summary, opts.flag("--json"));
+    if !summary.mismatches.is_empty() {
+        return Err(format!("{} mismatches", summary.mismatches.len()));
+    }
+    Ok(())
+}
+
+/// An error and its sources, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}

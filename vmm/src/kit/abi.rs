@@ -1,0 +1,173 @@
+//! The guest kit's ABI: system calls (CPL3 -> kernel), hypercalls
+//! (kernel -> VMM) and the per-vCPU kernel page.
+//!
+//! # System calls
+//!
+//! A CPL3 program calls the kernel with `int3` ([`SYSCALL_VECTOR`], a DPL3
+//! interrupt gate): the number in EAX, arguments in RDI and RSI, the result
+//! in RAX. Every other register is preserved. See [`syscall`].
+//!
+//! Why `int3` and not `int 0x80`: under PVM, a two-byte `int n` executed
+//! at CPL3 raises #UD in the guest instead of going through the IDT; the
+//! one-byte `int3` (and `int1`) are delivered through the IDT as usual.
+//! The price is that #BP is not available as a breakpoint trap.
+//!
+//! # Hypercalls
+//!
+//! The kernel calls the VMM with a 4-byte port read, `in eax, dx`, on one
+//! port per hypercall ([`hypercall`]). The VMM reads the arguments from
+//! the vCPU's registers (RDI, RSI) and, for exceptions, from the kernel
+//! stack; its 32-bit answer is the value read into EAX. A port read of
+//! another size, or a write, to these ports is a malformed hypercall;
+//! other ports belong to devices, and an access nothing serves stops the
+//! vCPU with [`VcpuError::UnknownPort`](crate::VcpuError::UnknownPort).
+//!
+//! Page-table hypercalls ([`hypercall::LOAD_CR3`], [`hypercall::INVLPG`],
+//! [`hypercall::FLUSH_TLB`], made only under
+//! [`PagingOps::Paravirt`](super::PagingOps::Paravirt)) and
+//! [`hypercall::EXCEPTION`] answer with [`action`] bits, which the kernel
+//! carries out in this order: replay the queue, execute the native
+//! instruction, resume elsewhere.
+//!
+//! # Exceptions
+//!
+//! Every IDT vector but [`SYSCALL_VECTOR`] has a stub that pushes a zero error code (if
+//! the CPU pushed none) and the vector number, saves RAX and RDX, and makes
+//! the [`hypercall::EXCEPTION`] hypercall. At that exit RSP points to
+//! this frame (8-byte words):
+//!
+//! | RSP + | word |
+//! | --- | --- |
+//! | 0 | saved RDX |
+//! | 8 | saved RAX |
+//! | 16 | vector |
+//! | 24 | error code |
+//! | 32 | RIP of the interrupted context |
+//! | 40 | CS |
+//! | 48 | RFLAGS |
+//! | 56 | RSP |
+//! | 64 | SS |
+//!
+//! and CR2 still holds the faulting address of a #PF. After the answer the
+//! stub restores RAX and RDX and returns with `iretq`, to the faulting
+//! instruction unless [`action::REDIRECT`] was set.
+//!
+//! # The per-vCPU kernel page
+//!
+//! Each vCPU's kernel stack sits in a [`KERNEL_AREA_SIZE`]-aligned area
+//! whose first page holds the vCPU's kernel variables (the kernel finds it
+//! by rounding RSP down) and whose second page is the replay queue: up to
+//! [`REPLAY_CAPACITY`] entries of two words, (guest-virtual address,
+//! value). On [`action::REPLAY`] the kernel stores each value at its
+//! address with a CPL0 64-bit store, in order, then clears the count. This
+//! is how a VMM-side shadow MMU on a host whose KVM shadows guest tables
+//! (PVM) makes its table writes visible to KVM: KVM tracks guest CPL0
+//! writes, not host writes.
+
+pub use crate::layout::KERNEL_AREA_SIZE;
+
+/// The vector of the system-call gate (#BP, entered with `int3`).
+pub const SYSCALL_VECTOR: u8 = 3;
+
+/// System-call numbers (in EAX).
+pub mod syscall {
+    /// End the program: RDI = exit code. Does not return.
+    pub const EXIT: u32 = 0;
+    /// Report a result to the VMM: RDI = value, RSI = tag. Returns 0.
+    pub const REPORT: u32 = 1;
+    /// Load CR3: RDI = new CR3. Returns 0.
+    pub const LOAD_CR3: u32 = 2;
+    /// Invalidate the TLB entry for the address in RDI. Returns 0.
+    pub const INVLPG: u32 = 3;
+    /// Flush the TLB (non-global entries, as a CR3 reload does). Returns 0.
+    pub const FLUSH_TLB: u32 = 4;
+    /// Store the 64-bit RSI at the address in RDI from CPL0 (for example a
+    /// page-table entry the program may not write itself). Returns 0.
+    pub const STORE: u32 = 5;
+    /// Load 64 bits from the address in RDI at CPL0. Returns the value.
+    pub const LOAD: u32 = 6;
+    /// Read CR3. Returns its value.
+    pub const READ_CR3: u32 = 7;
+    /// Call the code at RDI from CPL0 (it must return with `ret`).
+    /// Returns 0.
+    pub const CALL: u32 = 8;
+    /// Exchange entries, then flush the TLB as [`FLUSH_TLB`] does: RDI
+    /// points to RSI triples of words (address, new value, old value);
+    /// for each, in order, the kernel reads the word at the address into
+    /// the triple's third word and stores the new value there. Returns 0.
+    pub const SWAP_ENTRIES: u32 = 9;
+    /// Read CR0. Returns its value.
+    pub const READ_CR0: u32 = 10;
+    /// Write CR0 with RDI. Returns 0.
+    pub const WRITE_CR0: u32 = 11;
+    /// Read the MSR numbered RDI. Returns its value.
+    pub const RDMSR: u32 = 12;
+    /// Write RSI to the MSR numbered RDI. Returns 0.
+    pub const WRMSR: u32 = 13;
+}
+
+/// What a CPL0 access made for a system call (LOAD, STORE, CALL) returns
+/// when the VMM resumed it at [`Kernel::fault_return`](super::Kernel::fault_return)
+/// after a fault.
+pub const FAULTED: u64 = u64::MAX;
+
+/// Hypercall ports (4-byte `in`).
+pub mod hypercall {
+    /// The first hypercall port.
+    pub const BASE: u16 = 0x0500;
+    /// The program is done: RDI = exit code. The VMM does not resume the vCPU.
+    pub const DONE: u16 = BASE;
+    /// A result: RDI = value, RSI = tag. Answer 0.
+    pub const REPORT: u16 = BASE + 1;
+    /// An exception; frame on the stack (see the module docs). Answer:
+    /// [`action`](super::action) bits.
+    pub const EXCEPTION: u16 = BASE + 2;
+    /// Load CR3: RDI = new CR3. Answer: [`action`](super::action) bits.
+    pub const LOAD_CR3: u16 = BASE + 3;
+    /// INVLPG: RDI = address. Answer: [`action`](super::action) bits.
+    pub const INVLPG: u16 = BASE + 4;
+    /// Flush the TLB. Answer: [`action`](super::action) bits.
+    pub const FLUSH_TLB: u16 = BASE + 5;
+    /// A CPL3 program made an unknown system call: RAX = its number. The
+    /// VMM does not resume the vCPU.
+    pub const BAD_SYSCALL: u16 = BASE + 6;
+    /// One past the last hypercall port.
+    pub const END: u16 = BASE + 7;
+}
+
+/// Answer bits of the page-table and exception hypercalls.
+pub mod action {
+    /// Replay the vCPU's queue of page-table writes first.
+    pub const REPLAY: u32 = 1 << 0;
+    /// Then execute the native instruction: `mov cr3, rdi` for LOAD_CR3,
+    /// `invlpg [rdi]` for INVLPG, a CR3 reload for FLUSH_TLB and
+    /// EXCEPTION.
+    pub const NATIVE: u32 = 1 << 1;
+    /// EXCEPTION only: resume at the address in the kernel page's
+    /// [`REDIRECT_RIP`](super::percpu::REDIRECT_RIP) instead of the
+    /// faulting instruction.
+    pub const REDIRECT: u32 = 1 << 2;
+    /// Every defined bit.
+    pub const ALL: u32 = REPLAY | NATIVE | REDIRECT;
+}
+
+/// Offsets in the per-vCPU kernel page.
+pub mod percpu {
+    /// The vCPU's index (written by the VMM).
+    pub const INDEX: u64 = 0;
+    /// Where [`REDIRECT`](super::action::REDIRECT) resumes.
+    pub const REDIRECT_RIP: u64 = 8;
+    /// Number of valid replay-queue entries.
+    pub const REPLAY_COUNT: u64 = 16;
+}
+
+/// Entries the replay queue page holds.
+pub const REPLAY_CAPACITY: usize = 256;
+
+/// Conventional report tags used by the kit's workloads.
+pub mod tag {
+    /// A workload checksum.
+    pub const CHECKSUM: u32 = 1;
+    /// A value read by an access workload.
+    pub const VALUE: u32 = 2;
+}

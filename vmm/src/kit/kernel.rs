@@ -1,0 +1,503 @@
+//! The guest kit's CPL0 kernel.
+
+use iced_x86::code_asm::*;
+use iced_x86::{BlockEncoderOptions, IcedError};
+
+use super::PagingOps;
+use super::abi::{self, action, hypercall, percpu, syscall};
+use crate::error::KitError;
+use crate::layout::{KERNEL_AREA_SIZE, KERNEL_CODE_GPA, KERNEL_CODE_SIZE, REPLAY_QUEUE_OFFSET};
+use crate::x86::{RFLAGS_FIXED, SEL_USER_CODE, SEL_USER_DATA, vector_has_error_code};
+
+/// The assembled kernel and the addresses the VMM needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kernel {
+    ops: PagingOps,
+    code: Vec<u8>,
+    enter_user: u64,
+    syscall_entry: u64,
+    fault_return: u64,
+    call_fault_return: u64,
+    vectors: Vec<u64>,
+}
+
+/// Labels of the kernel's shared routines.
+struct Labels {
+    replay: CodeLabel,
+    exc_common: CodeLabel,
+    fault_return: CodeLabel,
+    call_fault_return: CodeLabel,
+}
+
+impl Kernel {
+    /// Assembles the kernel at [`KERNEL_CODE_GPA`] with `ops` deciding how it
+    /// loads CR3, invalidates and flushes.
+    pub fn assemble(ops: PagingOps) -> Result<Kernel, KitError> {
+        let asm_error = |source| KitError::Asm {
+            what: "the kernel".to_string(),
+            source,
+        };
+        let mut a = CodeAssembler::new(64).map_err(asm_error)?;
+        let mut labels = Labels {
+            replay: a.create_label(),
+            exc_common: a.create_label(),
+            fault_return: a.create_label(),
+            call_fault_return: a.create_label(),
+        };
+
+        let mut enter_user = a.create_label();
+        a.set_label(&mut enter_user).map_err(asm_error)?;
+        emit_enter_user(&mut a).map_err(asm_error)?;
+
+        let mut syscall_entry = a.create_label();
+        a.set_label(&mut syscall_entry).map_err(asm_error)?;
+        emit_syscalls(&mut a, ops, &mut labels).map_err(asm_error)?;
+
+        let mut stubs = Vec::with_capacity(256);
+        for vector in 0..=255u8 {
+            if vector == abi::SYSCALL_VECTOR {
+                stubs.push(None);
+                continue;
+            }
+            let mut stub = a.create_label();
+            a.set_label(&mut stub).map_err(asm_error)?;
+            if !vector_has_error_code(vector) {
+                a.push(0).map_err(asm_error)?;
+            }
+            a.push(i32::from(vector)).map_err(asm_error)?;
+            a.jmp(labels.exc_common).map_err(asm_error)?;
+            stubs.push(Some(stub));
+        }
+        emit_exception_common(&mut a, &mut labels).map_err(asm_error)?;
+        emit_replay(&mut a, &mut labels).map_err(asm_error)?;
+
+        let result = a
+            .assemble_options(
+                KERNEL_CODE_GPA,
+                BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+            )
+            .map_err(asm_error)?;
+        let code = result.inner.code_buffer.clone();
+        if code.len() as u64 > KERNEL_CODE_SIZE {
+            return Err(KitError::TooLarge {
+                what: "the kernel".to_string(),
+                size: code.len(),
+                limit: KERNEL_CODE_SIZE as usize,
+            });
+        }
+        let syscall_entry = result.label_ip(&syscall_entry).map_err(asm_error)?;
+        let mut vectors = Vec::with_capacity(256);
+        for stub in &stubs {
+            vectors.push(match stub {
+                Some(label) => result.label_ip(label).map_err(asm_error)?,
+                None => syscall_entry,
+            });
+        }
+        Ok(Kernel {
+            ops,
+            enter_user: result.label_ip(&enter_user).map_err(asm_error)?,
+            fault_return: result.label_ip(&labels.fault_return).map_err(asm_error)?,
+            call_fault_return: result
+                .label_ip(&labels.call_fault_return)
+                .map_err(asm_error)?,
+            syscall_entry,
+            vectors,
+            code,
+        })
+    }
+
+    /// How this kernel implements the page-table operations.
+    pub fn ops(&self) -> PagingOps {
+        self.ops
+    }
+
+    /// The machine code, to be loaded at [`KERNEL_CODE_GPA`].
+    pub fn code(&self) -> &[u8] {
+        &self.code
+    }
+
+    /// Where a vCPU starts to enter a CPL3 program: R12 = program entry,
+    /// R13 = user stack top; RDI, RSI, RDX, RCX, R8, R9 pass through.
+    pub fn enter_user(&self) -> u64 {
+        self.enter_user
+    }
+
+    /// The system-call entry (the gate of [`abi::SYSCALL_VECTOR`]).
+    pub fn syscall_entry(&self) -> u64 {
+        self.syscall_entry
+    }
+
+    /// Where the VMM resumes (with [`action::REDIRECT`]) a LOAD or STORE
+    /// system call whose CPL0 access faulted: the call returns
+    /// [`abi::FAULTED`].
+    pub fn fault_return(&self) -> u64 {
+        self.fault_return
+    }
+
+    /// Like [`fault_return`](Self::fault_return), for a CALL system call
+    /// whose fetch faulted (it also drops the pushed return address).
+    pub fn call_fault_return(&self) -> u64 {
+        self.call_fault_return
+    }
+
+    /// The handler address of IDT vector `vector`.
+    pub fn vector_handler(&self, vector: u8) -> u64 {
+        self.vectors[usize::from(vector)]
+    }
+}
+
+/// `enter_user`: build an iret frame from R12/R13 and drop to CPL3.
+fn emit_enter_user(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.push(i32::from(SEL_USER_DATA))?;
+    a.push(r13)?;
+    a.push(RFLAGS_FIXED as i32)?;
+    a.push(i32::from(SEL_USER_CODE))?;
+    a.push(r12)?;
+    a.xor(r12d, r12d)?;
+    a.xor(r13d, r13d)?;
+    a.iretq()
+}
+
+/// The system-call dispatcher and its handlers.
+fn emit_syscalls(
+    a: &mut CodeAssembler,
+    ops: PagingOps,
+    labels: &mut Labels,
+) -> Result<(), IcedError> {
+    let mut exit = a.create_label();
+    let mut report = a.create_label();
+    let mut load_cr3 = a.create_label();
+    let mut invlpg = a.create_label();
+    let mut flush = a.create_label();
+    let mut store = a.create_label();
+    let mut load = a.create_label();
+    let mut read_cr3 = a.create_label();
+    let mut call = a.create_label();
+    let mut swap = a.create_label();
+    let mut read_cr0 = a.create_label();
+    let mut write_cr0 = a.create_label();
+    let mut rdmsr = a.create_label();
+    let mut wrmsr = a.create_label();
+    let mut unknown = a.create_label();
+
+    // Most frequent first: REPORT, then the page-table operations.
+    let table = [
+        (syscall::REPORT, report),
+        (syscall::STORE, store),
+        (syscall::INVLPG, invlpg),
+        (syscall::LOAD_CR3, load_cr3),
+        (syscall::FLUSH_TLB, flush),
+        (syscall::LOAD, load),
+        (syscall::SWAP_ENTRIES, swap),
+        (syscall::CALL, call),
+        (syscall::READ_CR3, read_cr3),
+        (syscall::READ_CR0, read_cr0),
+        (syscall::WRITE_CR0, write_cr0),
+        (syscall::RDMSR, rdmsr),
+        (syscall::WRMSR, wrmsr),
+        (syscall::EXIT, exit),
+    ];
+    for (number, label) in table {
+        a.cmp(rax, number as i32)?;
+        a.je(label)?;
+    }
+    a.jmp(unknown)?;
+
+    a.set_label(&mut report)?;
+    a.push(rdx)?;
+    super::emit::hypercall(a, hypercall::REPORT)?;
+    a.pop(rdx)?;
+    a.iretq()?;
+
+    a.set_label(&mut store)?;
+    a.mov(qword_ptr(rdi), rsi)?;
+    a.xor(eax, eax)?;
+    a.iretq()?;
+
+    a.set_label(&mut load)?;
+    a.mov(rax, qword_ptr(rdi))?;
+    a.iretq()?;
+
+    a.set_label(&mut read_cr3)?;
+    a.mov(rax, cr3)?;
+    a.iretq()?;
+
+    a.set_label(&mut call)?;
+    a.call(rdi)?;
+    a.xor(eax, eax)?;
+    a.iretq()?;
+
+    // Faulted CPL0 accesses resume here (the VMM redirects them).
+    a.set_label(&mut labels.call_fault_return)?;
+    a.add(rsp, 8)?;
+    a.set_label(&mut labels.fault_return)?;
+    a.mov(rax, abi::FAULTED)?;
+    a.iretq()?;
+
+    a.set_label(&mut read_cr0)?;
+    a.mov(rax, cr0)?;
+    a.iretq()?;
+
+    a.set_label(&mut write_cr0)?;
+    a.mov(cr0, rdi)?;
+    a.xor(eax, eax)?;
+    a.iretq()?;
+
+    a.set_label(&mut rdmsr)?;
+    a.push(rcx)?;
+    a.push(rdx)?;
+    a.mov(ecx, edi)?;
+    a.rdmsr()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.pop(rdx)?;
+    a.pop(rcx)?;
+    a.iretq()?;
+
+    a.set_label(&mut wrmsr)?;
+    a.push(rcx)?;
+    a.push(rdx)?;
+    a.mov(ecx, edi)?;
+    a.mov(rax, rsi)?;
+    a.mov(rdx, rsi)?;
+    a.shr(rdx, 32)?;
+    a.wrmsr()?;
+    a.pop(rdx)?;
+    a.pop(rcx)?;
+    a.xor(eax, eax)?;
+    a.iretq()?;
+
+    // SWAP_ENTRIES: exchange, then continue into FLUSH_TLB.
+    let mut swap_next = a.create_label();
+    let mut swap_done = a.create_label();
+    a.set_label(&mut swap)?;
+    a.push(rdi)?;
+    a.push(rsi)?;
+    a.push(rcx)?;
+    a.test(rsi, rsi)?;
+    a.jz(swap_done)?;
+    a.set_label(&mut swap_next)?;
+    a.mov(rcx, qword_ptr(rdi))?;
+    a.mov(rax, qword_ptr(rcx))?;
+    a.mov(qword_ptr(rdi + 16), rax)?;
+    a.mov(rax, qword_ptr(rdi + 8))?;
+    a.mov(qword_ptr(rcx), rax)?;
+    a.add(rdi, 24)?;
+    a.dec(rsi)?;
+    a.jnz(swap_next)?;
+    a.set_label(&mut swap_done)?;
+    a.pop(rcx)?;
+    a.pop(rsi)?;
+    a.pop(rdi)?;
+    a.jmp(flush)?;
+
+    a.set_label(&mut load_cr3)?;
+    paging_op(a, ops, hypercall::LOAD_CR3, labels, |a| a.mov(cr3, rdi))?;
+
+    a.set_label(&mut invlpg)?;
+    paging_op(a, ops, hypercall::INVLPG, labels, |a| {
+        a.invlpg(byte_ptr(rdi))
+    })?;
+
+    a.set_label(&mut flush)?;
+    paging_op(a, ops, hypercall::FLUSH_TLB, labels, |a| {
+        a.mov(rdx, cr3)?;
+        a.mov(cr3, rdx)
+    })?;
+
+    a.set_label(&mut exit)?;
+    super::emit::hypercall(a, hypercall::DONE)?;
+    // The VMM never resumes after DONE; should it, report again.
+    a.jmp(exit)?;
+
+    a.set_label(&mut unknown)?;
+    super::emit::hypercall(a, hypercall::BAD_SYSCALL)?;
+    a.jmp(unknown)
+}
+
+/// One page-table system call: the native instruction, or the hypercall
+/// followed by what the VMM answers. Preserves every register but RAX
+/// (which returns 0).
+fn paging_op(
+    a: &mut CodeAssembler,
+    ops: PagingOps,
+    port: u16,
+    labels: &Labels,
+    native: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<(), IcedError> {
+    a.push(rdx)?;
+    match ops {
+        PagingOps::Native => native(a)?,
+        PagingOps::Paravirt => {
+            super::emit::hypercall(a, port)?;
+            let mut no_replay = a.create_label();
+            let mut done = a.create_label();
+            a.test(al, action::REPLAY as i32)?;
+            a.jz(no_replay)?;
+            a.call(labels.replay)?;
+            a.set_label(&mut no_replay)?;
+            a.test(al, action::NATIVE as i32)?;
+            a.jz(done)?;
+            native(a)?;
+            a.set_label(&mut done)?;
+        }
+    }
+    a.pop(rdx)?;
+    a.xor(eax, eax)?;
+    a.iretq()
+}
+
+/// The common exception path: exit to the VMM, then carry out its answer.
+fn emit_exception_common(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedError> {
+    let mut actions = a.create_label();
+    let mut ret = a.create_label();
+    let mut no_replay = a.create_label();
+    let mut no_native = a.create_label();
+
+    a.set_label(&mut labels.exc_common)?;
+    a.push(rax)?;
+    a.push(rdx)?;
+    super::emit::hypercall(a, hypercall::EXCEPTION)?;
+    a.test(eax, eax)?;
+    a.jnz(actions)?;
+    a.set_label(&mut ret)?;
+    a.pop(rdx)?;
+    a.pop(rax)?;
+    a.add(rsp, 16)?;
+    a.iretq()?;
+
+    a.set_label(&mut actions)?;
+    a.test(al, action::REPLAY as i32)?;
+    a.jz(no_replay)?;
+    a.call(labels.replay)?;
+    a.set_label(&mut no_replay)?;
+    a.test(al, action::NATIVE as i32)?;
+    a.jz(no_native)?;
+    a.mov(rdx, cr3)?;
+    a.mov(cr3, rdx)?;
+    a.set_label(&mut no_native)?;
+    a.test(al, action::REDIRECT as i32)?;
+    a.jz(ret)?;
+    a.mov(rdx, rsp)?;
+    a.and(rdx, -(KERNEL_AREA_SIZE as i32))?;
+    a.mov(rdx, qword_ptr(rdx + percpu::REDIRECT_RIP as i32))?;
+    a.mov(qword_ptr(rsp + 32), rdx)?;
+    a.jmp(ret)
+}
+
+/// `replay`: apply the vCPU's queue of (address, value) stores, then clear
+/// it. Preserves every register.
+fn emit_replay(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedError> {
+    let mut next = a.create_label();
+    let mut done = a.create_label();
+    a.set_label(&mut labels.replay)?;
+    a.push(rcx)?;
+    a.push(rdx)?;
+    a.push(r8)?;
+    a.push(r9)?;
+    a.push(r10)?;
+    a.mov(r9, rsp)?;
+    a.and(r9, -(KERNEL_AREA_SIZE as i32))?;
+    a.mov(rcx, qword_ptr(r9 + percpu::REPLAY_COUNT as i32))?;
+    a.lea(r8, qword_ptr(r9 + REPLAY_QUEUE_OFFSET as i32))?;
+    a.test(rcx, rcx)?;
+    a.jz(done)?;
+    a.set_label(&mut next)?;
+    a.mov(r10, qword_ptr(r8))?;
+    a.mov(rdx, qword_ptr(r8 + 8))?;
+    a.mov(qword_ptr(r10), rdx)?;
+    a.add(r8, 16)?;
+    a.dec(rcx)?;
+    a.jnz(next)?;
+    a.set_label(&mut done)?;
+    a.mov(qword_ptr(r9 + percpu::REPLAY_COUNT as i32), 0)?;
+    a.pop(r10)?;
+    a.pop(r9)?;
+    a.pop(r8)?;
+    a.pop(rdx)?;
+    a.pop(rcx)?;
+    a.ret()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+
+    fn decode_at(kernel: &Kernel, ip: u64, count: usize) -> Vec<Instruction> {
+        let offset = (ip - KERNEL_CODE_GPA) as usize;
+        let mut d = Decoder::with_ip(64, &kernel.code()[offset..], ip, DecoderOptions::NONE);
+        d.iter().take(count).collect()
+    }
+
+    fn has_mnemonic(kernel: &Kernel, mnemonic: Mnemonic) -> bool {
+        let mut d = Decoder::with_ip(64, kernel.code(), KERNEL_CODE_GPA, DecoderOptions::NONE);
+        d.iter().any(|i| i.mnemonic() == mnemonic)
+    }
+
+    #[test]
+    fn stubs_push_vector_and_error_code() {
+        let k = Kernel::assemble(PagingOps::Native).unwrap();
+        assert_eq!(abi::SYSCALL_VECTOR, 3);
+        // #UD: no error code, so a zero is pushed first.
+        let ud = decode_at(&k, k.vector_handler(6), 3);
+        assert_eq!(ud[0].mnemonic(), Mnemonic::Push);
+        assert_eq!(ud[0].immediate(0), 0);
+        assert_eq!(ud[1].immediate(0), 6);
+        assert_eq!(ud[2].mnemonic(), Mnemonic::Jmp);
+        // #PF: the CPU pushed the error code; only the vector is pushed.
+        let pf = decode_at(&k, k.vector_handler(14), 2);
+        assert_eq!(pf[0].immediate(0), 14);
+        assert_eq!(pf[1].mnemonic(), Mnemonic::Jmp);
+        assert_eq!(pf[1].near_branch_target(), ud[2].near_branch_target());
+        assert_eq!(k.vector_handler(abi::SYSCALL_VECTOR), k.syscall_entry());
+        // Vector 255 has a stub too (the catch-all).
+        assert_eq!(decode_at(&k, k.vector_handler(255), 2)[1].immediate(0), 255);
+    }
+
+    #[test]
+    fn exception_path_exits_on_its_port() {
+        let k = Kernel::assemble(PagingOps::Native).unwrap();
+        let common = decode_at(&k, k.vector_handler(14), 2)[1].near_branch_target();
+        let path = decode_at(&k, common, 4);
+        assert_eq!(path[2].mnemonic(), Mnemonic::Mov);
+        assert_eq!(path[2].op0_register(), Register::EDX);
+        assert_eq!(path[2].immediate(1), u64::from(hypercall::EXCEPTION));
+        assert_eq!(path[3].mnemonic(), Mnemonic::In);
+        assert_eq!(path[3].op0_register(), Register::EAX);
+        assert_eq!(path[3].op1_register(), Register::DX);
+    }
+
+    #[test]
+    fn paging_ops_choose_native_or_hypercall() {
+        let native = Kernel::assemble(PagingOps::Native).unwrap();
+        let para = Kernel::assemble(PagingOps::Paravirt).unwrap();
+        assert!(has_mnemonic(&native, Mnemonic::Invlpg));
+        assert!(has_mnemonic(&para, Mnemonic::Invlpg));
+        let ports = |k: &Kernel| -> Vec<u64> {
+            let mut d = Decoder::with_ip(64, k.code(), KERNEL_CODE_GPA, DecoderOptions::NONE);
+            d.iter()
+                .filter(|i| {
+                    i.mnemonic() == Mnemonic::Mov
+                        && i.op0_register() == Register::EDX
+                        && i.op1_kind() == OpKind::Immediate32
+                })
+                .map(|i| i.immediate(1))
+                .collect()
+        };
+        let np = ports(&native);
+        let pp = ports(&para);
+        for port in [hypercall::LOAD_CR3, hypercall::INVLPG, hypercall::FLUSH_TLB] {
+            assert!(
+                !np.contains(&u64::from(port)),
+                "native kernel calls {port:#x}"
+            );
+            assert!(
+                pp.contains(&u64::from(port)),
+                "paravirt kernel lacks {port:#x}"
+            );
+        }
+        assert_eq!(native.enter_user(), KERNEL_CODE_GPA);
+        assert!(native.code().len() < KERNEL_CODE_SIZE as usize);
+    }
+}

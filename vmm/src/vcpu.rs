@@ -1,0 +1,789 @@
+//! One vCPU's run: register setup, the exit loop, and the hooks a caller
+//! plugs into it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use mmu_api::VcpuId;
+use tracing::{debug, trace};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::error::{GuestException, IoDirection, KvmError, VcpuError};
+use crate::kick::{RunPageGuard, VcpuControl, request};
+use crate::kit::abi::{REPLAY_CAPACITY, action, hypercall, percpu};
+use crate::layout::Layout;
+
+/// A page-table operation the guest kernel asks the VMM to serve
+/// (only under [`PagingOps::Paravirt`](crate::PagingOps::Paravirt)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PagingOp {
+    /// Load CR3 with this value.
+    LoadCr3(u64),
+    /// Invalidate the translation of this address.
+    Invlpg(u64),
+    /// Flush the TLB.
+    FlushTlb,
+}
+
+/// What to do after a guest exception.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExceptionAction {
+    /// Return to the guest with these [`action`](crate::kit::abi::action)
+    /// bits for the kernel (0: retry the faulting instruction).
+    Resume(u32),
+    /// Resume the interrupted context at `rip` instead of the faulting
+    /// instruction, with the other `action` bits in `actions`.
+    Redirect {
+        /// Where to resume.
+        rip: u64,
+        /// Further action bits (replay, flush).
+        actions: u32,
+    },
+    /// Stop the vCPU with [`VcpuError::GuestException`].
+    Fail,
+}
+
+/// A result the guest reported (the REPORT system call).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Report {
+    /// The tag (RSI).
+    pub tag: u64,
+    /// The value (RDI).
+    pub value: u64,
+}
+
+/// How a vCPU's run ended, when it did not fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VcpuOutcome {
+    /// The program finished (EXIT system call or DONE hypercall).
+    Done {
+        /// Its exit code.
+        exit_code: u64,
+    },
+    /// A [`Kicker::stop`](crate::Kicker::stop) ended the run.
+    Stopped,
+}
+
+/// Exit counters of one vCPU run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ExitStats {
+    /// Returns from `KVM_RUN` with an exit.
+    pub exits: u64,
+    /// Guest-kit hypercalls (a subset of `exits`).
+    pub hypercalls: u64,
+    /// Exceptions the kernel's stubs reported (a subset of `hypercalls`).
+    pub exceptions: u64,
+    /// Page-table hypercalls (a subset of `hypercalls`).
+    pub paging_ops: u64,
+    /// Port I/O served by the exit handler.
+    pub device_io: u64,
+    /// `KVM_RUN` returns with `EINTR` (kicks, signals).
+    pub interrupted: u64,
+}
+
+/// One vCPU's result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VcpuReport {
+    /// Which vCPU.
+    pub id: VcpuId,
+    /// How its run ended.
+    pub outcome: VcpuOutcome,
+    /// Every REPORT, in order.
+    pub reports: Vec<Report>,
+    /// Exit counters.
+    pub stats: ExitStats,
+    /// Wall time from its first entry to its end.
+    pub elapsed: Duration,
+}
+
+impl VcpuReport {
+    /// The value of the last report with `tag`.
+    pub fn last(&self, tag: u32) -> Option<u64> {
+        self.reports
+            .iter()
+            .rev()
+            .find(|r| r.tag == u64::from(tag))
+            .map(|r| r.value)
+    }
+}
+
+/// Hooks into a vCPU's exit loop. Each vCPU thread owns one handler.
+///
+/// The defaults make a VM whose MMU is entirely KVM's: page-table
+/// hypercalls are answered "execute the native instruction", exceptions
+/// stop the vCPU, and no device ports or MMIO exist. A VMM-side MMU
+/// backend overrides them.
+pub trait ExitHandler: Send {
+    /// Called before every guest entry (after kicks, too).
+    fn prepare_entry(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<(), VcpuError> {
+        let _ = vcpu;
+        Ok(())
+    }
+
+    /// The guest took `exception`.
+    fn exception(
+        &mut self,
+        vcpu: &mut VcpuContext<'_>,
+        exception: &GuestException,
+    ) -> Result<ExceptionAction, VcpuError> {
+        let _ = (vcpu, exception);
+        Ok(ExceptionAction::Fail)
+    }
+
+    /// The kernel asks for `op`; the answer is [`action`] bits.
+    fn paging_op(&mut self, vcpu: &mut VcpuContext<'_>, op: PagingOp) -> Result<u32, VcpuError> {
+        let _ = (vcpu, op);
+        Ok(action::NATIVE)
+    }
+
+    /// The guest reported a result (it is recorded in the run's report too).
+    fn report(&mut self, vcpu: &mut VcpuContext<'_>, report: Report) -> Result<(), VcpuError> {
+        let _ = (vcpu, report);
+        Ok(())
+    }
+
+    /// A port read outside the kit's ports. Fill `data` and return true,
+    /// or return false if no device has the port.
+    fn port_read(
+        &mut self,
+        vcpu: &mut VcpuContext<'_>,
+        port: u16,
+        data: &mut [u8],
+    ) -> Result<bool, VcpuError> {
+        let _ = (vcpu, port, data);
+        Ok(false)
+    }
+
+    /// A port write outside the kit's ports. Return false if no device has
+    /// the port.
+    fn port_write(
+        &mut self,
+        vcpu: &mut VcpuContext<'_>,
+        port: u16,
+        data: &[u8],
+    ) -> Result<bool, VcpuError> {
+        let _ = (vcpu, port, data);
+        Ok(false)
+    }
+
+    /// An MMIO read. Fill `data` and return true, or return false if no
+    /// device has the address.
+    fn mmio_read(
+        &mut self,
+        vcpu: &mut VcpuContext<'_>,
+        gpa: u64,
+        data: &mut [u8],
+    ) -> Result<bool, VcpuError> {
+        let _ = (vcpu, gpa, data);
+        Ok(false)
+    }
+
+    /// An MMIO write. Return false if no device has the address.
+    fn mmio_write(
+        &mut self,
+        vcpu: &mut VcpuContext<'_>,
+        gpa: u64,
+        data: &[u8],
+    ) -> Result<bool, VcpuError> {
+        let _ = (vcpu, gpa, data);
+        Ok(false)
+    }
+}
+
+/// The default [`ExitHandler`]: KVM owns the MMU, nothing else exists.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DefaultHandler;
+
+impl ExitHandler for DefaultHandler {}
+
+/// What an [`ExitHandler`] may touch during an exit: the vCPU's registers,
+/// guest memory, and the kernel page of this vCPU.
+#[derive(Debug)]
+pub struct VcpuContext<'a> {
+    id: VcpuId,
+    fd: &'a mut VcpuFd,
+    memory: &'a GuestMemoryMmap,
+    layout: &'a Layout,
+    regs: Option<kvm_regs>,
+}
+
+impl<'a> VcpuContext<'a> {
+    /// Which vCPU.
+    pub fn id(&self) -> VcpuId {
+        self.id
+    }
+
+    /// The general registers at this exit (read once per exit).
+    pub fn regs(&mut self) -> Result<kvm_regs, VcpuError> {
+        if let Some(regs) = self.regs {
+            return Ok(regs);
+        }
+        let regs = self
+            .fd
+            .get_regs()
+            .map_err(|e| KvmError::new("KVM_GET_REGS", e))?;
+        self.regs = Some(regs);
+        Ok(regs)
+    }
+
+    /// Replaces the general registers.
+    pub fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), VcpuError> {
+        self.fd
+            .set_regs(regs)
+            .map_err(|e| KvmError::new("KVM_SET_REGS", e))?;
+        self.regs = Some(*regs);
+        Ok(())
+    }
+
+    /// The special registers (control registers, segments).
+    pub fn sregs(&self) -> Result<kvm_sregs, VcpuError> {
+        Ok(self
+            .fd
+            .get_sregs()
+            .map_err(|e| KvmError::new("KVM_GET_SREGS", e))?)
+    }
+
+    /// The vCPU's file descriptor, for anything else (events, MSRs).
+    pub fn fd(&mut self) -> &mut VcpuFd {
+        self.fd
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        self.memory
+    }
+
+    /// Reads the u64 at `gpa`.
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, VcpuError> {
+        self.memory
+            .read_obj(GuestAddress(gpa))
+            .map_err(|source| VcpuError::Memory {
+                gpa: mmu_api::Gpa(gpa),
+                source,
+            })
+    }
+
+    /// Reads the byte at `gpa`.
+    pub fn memory_byte(&self, gpa: u64) -> Result<u8, VcpuError> {
+        self.memory
+            .read_obj(GuestAddress(gpa))
+            .map_err(|source| VcpuError::Memory {
+                gpa: mmu_api::Gpa(gpa),
+                source,
+            })
+    }
+
+    /// Writes the u64 at `gpa` (guest data only: page-table edits made from
+    /// the host are not seen by a KVM that shadows guest tables; queue them
+    /// with [`queue_replay`](Self::queue_replay) instead).
+    pub fn write_u64(&self, gpa: u64, value: u64) -> Result<(), VcpuError> {
+        self.memory
+            .write_obj(value, GuestAddress(gpa))
+            .map_err(|source| VcpuError::Memory {
+                gpa: mmu_api::Gpa(gpa),
+                source,
+            })
+    }
+
+    /// This vCPU's kernel page.
+    pub fn kernel_page(&self) -> u64 {
+        self.layout.kernel_page(self.id.0 as usize)
+    }
+
+    /// Appends (address, value) stores to this vCPU's replay queue; the
+    /// kernel performs them at CPL0 when an answer carries
+    /// [`action::REPLAY`]. Fails if the queue would overflow.
+    pub fn queue_replay(&self, stores: &[(u64, u64)]) -> Result<(), VcpuError> {
+        let page = self.kernel_page();
+        let count = self.read_u64(page + percpu::REPLAY_COUNT)?;
+        if count as usize + stores.len() > REPLAY_CAPACITY {
+            return Err(VcpuError::Handler(format!(
+                "replay queue overflow: {count} queued, {} more, capacity {REPLAY_CAPACITY}",
+                stores.len()
+            )));
+        }
+        let queue = self.layout.replay_queue(self.id.0 as usize);
+        for (i, (address, value)) in stores.iter().enumerate() {
+            let slot = queue + 16 * (count + i as u64);
+            self.write_u64(slot, *address)?;
+            self.write_u64(slot + 8, *value)?;
+        }
+        self.write_u64(page + percpu::REPLAY_COUNT, count + stores.len() as u64)
+    }
+
+    /// Sets where an [`action::REDIRECT`] answer resumes.
+    pub fn set_redirect(&self, rip: u64) -> Result<(), VcpuError> {
+        self.write_u64(self.kernel_page() + percpu::REDIRECT_RIP, rip)
+    }
+}
+
+/// What the vCPU thread needs for one run.
+#[derive(Debug)]
+pub(crate) struct VcpuRun<'a> {
+    pub(crate) id: VcpuId,
+    pub(crate) fd: &'a mut VcpuFd,
+    pub(crate) control: Arc<VcpuControl>,
+    pub(crate) memory: &'a GuestMemoryMmap,
+    pub(crate) layout: &'a Layout,
+    pub(crate) sregs: kvm_sregs,
+    pub(crate) regs: kvm_regs,
+    pub(crate) limit: Duration,
+}
+
+/// An exit, copied out of `kvm_run` so the vCPU can be used again.
+enum Exit {
+    IoIn {
+        port: u16,
+        data: *mut u8,
+        len: usize,
+    },
+    IoOut {
+        port: u16,
+        data: Vec<u8>,
+    },
+    MmioRead {
+        gpa: u64,
+        data: *mut u8,
+        len: usize,
+    },
+    MmioWrite {
+        gpa: u64,
+        data: Vec<u8>,
+    },
+    Shutdown,
+    Hlt,
+    InternalError,
+    FailEntry(u64),
+    Other(String),
+}
+
+impl Exit {
+    fn name(&self) -> &'static str {
+        match self {
+            Exit::IoIn { .. } => "io-in",
+            Exit::IoOut { .. } => "io-out",
+            Exit::MmioRead { .. } => "mmio-read",
+            Exit::MmioWrite { .. } => "mmio-write",
+            Exit::Shutdown => "shutdown",
+            Exit::Hlt => "hlt",
+            Exit::InternalError => "internal-error",
+            Exit::FailEntry(_) => "fail-entry",
+            Exit::Other(_) => "other",
+        }
+    }
+
+    fn from_kvm(exit: VcpuExit<'_>) -> Exit {
+        match exit {
+            VcpuExit::IoIn(port, data) => Exit::IoIn {
+                port,
+                len: data.len(),
+                data: data.as_mut_ptr(),
+            },
+            VcpuExit::IoOut(port, data) => Exit::IoOut {
+                port,
+                data: data.to_vec(),
+            },
+            VcpuExit::MmioRead(gpa, data) => Exit::MmioRead {
+                gpa,
+                len: data.len(),
+                data: data.as_mut_ptr(),
+            },
+            VcpuExit::MmioWrite(gpa, data) => Exit::MmioWrite {
+                gpa,
+                data: data.to_vec(),
+            },
+            VcpuExit::Shutdown => Exit::Shutdown,
+            VcpuExit::Hlt => Exit::Hlt,
+            VcpuExit::InternalError => Exit::InternalError,
+            VcpuExit::FailEntry(reason, _) => Exit::FailEntry(reason),
+            other => Exit::Other(format!("{other:?}")),
+        }
+    }
+}
+
+/// Where the answer to a read exit goes: inside the vCPU's `kvm_run` page.
+struct ReadBuffer {
+    data: *mut u8,
+    len: usize,
+}
+
+impl ReadBuffer {
+    /// Copies `bytes` (truncated or zero-padded to the access size) into
+    /// the exit's data area.
+    ///
+    /// # Safety
+    ///
+    /// `data..data + len` must be the data area of the exit just returned
+    /// by `KVM_RUN` on a `VcpuFd` that is still alive and has not been run
+    /// again.
+    unsafe fn fill(&self, bytes: &[u8]) {
+        let mut buf = vec![0u8; self.len];
+        let n = bytes.len().min(self.len);
+        buf[..n].copy_from_slice(&bytes[..n]);
+        // SAFETY: by the caller's contract the destination is `len` valid,
+        // writable bytes in the kvm_run mapping, which nothing else uses
+        // until the next KVM_RUN; `buf` is a distinct allocation.
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.data, self.len) };
+    }
+}
+
+/// Runs one vCPU until its program ends, it fails, or it is stopped.
+pub(crate) fn run_vcpu<H: ExitHandler>(
+    run: VcpuRun<'_>,
+    handler: &mut H,
+) -> Result<VcpuReport, VcpuError> {
+    let VcpuRun {
+        id,
+        fd,
+        control,
+        memory,
+        layout,
+        sregs,
+        regs,
+        limit,
+    } = run;
+    complete_pending_io(fd)?;
+    fd.set_sregs(&sregs)
+        .map_err(|e| KvmError::new("KVM_SET_SREGS", e))?;
+    fd.set_regs(&regs)
+        .map_err(|e| KvmError::new("KVM_SET_REGS", e))?;
+    let kernel_page = layout.kernel_page(id.0 as usize);
+    for (offset, value) in [
+        (percpu::INDEX, u64::from(id.0)),
+        (percpu::REDIRECT_RIP, 0),
+        (percpu::REPLAY_COUNT, 0),
+    ] {
+        memory
+            .write_obj(value, GuestAddress(kernel_page + offset))
+            .map_err(|source| VcpuError::Memory {
+                gpa: mmu_api::Gpa(kernel_page + offset),
+                source,
+            })?;
+    }
+
+    let mut stats = ExitStats::default();
+    let mut reports = Vec::new();
+    let started = Instant::now();
+    let run_page: *mut kvm_bindings::kvm_run = fd.get_kvm_run();
+    let _published = RunPageGuard::new(run_page);
+    fd.set_kvm_immediate_exit(0);
+    debug!(vcpu = id.0, rip = regs.rip, "vCPU run starts");
+
+    loop {
+        let pending = control.take();
+        if pending & request::ANY_STOP != 0 {
+            debug!(vcpu = id.0, pending, "vCPU stop requested");
+            return if pending & request::ABORT != 0 {
+                Err(VcpuError::Aborted)
+            } else if pending & request::TIMEOUT != 0 {
+                Err(VcpuError::Timeout { limit })
+            } else {
+                Ok(VcpuReport {
+                    id,
+                    outcome: VcpuOutcome::Stopped,
+                    reports,
+                    stats,
+                    elapsed: started.elapsed(),
+                })
+            };
+        }
+        let mut ctx = VcpuContext {
+            id,
+            fd: &mut *fd,
+            memory,
+            layout,
+            regs: None,
+        };
+        handler.prepare_entry(&mut ctx)?;
+
+        let exit = match fd.run() {
+            Ok(exit) => Exit::from_kvm(exit),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                fd.set_kvm_immediate_exit(0);
+                stats.interrupted += 1;
+                trace!(vcpu = id.0, "KVM_RUN interrupted");
+                continue;
+            }
+            Err(e) => return Err(KvmError::new("KVM_RUN", e).into()),
+        };
+        stats.exits += 1;
+        trace!(vcpu = id.0, exit = exit.name(), "exit");
+        let mut ctx = VcpuContext {
+            id,
+            fd: &mut *fd,
+            memory,
+            layout,
+            regs: None,
+        };
+        match exit {
+            Exit::IoIn { port, data, len } if (hypercall::BASE..hypercall::END).contains(&port) => {
+                if len != 4 {
+                    return Err(VcpuError::BadHypercall {
+                        port,
+                        direction: IoDirection::Read,
+                        size: len,
+                    });
+                }
+                stats.hypercalls += 1;
+                let answer =
+                    match serve_hypercall(&mut ctx, handler, port, &mut stats, &mut reports)? {
+                        Served::Answer(answer) => answer,
+                        Served::Done(exit_code) => {
+                            debug!(vcpu = id.0, exit_code, "guest program done");
+                            return Ok(VcpuReport {
+                                id,
+                                outcome: VcpuOutcome::Done { exit_code },
+                                reports,
+                                stats,
+                                elapsed: started.elapsed(),
+                            });
+                        }
+                    };
+                // SAFETY: `data`/`len` describe this exit's data area in
+                // the kvm_run page of `fd`, which is alive (borrowed by
+                // this function) and has not been run since the exit.
+                unsafe { ReadBuffer { data, len }.fill(&answer.to_le_bytes()) };
+            }
+            Exit::IoOut { port, data } if (hypercall::BASE..hypercall::END).contains(&port) => {
+                return Err(VcpuError::BadHypercall {
+                    port,
+                    direction: IoDirection::Write,
+                    size: data.len(),
+                });
+            }
+            Exit::IoIn { port, data, len } => {
+                let mut buf = vec![0u8; len];
+                if !handler.port_read(&mut ctx, port, &mut buf)? {
+                    return Err(unknown_port(&mut ctx, port, IoDirection::Read, len));
+                }
+                stats.device_io += 1;
+                // SAFETY: as above, this exit's data area in a live kvm_run.
+                unsafe { ReadBuffer { data, len }.fill(&buf) };
+            }
+            Exit::IoOut { port, data } => {
+                if !handler.port_write(&mut ctx, port, &data)? {
+                    return Err(unknown_port(&mut ctx, port, IoDirection::Write, data.len()));
+                }
+                stats.device_io += 1;
+            }
+            Exit::MmioRead { gpa, data, len } => {
+                let mut buf = vec![0u8; len];
+                if !handler.mmio_read(&mut ctx, gpa, &mut buf)? {
+                    return Err(VcpuError::UnknownMmio {
+                        gpa: mmu_api::Gpa(gpa),
+                        direction: IoDirection::Read,
+                        size: len,
+                    });
+                }
+                stats.device_io += 1;
+                // SAFETY: as above, this exit's data area in a live kvm_run.
+                unsafe { ReadBuffer { data, len }.fill(&buf) };
+            }
+            Exit::MmioWrite { gpa, data } => {
+                if !handler.mmio_write(&mut ctx, gpa, &data)? {
+                    return Err(VcpuError::UnknownMmio {
+                        gpa: mmu_api::Gpa(gpa),
+                        direction: IoDirection::Write,
+                        size: data.len(),
+                    });
+                }
+                stats.device_io += 1;
+            }
+            Exit::Shutdown => {
+                let rip = ctx.regs().map(|r| r.rip).unwrap_or(0);
+                debug!(vcpu = id.0, rip, "guest shutdown (triple fault)");
+                return Err(VcpuError::TripleFault { rip });
+            }
+            Exit::Hlt => {
+                let rip = ctx.regs().map(|r| r.rip).unwrap_or(0);
+                return Err(VcpuError::Halted { rip });
+            }
+            Exit::InternalError => {
+                let (suberror, data) = internal_error(ctx.fd);
+                let rip = ctx.regs().map(|r| r.rip).unwrap_or(0);
+                debug!(vcpu = id.0, suberror, rip, "KVM internal error");
+                return Err(VcpuError::Internal {
+                    suberror,
+                    data,
+                    rip,
+                });
+            }
+            Exit::FailEntry(reason) => return Err(VcpuError::FailEntry { reason }),
+            Exit::Other(exit) => {
+                let rip = ctx.regs().map(|r| r.rip).unwrap_or(0);
+                return Err(VcpuError::UnexpectedExit { exit, rip });
+            }
+        }
+    }
+}
+
+/// Lets KVM finish an instruction left pending by the last exit of a
+/// previous run (the kit's hypercalls are port reads, and a run ends on
+/// one): KVM completes it on the next `KVM_RUN`, and would otherwise do so
+/// on top of the registers the new run sets. With `immediate_exit` set,
+/// `KVM_RUN` completes it and returns without running guest code.
+fn complete_pending_io(fd: &mut VcpuFd) -> Result<(), VcpuError> {
+    fd.set_kvm_immediate_exit(1);
+    let result = fd.run().map(|_| ());
+    fd.set_kvm_immediate_exit(0);
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+        Err(e) => Err(KvmError::new("KVM_RUN", e).into()),
+    }
+}
+
+/// The answer to a hypercall, or the end of the program.
+enum Served {
+    Answer(u32),
+    Done(u64),
+}
+
+fn serve_hypercall<H: ExitHandler>(
+    ctx: &mut VcpuContext<'_>,
+    handler: &mut H,
+    port: u16,
+    stats: &mut ExitStats,
+    reports: &mut Vec<Report>,
+) -> Result<Served, VcpuError> {
+    let regs = ctx.regs()?;
+    trace!(
+        vcpu = ctx.id.0,
+        port,
+        rdi = regs.rdi,
+        rsi = regs.rsi,
+        "hypercall"
+    );
+    match port {
+        hypercall::DONE => Ok(Served::Done(regs.rdi)),
+        hypercall::REPORT => {
+            let report = Report {
+                tag: regs.rsi,
+                value: regs.rdi,
+            };
+            reports.push(report);
+            handler.report(ctx, report)?;
+            Ok(Served::Answer(0))
+        }
+        hypercall::EXCEPTION => {
+            stats.exceptions += 1;
+            let exception = read_exception(ctx, &regs)?;
+            debug!(vcpu = ctx.id.0, %exception, "guest exception");
+            match handler.exception(ctx, &exception)? {
+                ExceptionAction::Resume(actions) => Ok(Served::Answer(actions & !action::REDIRECT)),
+                ExceptionAction::Redirect { rip, actions } => {
+                    ctx.set_redirect(rip)?;
+                    Ok(Served::Answer(actions | action::REDIRECT))
+                }
+                ExceptionAction::Fail => Err(VcpuError::GuestException(exception)),
+            }
+        }
+        hypercall::LOAD_CR3 | hypercall::INVLPG | hypercall::FLUSH_TLB => {
+            stats.paging_ops += 1;
+            let op = match port {
+                hypercall::LOAD_CR3 => PagingOp::LoadCr3(regs.rdi),
+                hypercall::INVLPG => PagingOp::Invlpg(regs.rdi),
+                _ => PagingOp::FlushTlb,
+            };
+            let answer = handler.paging_op(ctx, op)?;
+            trace!(vcpu = ctx.id.0, ?op, answer, "paging hypercall");
+            Ok(Served::Answer(answer & (action::REPLAY | action::NATIVE)))
+        }
+        hypercall::BAD_SYSCALL => Err(VcpuError::UnknownSyscall { number: regs.rax }),
+        _ => Err(VcpuError::BadHypercall {
+            port,
+            direction: IoDirection::Read,
+            size: 4,
+        }),
+    }
+}
+
+/// Reads the exception frame the kernel's stub left at RSP (see
+/// [`abi`](crate::kit::abi)), and CR2.
+fn read_exception(ctx: &mut VcpuContext<'_>, regs: &kvm_regs) -> Result<GuestException, VcpuError> {
+    let word = |i: u64| ctx.read_u64(regs.rsp + 8 * i);
+    let vector = word(2)?;
+    let error_code = word(3)?;
+    let rip = word(4)?;
+    let cs = word(5)?;
+    let rflags = word(6)?;
+    let rsp = word(7)?;
+    let cr2 = ctx.sregs()?.cr2;
+    Ok(GuestException {
+        vector: vector as u8,
+        error_code,
+        cr2,
+        rip,
+        cs: cs as u16,
+        rsp,
+        rflags,
+    })
+}
+
+fn unknown_port(
+    ctx: &mut VcpuContext<'_>,
+    port: u16,
+    direction: IoDirection,
+    size: usize,
+) -> VcpuError {
+    let rip = ctx.regs().map(|r| r.rip).unwrap_or(0);
+    debug!(vcpu = ctx.id.0, port, %direction, size, rip, "unknown port");
+    VcpuError::UnknownPort {
+        port,
+        direction,
+        size,
+        rip,
+    }
+}
+
+/// The sub-error and data words of a `KVM_EXIT_INTERNAL_ERROR`.
+fn internal_error(fd: &mut VcpuFd) -> (u32, Vec<u64>) {
+    let run = fd.get_kvm_run();
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so KVM filled the
+    // `internal` member of the union; it is plain integers.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    (internal.suberror, internal.data[..n].to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_lookup_takes_the_last() {
+        let r = VcpuReport {
+            id: VcpuId(0),
+            outcome: VcpuOutcome::Done { exit_code: 0 },
+            reports: vec![
+                Report { tag: 1, value: 5 },
+                Report { tag: 2, value: 6 },
+                Report { tag: 1, value: 7 },
+            ],
+            stats: ExitStats::default(),
+            elapsed: Duration::ZERO,
+        };
+        assert_eq!(r.last(1), Some(7));
+        assert_eq!(r.last(2), Some(6));
+        assert_eq!(r.last(3), None);
+    }
+
+    #[test]
+    fn abi_ports_are_distinct() {
+        let ports = [
+            hypercall::DONE,
+            hypercall::REPORT,
+            hypercall::EXCEPTION,
+            hypercall::LOAD_CR3,
+            hypercall::INVLPG,
+            hypercall::FLUSH_TLB,
+            hypercall::BAD_SYSCALL,
+        ];
+        for (i, p) in ports.iter().enumerate() {
+            assert!((hypercall::BASE..hypercall::END).contains(p));
+            assert!(!ports[i + 1..].contains(p));
+        }
+    }
+}
