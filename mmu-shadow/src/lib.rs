@@ -28,10 +28,8 @@
 //!   harvest; a **page limit** with oldest-first reclaim;
 //! - **stats**, `tracing` events, and [`ShadowBackend::audit`].
 //!
-//! The hardware must run the shadow tables with CR0.WP = 1 whatever the
-//! guest's CR0.WP, and with EFER.NXE = 1: read-only SPTEs must stop
-//! supervisor writes, and a guest's CR0.WP = 0 is emulated with kernel-only
-//! writable SPTEs (KVM's approach).
+//! The hardware runs the shadow tables with the registers
+//! [`hardware_context`] gives, not the guest's own.
 //!
 //! [`soft::SoftVcpu`] is a software CPU that walks the shadow tables as the
 //! hardware would, with a TLB, so tests run without KVM and a missing
@@ -68,7 +66,44 @@ pub use backend::{MIN_PAGE_LIMIT, ShadowBackend};
 pub use pool::PoolError;
 pub use vcpu::ShadowVcpu;
 
-use mmu_api::Hpa;
+use mmu_api::paging::{CpuFeatures, Cr0, Cr4, Efer};
+use mmu_api::{Hpa, PagingContext, PagingMode};
+
+/// The registers the hardware must run the shadow tables of a guest in
+/// context `guest` with, whose root is `root`.
+///
+/// - 4-level paging (5-level for a 5-level guest), whatever the guest's mode;
+/// - CR0.WP = 1 always: read-only SPTEs (clean pages, write-protected guest
+///   tables, dirty logging) must stop supervisor writes too; a guest's
+///   CR0.WP = 0 is emulated with kernel-only writable SPTEs, as KVM does;
+/// - EFER.NXE = 1, so SPTEs can deny fetches;
+/// - CR4.SMEP and CR4.SMAP as the guest has them when it pages (a
+///   no-paging guest has no page protections), CR4.PKE only when the
+///   guest's protection keys are active; CPL, EFLAGS.AC and PKRU the
+///   guest's.
+pub fn hardware_context(guest: &PagingContext, root: Hpa) -> PagingContext {
+    let mut cr4 = Cr4::PAE;
+    if guest.mode() != PagingMode::NoPaging {
+        cr4 |= guest.cr4 & (Cr4::SMEP | Cr4::SMAP);
+    }
+    if guest.pke_active() {
+        cr4 |= Cr4::PKE;
+    }
+    if guest.mode() == PagingMode::Level5 {
+        cr4 |= Cr4::LA57;
+    }
+    PagingContext {
+        cr0: Cr0::PE | Cr0::PG | Cr0::WP,
+        cr3: root.raw(),
+        cr4,
+        efer: Efer::LME | Efer::LMA | Efer::NXE,
+        cpl: guest.cpl,
+        eflags_ac: guest.eflags_ac,
+        pkru: guest.pkru,
+        maxphyaddr: 52,
+        features: CpuFeatures::all(),
+    }
+}
 
 /// How a shadow backend is built.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -11,8 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use mmu_api::paging::{
-    CpuFeatures, Cr0, Cr4, Efer, GuestPhysMemory, PhysMemError, WalkError, WalkOptions,
-    permission_fault, walk_with,
+    GuestPhysMemory, PhysMemError, WalkError, WalkOptions, permission_fault, walk_with,
 };
 use mmu_api::{
     Access, AccessKind, AccessMode, BackendError, FaultOutcome, Gpa, Gva, Hpa, MmuVcpu,
@@ -174,29 +173,6 @@ impl SoftVcpu {
         Ok(())
     }
 
-    /// The registers the hardware runs the shadow tables with. CR0.WP is
-    /// always set: read-only SPTEs (clean pages, write-protected guest
-    /// tables, dirty logging) must stop supervisor writes too; the MMU
-    /// emulates a guest's CR0.WP = 0 with kernel-only writable SPTEs.
-    fn hardware_context(&self, guest: &PagingContext, root: Hpa) -> PagingContext {
-        let cr0 = Cr0::PE | Cr0::PG | Cr0::WP;
-        let mut cr4 = Cr4::PAE | (guest.cr4 & (Cr4::SMEP | Cr4::SMAP | Cr4::PKE));
-        if guest.mode() == mmu_api::PagingMode::Level5 {
-            cr4 |= Cr4::LA57;
-        }
-        PagingContext {
-            cr0,
-            cr3: root.raw(),
-            cr4,
-            efer: Efer::LME | Efer::LMA | Efer::NXE,
-            cpl: guest.cpl,
-            eflags_ac: guest.eflags_ac,
-            pkru: guest.pkru,
-            maxphyaddr: 52,
-            features: CpuFeatures::all(),
-        }
-    }
-
     /// One access, exiting to the MMU on faults until it completes.
     pub fn access(
         &mut self,
@@ -215,7 +191,7 @@ impl SoftVcpu {
             self.enter()?;
             let guest = *self.mmu.paging_context();
             let root = self.root.ok_or(VcpuError::OutOfPages)?;
-            let hw = self.hardware_context(&guest, root);
+            let hw = crate::hardware_context(&guest, root);
             let cached = self.tlb.get(&page).copied();
             let frame = match cached {
                 Some(e) if permission_fault(&hw, e.rights, e.pkey, access).is_none() => Ok(e.frame),

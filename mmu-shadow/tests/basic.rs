@@ -314,3 +314,24 @@ fn thirty_two_bit_and_pae_guests() {
     assert_eq!(ram.word(18, 2), 9);
     b.audit().unwrap();
 }
+
+#[test]
+fn no_paging_guest_uses_a_direct_map() {
+    let ram = GuestRam::new(64);
+    let b = backend(None, 8);
+    add_slot(&b, ram.slot(0, 0, 0, 32, MemslotFlags::empty()));
+    let mut cpu = SoftVcpu::new(&b, VcpuId(0)).unwrap();
+    let ctx = PagingContext::for_mode(PagingMode::NoPaging, 0, 40).unwrap();
+    cpu.load_context(&ctx).unwrap();
+    assert_eq!(
+        cpu.write(Gva(0x17748), 8, 3, AccessMode::Supervisor)
+            .unwrap(),
+        SoftOutcome::Done(3)
+    );
+    assert_eq!(ram.word(0x17, 0x748 / 8), 3);
+    assert_eq!(
+        cpu.read(Gva(0x40_000), 8, AccessMode::User).unwrap(),
+        SoftOutcome::Mmio(Gpa(0x40_000))
+    );
+    b.audit().unwrap();
+}

@@ -1,8 +1,9 @@
 //! The shadow MMU against the reference: random guest page tables in
-//! 32-bit, PAE and 4-level modes, random accesses, guest page-table edits
-//! (followed by the flush a correct guest issues), CR3 switches, CR0.WP
-//! changes, memslot delete / add / move, dirty logging, zap-all, tiny page
-//! limits and prefetch on or off.
+//! no-paging, 32-bit, PAE, 4-level and 5-level modes, random accesses,
+//! guest page-table edits (followed by the flush a correct guest issues),
+//! CR3 switches, CR0.WP / CR4.SMEP / CR4.SMAP / EFER.NXE / EFLAGS.AC
+//! changes, memslot delete / add / move / READONLY, dirty logging, zap-all,
+//! tiny page limits and prefetch on or off.
 //!
 //! Two copies of guest memory: the soft vCPU runs on one through the shadow
 //! tables (faults served by the MMU); the reference walks the guest's own
@@ -17,7 +18,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::{GuestRam, add_slot, backend};
-use mmu_api::paging::{Cr0, Cr4, GuestPhysMemory, SlotMemory, WalkError, walk};
+use mmu_api::paging::{Cr0, Cr4, Efer, GuestPhysMemory, SlotMemory, WalkError, walk};
 use mmu_api::{
     Access, AccessKind, AccessMode, Gpa, Gva, Memslot, MemslotFlags, MemslotTable, MmuBackend,
     PagingContext, PagingMode, SlotId, VcpuId,
@@ -84,8 +85,8 @@ fn random_entry(rng: &mut Rng, mode: PagingMode, level: u8) -> u64 {
         e |= 1 << 63;
     }
     let large = match (mode, level) {
-        (PagingMode::Bits32, 2) | (PagingMode::Pae, 2) | (PagingMode::Level4, 2) => rng.chance(20),
-        (PagingMode::Level4, 3) => rng.chance(8),
+        (_, 2) => rng.chance(20),
+        (PagingMode::Level4 | PagingMode::Level5, 3) => rng.chance(8),
         _ => false,
     };
     let leaf = level == 1 || large;
@@ -125,7 +126,7 @@ fn build_tables(ram: &mut GuestRam, mode: PagingMode, seed: u64) {
         for index in 0..4usize {
             // Which level this frame plays differs per path; any level's
             // entry shape is plausible for any table frame.
-            let level = 1 + rng.below(u64::from(mode.levels())) as u8;
+            let level = 1 + rng.below(u64::from(mode.levels().max(1))) as u8;
             let e = random_entry(&mut rng, mode, level);
             write_entry(ram, mode, frame, index, e);
         }
@@ -160,9 +161,14 @@ fn write_entry(ram: &mut GuestRam, mode: PagingMode, frame: u64, index: usize, e
 fn gva_for(mode: PagingMode, pick: u64) -> u64 {
     let i = |n: u32| (pick >> (2 * n)) & 3;
     match mode {
+        // Physical pages 0..64: slot 0, slot 1 at either base, and holes.
+        PagingMode::NoPaging => (pick & 0x3f) << 12,
         PagingMode::Bits32 => (i(0) << 22) | (i(1) << 12),
         PagingMode::Pae => (i(0) << 30) | (i(1) << 21) | (i(2) << 12),
-        _ => (i(0) << 39) | (i(1) << 30) | (i(2) << 21) | (i(3) << 12),
+        PagingMode::Level4 => (i(0) << 39) | (i(1) << 30) | (i(2) << 21) | (i(3) << 12),
+        PagingMode::Level5 => {
+            (i(0) << 48) | (i(1) << 39) | (i(2) << 30) | (i(3) << 21) | (i(4) << 12)
+        }
     }
 }
 
@@ -221,8 +227,8 @@ impl Reference {
     }
 }
 
-fn slot1(ram: &GuestRam, base: u64) -> Memslot {
-    ram.slot(1, base, 32, 8, MemslotFlags::empty())
+fn slot1(ram: &GuestRam, base: u64, flags: MemslotFlags) -> Memslot {
+    ram.slot(1, base, 32, 8, flags)
 }
 
 fn set_both(backend: &ShadowBackend, reference: &mut Reference, slot: Memslot) {
@@ -268,9 +274,11 @@ struct Case {
 fn case_strategy() -> impl Strategy<Value = Case> {
     (
         prop_oneof![
-            Just(PagingMode::Bits32),
-            Just(PagingMode::Pae),
-            Just(PagingMode::Level4)
+            1 => Just(PagingMode::NoPaging),
+            3 => Just(PagingMode::Bits32),
+            3 => Just(PagingMode::Pae),
+            3 => Just(PagingMode::Level4),
+            2 => Just(PagingMode::Level5),
         ],
         any::<u64>(),
         prop_oneof![Just(0usize), Just(8usize)],
@@ -336,7 +344,11 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         &mut reference,
         shadow_ram.slot(0, 0, 0, 32, MemslotFlags::empty()),
     );
-    set_both(&b, &mut reference, slot1(&shadow_ram, SLOT1_BASES[0]));
+    set_both(
+        &b,
+        &mut reference,
+        slot1(&shadow_ram, SLOT1_BASES[0], MemslotFlags::empty()),
+    );
     let mut cpus = [
         SoftVcpu::new(&b, VcpuId(0)).unwrap(),
         SoftVcpu::new(&b, VcpuId(1)).unwrap(),
@@ -345,6 +357,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         c.load_context(&ctx0).unwrap();
     }
     let mut slot1_base = Some(SLOT1_BASES[0]);
+    let mut slot1_flags = MemslotFlags::empty();
     let mut logging = false;
     let mut rng = Rng(case.seed ^ 0x9e37_79b9_7f4a_7c15 | 1);
 
@@ -413,14 +426,18 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
                 reference.written.insert(frame);
                 guest_flush(&mut cpus, &reference, mode)?;
             }
-            // CR3 switch, CR0.WP toggle.
+            // CR3 switch; CR0.WP, CR4.SMEP, CR4.SMAP, EFER.NXE changes;
+            // EFLAGS.AC changes with every one of them.
             70..=77 => {
                 let mut ctx = reference.ctx[vcpu];
-                if op < 74 {
-                    ctx.cr3 = (1 + (a >> 4) % 2) << 12;
-                } else {
-                    ctx.cr0.toggle(Cr0::WP);
+                match op {
+                    70..=72 => ctx.cr3 = (1 + (a >> 4) % 2) << 12,
+                    73 | 74 => ctx.cr0.toggle(Cr0::WP),
+                    75 => ctx.cr4.toggle(Cr4::SMEP),
+                    76 => ctx.cr4.toggle(Cr4::SMAP),
+                    _ => ctx.efer.toggle(Efer::NXE),
                 }
+                ctx.eflags_ac = (a >> 8) & 1 == 1;
                 reference.ctx[vcpu] = ctx;
                 cpus[vcpu]
                     .load_context(&ctx)
@@ -428,6 +445,10 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
             }
             // Memslot delete / add / move of slot 1.
             78..=85 => match slot1_base {
+                Some(base) if op >= 84 => {
+                    slot1_flags.toggle(MemslotFlags::READONLY);
+                    set_both(&b, &mut reference, slot1(&shadow_ram, base, slot1_flags));
+                }
                 Some(_) if op < 81 => {
                     b.delete_memslot(SlotId(1)).unwrap();
                     reference.slots.delete(SlotId(1)).unwrap();
@@ -439,12 +460,12 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
                     } else {
                         SLOT1_BASES[0]
                     };
-                    set_both(&b, &mut reference, slot1(&shadow_ram, new));
+                    set_both(&b, &mut reference, slot1(&shadow_ram, new, slot1_flags));
                     slot1_base = Some(new);
                 }
                 None => {
                     let base = SLOT1_BASES[usize::from(a & 2 != 0)];
-                    set_both(&b, &mut reference, slot1(&shadow_ram, base));
+                    set_both(&b, &mut reference, slot1(&shadow_ram, base, slot1_flags));
                     slot1_base = Some(base);
                 }
             },
