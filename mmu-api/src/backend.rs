@@ -130,7 +130,8 @@ pub trait MmuBackend: Send + Sync + fmt::Debug {
     /// concurrently with another memslot call (the VMM serializes them, as
     /// KVM's slots lock does). Guarantees on return: no translation held by
     /// any vCPU or cached by the backend maps the slot's old range or grants
-    /// rights the new flags remove, and the memslot generation has advanced.
+    /// rights the new flags remove, and the memslot generation has advanced
+    /// (except for [`MemslotChange::Unchanged`], which changes nothing).
     ///
     /// # Safety
     ///
@@ -206,7 +207,8 @@ pub trait MmuVcpu: Send + fmt::Debug {
 
     /// Handles a #PF the hardware raised on the backend's tables (for the
     /// shadow backend) at `gva` with `error_code`. Returns what the vCPU
-    /// loop must do next.
+    /// loop must do next. Under hardware two-dimensional paging it is called
+    /// only for an intercepted guest #PF, which the backend reflects.
     fn handle_page_fault(
         &mut self,
         gva: Gva,
@@ -228,6 +230,13 @@ pub trait MmuVcpu: Send + fmt::Debug {
         access: Access,
         options: WalkOptions,
     ) -> Result<Vec<RangeSegment>, WalkError>;
+
+    /// Performs a guest-memory write the VMM's instruction emulator made for
+    /// this vCPU (after [`FaultOutcome::Emulate`], or any emulated store),
+    /// so the MMU keeps its shadow state and the dirty log coherent with
+    /// it. `data` must not cross a page. Errors if no writable memslot
+    /// backs `gpa`.
+    fn write_guest(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), VcpuError>;
 
     /// The guest invalidated the translation of `gva` (INVLPG).
     fn invlpg(&mut self, gva: Gva);

@@ -4,6 +4,7 @@
 
 use mmu_api::paging::{
     GuestPhysMemory, PageFault, PteFlags, Translation, WalkError, WalkOptions, walk, walk_with,
+    write_bytes,
 };
 use mmu_api::{
     Access, AccessKind, AccessMode, FaultOutcome, Gfn, Gpa, Gva, MemslotFlags, PAGE_SIZE,
@@ -519,7 +520,7 @@ impl MmuState {
         if !slot.is_writable() {
             return Err(VcpuError::ReadOnly(gpa));
         }
-        write_bytes(&self.guest_mem(), gpa, data)?;
+        write_bytes(&self.guest_mem(), gpa, data).map_err(|_| VcpuError::Unbacked(gpa))?;
         self.counters.emulated_writes += 1;
 
         let gfn = gpa.gfn();
@@ -555,39 +556,4 @@ impl MmuState {
         self.commit_zap();
         Ok(())
     }
-}
-
-/// Writes `data` at `gpa` (inside one page) with compare-and-exchange on
-/// each 8-byte word, so concurrent writers to the other bytes of a word are
-/// not lost.
-pub(crate) fn write_bytes<M: GuestPhysMemory + ?Sized>(
-    mem: &M,
-    gpa: Gpa,
-    data: &[u8],
-) -> Result<(), VcpuError> {
-    let start = gpa.raw();
-    let end = start + data.len() as u64;
-    let mut word = start & !7;
-    while word < end {
-        loop {
-            let old = mem
-                .read_u64(Gpa(word))
-                .map_err(|_| VcpuError::Unbacked(Gpa(word)))?;
-            let mut bytes = old.to_le_bytes();
-            for (i, b) in bytes.iter_mut().enumerate() {
-                let a = word + i as u64;
-                if a >= start && a < end {
-                    *b = data[(a - start) as usize];
-                }
-            }
-            let new = u64::from_le_bytes(bytes);
-            match mem.compare_exchange_u64(Gpa(word), old, new) {
-                Ok(Ok(())) => break,
-                Ok(Err(_)) => continue,
-                Err(_) => return Err(VcpuError::Unbacked(Gpa(word))),
-            }
-        }
-        word += 8;
-    }
-    Ok(())
 }

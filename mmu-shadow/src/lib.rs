@@ -19,7 +19,7 @@
 //!   mapped read-only until written);
 //! - **write protection** of every guest page table it shadows: a write to
 //!   one is emulated ([`mmu_api::FaultOutcome::Emulate`], then
-//!   [`ShadowVcpu::write_guest`]), which zaps the SPTEs derived from the
+//!   [`mmu_api::MmuVcpu::write_guest`]), which zaps the SPTEs derived from the
 //!   written entries; three writes without a use in between, or one
 //!   misaligned write, zap the page (write flooding). There are no unsync
 //!   pages;

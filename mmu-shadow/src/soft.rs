@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use mmu_api::paging::{
-    GuestPhysMemory, PhysMemError, WalkError, WalkOptions, permission_fault, walk_with,
+    GuestPhysMemory, PhysMemError, WalkError, WalkOptions, permission_fault, walk_with, write_bytes,
 };
 use mmu_api::{
     Access, AccessKind, AccessMode, BackendError, FaultOutcome, Gpa, Gva, Hpa, MmuVcpu,
@@ -19,7 +19,6 @@ use mmu_api::{
 };
 
 use crate::ShadowBackend;
-use crate::fault::write_bytes;
 use crate::state::MmuState;
 use crate::vcpu::ShadowVcpu;
 
@@ -280,7 +279,8 @@ impl SoftVcpu {
         let gpa = hpa_to_gpa(&st, hpa).ok_or(SoftError::StaleFrame(hpa))?;
         let mem = st.guest_mem();
         if kind == AccessKind::Write {
-            write_bytes(&mem, gpa, &value.to_le_bytes()[..usize::from(size)])?;
+            write_bytes(&mem, gpa, &value.to_le_bytes()[..usize::from(size)])
+                .map_err(|_| SoftError::StaleFrame(hpa))?;
             return Ok(value);
         }
         let word = mem

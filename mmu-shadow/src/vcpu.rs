@@ -96,13 +96,6 @@ impl ShadowVcpu {
         }
     }
 
-    /// Performs a write the instruction emulator made after
-    /// [`FaultOutcome::Emulate`] (or any emulated guest write), keeping the
-    /// shadow tables coherent with it. Called from this vCPU's thread.
-    pub fn write_guest(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), VcpuError> {
-        self.inner.lock().emulated_write(gpa, data)
-    }
-
     fn root_load(&mut self, flush: bool) -> RootLoad {
         let flush_tlb = flush || std::mem::take(&mut self.pending_flush);
         let root = self.root.map(|f| self.inner.lock().pool.hpa(f));
@@ -171,6 +164,13 @@ impl MmuVcpu for ShadowVcpu {
     ) -> Result<Vec<RangeSegment>, WalkError> {
         let state = self.inner.lock();
         translate_range(&self.ctx, &state.guest_mem(), gva, len, access, options)
+    }
+
+    /// The SPTEs derived from guest entries the write changes are zapped;
+    /// a shadowed table written three times without a use in between, or
+    /// written misaligned, is zapped whole (write flooding).
+    fn write_guest(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), VcpuError> {
+        self.inner.lock().emulated_write(gpa, data)
     }
 
     fn invlpg(&mut self, _gva: Gva) {

@@ -21,7 +21,7 @@ use common::{GuestRam, add_slot, backend};
 use mmu_api::paging::{Cr0, Cr4, Efer, GuestPhysMemory, SlotMemory, WalkError, walk};
 use mmu_api::{
     Access, AccessKind, AccessMode, Gpa, Gva, Memslot, MemslotFlags, MemslotTable, MmuBackend,
-    PagingContext, PagingMode, SlotId, VcpuId,
+    MmuVcpu, PagingContext, PagingMode, SlotId, VcpuId,
 };
 use mmu_shadow::soft::{SoftOutcome, SoftVcpu};
 use mmu_shadow::{MIN_PAGE_LIMIT, ShadowBackend};

@@ -52,6 +52,40 @@ impl<T: GuestPhysMemory + ?Sized> GuestPhysMemory for &T {
     }
 }
 
+/// Writes `data` at `gpa` through `mem` with one compare-and-exchange per
+/// 8-byte word, so a concurrent writer to the other bytes of a word is not
+/// lost. Misaligned and short writes are fine; they are not atomic as a
+/// whole (neither are the CPU's).
+pub fn write_bytes<M: GuestPhysMemory + ?Sized>(
+    mem: &M,
+    gpa: Gpa,
+    data: &[u8],
+) -> Result<(), PhysMemError> {
+    let start = gpa.raw();
+    let end = start + data.len() as u64;
+    let mut word = start & !7;
+    while word < end {
+        loop {
+            let old = mem.read_u64(Gpa(word))?;
+            let mut bytes = old.to_le_bytes();
+            for (i, b) in bytes.iter_mut().enumerate() {
+                let a = word + i as u64;
+                if (start..end).contains(&a) {
+                    *b = data[(a - start) as usize];
+                }
+            }
+            if mem
+                .compare_exchange_u64(Gpa(word), old, u64::from_le_bytes(bytes))?
+                .is_ok()
+            {
+                break;
+            }
+        }
+        word += 8;
+    }
+    Ok(())
+}
+
 const WORDS_PER_PAGE: usize = (PAGE_SIZE / 8) as usize;
 
 /// Guest-physical memory made of 4 KiB frames held in a hash map; frames

@@ -13,7 +13,7 @@ pub use context::{
     CpuFeatures, Cr0, Cr4, Efer, MAX_MAXPHYADDR, MIN_MAXPHYADDR, PagingContext, PagingMode,
 };
 pub use entry::{GuestPte, PKEY_MASK, PKEY_SHIFT, PteFlags};
-pub use mem::{GuestPhysMemory, PhysMemError, SparseMemory};
+pub use mem::{GuestPhysMemory, PhysMemError, SparseMemory, write_bytes};
 pub use slot_mem::SlotMemory;
 pub use walker::{
     MAX_AD_RETRIES, PageFault, PageSize, RangeSegment, Translation, WalkError, WalkOptions,
