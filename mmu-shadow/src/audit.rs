@@ -6,7 +6,7 @@ use mmu_api::{Access, AccessKind, Gva, MemslotFlags, PagingMode};
 use crate::ShadowBackend;
 use crate::fault::shadow_index;
 use crate::pool::{ENTRIES_PER_PAGE, FrameId};
-use crate::spte::Spte;
+use crate::spte::{Spte, mmio};
 use crate::state::{CachedRoot, MmuState, SptePtr};
 
 /// Broken invariants found by [`ShadowBackend::audit`].
@@ -32,11 +32,22 @@ impl ShadowBackend {
     /// - following each vCPU's cached roots, every leaf grants no more than
     ///   the guest's own walk of that address (and writable only if the
     ///   guest's D bit is set);
-    /// - the page count matches the pool.
+    /// - obsolete pages are the oldest on the active list and their count is
+    ///   the pending count; a current MMIO SPTE names a gfn no memslot
+    ///   backs; MMIO SPTEs are never in the rmap;
+    /// - the page count matches the pool (pages plus the zapped-obsolete
+    ///   list).
     pub fn audit(&self) -> Result<(), AuditError> {
+        let generation = self.inner.generation();
+        let mmio_tag = self
+            .inner
+            .mmio_bits()
+            .filter(|_| !generation.update_in_progress())
+            .map(|bits| mmio::tag(generation.count(), bits));
         let st = self.inner.lock();
         let mut problems = Vec::new();
-        audit_pages(&st, &mut problems);
+        audit_pages(&st, mmio_tag, &mut problems);
+        audit_generations(&st, &mut problems);
         audit_rmap(&st, &mut problems);
         let roots: Vec<CachedRoot> = st
             .roots
@@ -54,19 +65,42 @@ impl ShadowBackend {
     }
 }
 
-fn audit_pages(st: &MmuState, problems: &mut Vec<String>) {
+fn audit_generations(st: &MmuState, problems: &mut Vec<String>) {
+    let mut seen_valid = false;
+    let mut obsolete = 0;
+    for &f in st.active.values() {
+        let is_obsolete = st.page(f).generation != st.valid_gen;
+        if is_obsolete {
+            obsolete += 1;
+            if seen_valid {
+                problems.push(format!("obsolete page {f} is younger than a valid page"));
+            }
+        } else {
+            seen_valid = true;
+        }
+    }
+    if obsolete != st.obsolete_pending {
+        problems.push(format!(
+            "{obsolete} obsolete pages on the active list, {} counted pending",
+            st.obsolete_pending
+        ));
+    }
+}
+
+fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>) {
     let mut count = 0u64;
     for (frame, page) in st.pages.iter().enumerate() {
         let Some(page) = page else { continue };
         let frame = frame as FrameId;
         count += 1;
         let key = page.key;
+        let obsolete = page.invalid || page.generation != st.valid_gen;
         if page.invalid {
             if page.root_count == 0 {
                 problems.push(format!("invalid page {frame} has no root user"));
             }
         } else {
-            if st.hash.get(&key) != Some(&frame) {
+            if st.hash.get(&(key, page.generation)) != Some(&frame) {
                 problems.push(format!("page {frame} is not in the hash under its key"));
             }
             if st.active.get(&page.seq) != Some(&frame) {
@@ -113,13 +147,37 @@ fn audit_pages(st: &MmuState, problems: &mut Vec<String>) {
                         if p.key.role.level + 1 != key.role.level {
                             problems.push(format!("link {ptr:?} skips a level"));
                         }
+                        let child_obsolete = p.invalid || p.generation != st.valid_gen;
+                        if !obsolete && child_obsolete {
+                            problems.push(format!("valid page {frame} links obsolete page {c}"));
+                        }
                     }
                 }
                 continue;
             }
             let gfn = page.leaf_gfns.as_ref().expect("level 1")[i];
+            if mmio::is_mmio(spte.0) {
+                let (mgfn, tag, _) = mmio::decode(spte.0);
+                if mgfn != gfn {
+                    problems.push(format!("MMIO leaf {ptr:?} names {mgfn}, recorded {gfn}"));
+                }
+                if st.rmap.get(&gfn).is_some_and(|v| v.contains(&ptr)) {
+                    problems.push(format!("MMIO leaf {ptr:?} is in the rmap"));
+                }
+                if !obsolete && Some(tag) == mmio_tag && st.slots.find_gfn(gfn).is_some() {
+                    problems.push(format!(
+                        "current MMIO leaf {ptr:?} names gfn {gfn}, which a memslot backs"
+                    ));
+                }
+                continue;
+            }
             if !st.rmap.get(&gfn).is_some_and(|v| v.contains(&ptr)) {
                 problems.push(format!("leaf {ptr:?} for gfn {gfn} is not in the rmap"));
+            }
+            if obsolete {
+                // Out of every vCPU's reach once the reload handshake ended;
+                // its memslot may be gone.
+                continue;
             }
             let Some(slot) = st.slots.find_gfn(gfn) else {
                 problems.push(format!("leaf {ptr:?} maps gfn {gfn} outside every memslot"));
@@ -151,11 +209,19 @@ fn audit_pages(st: &MmuState, problems: &mut Vec<String>) {
             }
         }
     }
-    if count != st.used_pages() {
+    let zapped = st.zapped_obsolete.len() as u64;
+    if count + zapped != st.used_pages() {
         problems.push(format!(
-            "{count} pages in metadata, {} frames in use",
+            "{count} pages in metadata and {zapped} zapped obsolete, {} frames in use",
             st.used_pages()
         ));
+    }
+    for f in &st.zapped_obsolete {
+        if st.pages[*f as usize].is_some()
+            || (0..ENTRIES_PER_PAGE).any(|i| st.pool.load(*f, i) != 0)
+        {
+            problems.push(format!("zapped obsolete frame {f} is not clean"));
+        }
     }
     for (gfn, frames) in &st.gfn_pages {
         for f in frames {
@@ -193,8 +259,8 @@ fn audit_against_guest(st: &MmuState, root: &CachedRoot, problems: &mut Vec<Stri
         problems.push(format!("cached root {} is not a page", root.frame));
         return;
     };
-    if page.invalid {
-        return; // The vCPU reloads before it enters; the tree is empty.
+    if page.invalid || page.generation != st.valid_gen {
+        return; // The vCPU reloads before it enters again.
     }
     let ctx = root.ctx;
     if ctx.mode() == PagingMode::Pae {
@@ -229,6 +295,7 @@ fn audit_against_guest(st: &MmuState, root: &CachedRoot, problems: &mut Vec<Stri
                 continue;
             }
             debug_assert_eq!(shadow_index(gva, 1), i);
+            let is_mmio = mmio::is_mmio(spte.0);
             let t = walk_with(
                 &peek,
                 &mem,
@@ -257,6 +324,18 @@ fn audit_against_guest(st: &MmuState, root: &CachedRoot, problems: &mut Vec<Stri
                 ));
             }
             let r = t.rights;
+            if is_mmio {
+                let (_, _, m) = mmio::decode(spte.0);
+                let dirty = t
+                    .leaf()
+                    .is_none_or(|l| l.entry.raw() & PteFlags::DIRTY.bits() != 0);
+                if (m.write && !(r.write && dirty)) || (m.user && !r.user) || (m.exec && !r.exec) {
+                    problems.push(format!(
+                        "MMIO leaf for gva {gva:#x} grants {m:?} beyond the guest walk {r:?}"
+                    ));
+                }
+                continue;
+            }
             let wp_trick = !ctx.wp() && !spte.is_user();
             if spte.is_writable() {
                 let dirty = t

@@ -9,10 +9,12 @@ use mmu_api::{
     VcpuKick,
 };
 
-use crate::ShadowConfig;
 use crate::pool::{PoolError, ShadowPool};
+use crate::spte::mmio;
 use crate::state::MmuState;
+use crate::vcpu::Requests;
 use crate::vcpu::{ShadowVcpu, VcpuShared};
+use crate::{ShadowConfig, ZapMode};
 
 /// The smallest page limit the backend accepts: enough for one 5-level
 /// path plus its root, twice over.
@@ -24,6 +26,9 @@ pub(crate) struct Inner {
     pub(crate) config: ShadowConfig,
     state: Mutex<MmuState>,
     generation: AtomicU64,
+    /// Serializes zap-alls and memslot updates, whose reload handshake runs
+    /// without the MMU lock.
+    zap_serial: Mutex<()>,
 }
 
 impl Inner {
@@ -32,6 +37,42 @@ impl Inner {
         // A panic under the lock is a bug that already failed its thread;
         // the state is still the best there is for teardown.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The published memslot generation.
+    pub(crate) fn generation(&self) -> MemslotGeneration {
+        MemslotGeneration(self.generation.load(Ordering::Acquire))
+    }
+
+    /// Generation bits in MMIO SPTEs, or `None` when MMIO caching is off.
+    pub(crate) fn mmio_bits(&self) -> Option<u8> {
+        self.config
+            .mmio_caching
+            .then_some(self.config.mmio_gen_bits)
+    }
+
+    /// Drops every translation: fast (generation bump, reload handshake
+    /// without the lock, obsolete pages reclaimed later) or naive (zap and
+    /// flush everything under the lock). The caller holds `zap_serial`.
+    fn zap_all_locked_out(&self) {
+        match self.config.zap {
+            ZapMode::Fast => {
+                let (vcpus, generation) = self.lock().begin_fast_zap();
+                for v in vcpus {
+                    v.wait_out_of_guest_or_ack(Requests::RELOAD_ROOT);
+                }
+                self.lock().finish_fast_zap(generation);
+            }
+            ZapMode::Naive => {
+                let mut st = self.lock();
+                st.zap_all_pages();
+                st.commit_zap();
+            }
+        }
+    }
+
+    fn serial(&self) -> MutexGuard<'_, ()> {
+        self.zap_serial.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Forgets a vCPU that went away: its roots are released.
@@ -63,6 +104,24 @@ impl ShadowBackend {
         {
             return Err(PoolError::Size(limit));
         }
+        if !(1..=mmio::MAX_GEN_BITS).contains(&config.mmio_gen_bits) {
+            return Err(PoolError::Config("MMIO generation bits must be 1 to 19"));
+        }
+        if !(32..=52).contains(&config.host_maxphyaddr) {
+            return Err(PoolError::Config("host MAXPHYADDR must be 32 to 52"));
+        }
+        if config.mmio_caching && config.host_maxphyaddr > 51 {
+            return Err(PoolError::Config(
+                "MMIO caching needs a reserved address bit: host MAXPHYADDR at most 51",
+            ));
+        }
+        let pool_end = config
+            .pool_hpa
+            .raw()
+            .checked_add(u64::from(config.pool_pages) * PAGE_SIZE);
+        if pool_end.is_none_or(|end| end > 1u64 << config.host_maxphyaddr) {
+            return Err(PoolError::Base(config.pool_hpa));
+        }
         let pool = ShadowPool::new(config.pool_pages, config.pool_hpa)?;
         let state = MmuState::new(&config, pool, config.gpa_width);
         Ok(ShadowBackend {
@@ -70,6 +129,7 @@ impl ShadowBackend {
                 config,
                 state: Mutex::new(state),
                 generation: AtomicU64::new(0),
+                zap_serial: Mutex::new(()),
             }),
         })
     }
@@ -107,6 +167,42 @@ impl ShadowBackend {
     fn publish(&self, generation: MemslotGeneration) {
         self.inner.generation.store(generation.0, Ordering::Release);
     }
+
+    /// Zaps every obsolete page no vCPU can reach, in batches of
+    /// `zap_batch` with the MMU lock dropped between batches, oldest first,
+    /// and returns their frames to the pool. This is the on-demand
+    /// reclaimer; allocation also takes obsolete pages first by itself.
+    /// Returns the number of obsolete pages zapped.
+    pub fn reclaim_obsolete(&self) -> u64 {
+        let mut total = 0;
+        loop {
+            let mut st = self.inner.lock();
+            let batch = st.zap_batch;
+            let n = st.zap_obsolete_batch(batch);
+            st.free_zapped_obsolete();
+            drop(st);
+            if n == 0 {
+                return total;
+            }
+            total += n as u64;
+            std::thread::yield_now();
+        }
+    }
+
+    /// Publishes the end of a memslot update. When the generation bits MMIO
+    /// SPTEs carry wrap around, every MMIO SPTE is dropped first (a zap-all,
+    /// as KVM does), so no old SPTE can match a new generation.
+    fn finish_update(&self, generation: MemslotGeneration) {
+        let next = generation.finish_update();
+        if let Some(bits) = self.inner.mmio_bits()
+            && mmio::tag(next.count(), bits) == 0
+        {
+            self.inner.lock().counters.generation_wraps += 1;
+            tracing::debug!(generation = next.count(), "MMIO generation wrapped");
+            self.inner.zap_all_locked_out();
+        }
+        self.publish(next);
+    }
 }
 
 fn ranges_overlap(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
@@ -119,7 +215,12 @@ impl MmuBackend for ShadowBackend {
     }
 
     unsafe fn set_memslot(&self, slot: Memslot) -> Result<MemslotChange, MemslotError> {
+        let _serial = self.inner.serial();
         let mut st = self.inner.lock();
+        let host_limit = 1u64 << self.inner.config.host_maxphyaddr;
+        if slot.backing.hpa.raw().saturating_add(slot.size) > host_limit {
+            return Err(MemslotError::InvalidBacking(slot.id));
+        }
         let pool_len = u64::from(st.pool.capacity()) * PAGE_SIZE;
         if ranges_overlap(
             slot.backing.hpa.raw(),
@@ -141,9 +242,12 @@ impl MmuBackend for ShadowBackend {
         let logs = slot.flags.contains(MemslotFlags::LOG_DIRTY);
         let first = slot.base_gfn();
         let end = Gfn(first.raw() + slot.pages());
+        let mut zap = false;
         match change {
+            // MMIO SPTEs for the new range carry an older generation: they
+            // miss from now on, with no zap.
             MemslotChange::Created => {}
-            MemslotChange::Moved { .. } => st.zap_all_pages(),
+            MemslotChange::Moved { .. } => zap = true,
             MemslotChange::FlagsChanged { old } => {
                 let newly_ro = !slot.is_writable() && old.is_writable();
                 let newly_logging = logs && !old.flags.contains(MemslotFlags::LOG_DIRTY);
@@ -162,6 +266,10 @@ impl MmuBackend for ShadowBackend {
         }
         st.commit_zap();
         st.counters.memslot_updates += 1;
+        drop(st);
+        if zap {
+            self.inner.zap_all_locked_out();
+        }
         tracing::debug!(
             slot = slot.id.0,
             base = slot.guest_base.raw(),
@@ -169,11 +277,12 @@ impl MmuBackend for ShadowBackend {
             ?change,
             "memslot set"
         );
-        self.publish(generation.finish_update());
+        self.finish_update(generation);
         Ok(change)
     }
 
     fn delete_memslot(&self, id: SlotId) -> Result<Memslot, MemslotError> {
+        let _serial = self.inner.serial();
         let mut st = self.inner.lock();
         let generation = self.memslot_generation();
         self.publish(generation.begin_update());
@@ -184,13 +293,13 @@ impl MmuBackend for ShadowBackend {
                 return Err(e);
             }
         };
-        // As KVM by default: a delete zaps everything.
-        st.zap_all_pages();
-        st.commit_zap();
         st.dirty.remove(&id);
         st.counters.memslot_updates += 1;
+        drop(st);
+        // As KVM by default: a delete zaps everything.
+        self.inner.zap_all_locked_out();
         tracing::debug!(slot = id.0, "memslot deleted");
-        self.publish(generation.finish_update());
+        self.finish_update(generation);
         Ok(old)
     }
 
@@ -203,9 +312,8 @@ impl MmuBackend for ShadowBackend {
     }
 
     fn zap_all(&self) {
-        let mut st = self.inner.lock();
-        st.zap_all_pages();
-        st.commit_zap();
+        let _serial = self.inner.serial();
+        self.inner.zap_all_locked_out();
     }
 
     fn get_dirty_log(&self, id: SlotId) -> Result<DirtyBitmap, MemslotError> {
@@ -255,7 +363,7 @@ impl MmuBackend for ShadowBackend {
         let st = self.inner.lock();
         MmuStats {
             backend: "shadow",
-            counters: st.counters.named(st.used_pages()),
+            counters: st.counters.named(st.used_pages(), st.obsolete_pending),
         }
     }
 

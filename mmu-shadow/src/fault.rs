@@ -3,17 +3,17 @@
 //! root resolution and emulated writes to guest page tables.
 
 use mmu_api::paging::{
-    GuestPhysMemory, PageFault, PteFlags, Translation, WalkError, WalkOptions, walk, walk_with,
-    write_bytes,
+    GuestPhysMemory, PageFault, PteFlags, Translation, WalkError, WalkOptions, permission_fault,
+    walk, walk_with, write_bytes,
 };
 use mmu_api::{
-    Access, AccessKind, AccessMode, FaultOutcome, Gfn, Gpa, Gva, MemslotFlags, PAGE_SIZE,
-    PagingContext, PagingMode, PfErrorCode, VcpuError, VcpuId,
+    Access, AccessKind, AccessMode, FaultOutcome, Gfn, Gpa, Gva, MemslotFlags, MemslotGeneration,
+    PAGE_SIZE, PagingContext, PagingMode, PfErrorCode, VcpuError, VcpuId,
 };
 
 use crate::pool::{ENTRIES_PER_PAGE, FrameId};
 use crate::role::{Access3, Role, SpKey};
-use crate::spte::Spte;
+use crate::spte::{Spte, mmio};
 use crate::state::{CachedRoot, MmuState, ROOT_CACHE_SIZE};
 
 /// Index of `gva` in a shadow table of `level` (standard 4/5-level layout).
@@ -144,12 +144,15 @@ impl MmuState {
         ctx: &PagingContext,
     ) -> Result<FrameId, VcpuError> {
         let (key, pdptes) = self.root_key(ctx);
+        let valid_gen = self.valid_gen;
         let cache = self.roots.entry(vcpu).or_default();
-        // Drop cached roots that were zapped.
+        // Drop cached roots that were zapped or are obsolete.
         let mut stale = Vec::new();
         let pages = &self.pages;
         cache.entries.retain(|e| {
-            let invalid = pages[e.frame as usize].as_ref().is_none_or(|p| p.invalid);
+            let invalid = pages[e.frame as usize]
+                .as_ref()
+                .is_none_or(|p| p.invalid || p.generation != valid_gen);
             if invalid {
                 stale.push(e.frame);
             }
@@ -275,7 +278,49 @@ impl MmuState {
         key
     }
 
+    /// Answers a reserved-bit #PF from the MMIO SPTE at `gva` alone (no
+    /// guest walk, no memslot search) when its generation is current and
+    /// the guest's rights allow the access. `None`: take the full path.
+    fn mmio_fast_path(
+        &mut self,
+        ctx: &PagingContext,
+        root: FrameId,
+        gva: Gva,
+        access: Access,
+        generation: MemslotGeneration,
+        bits: u8,
+    ) -> Option<FaultOutcome> {
+        let mut sp = root;
+        let mut level = self.page(root).key.role.level;
+        let spte = loop {
+            let spte = self.pool.load(sp, shadow_index(gva.raw(), level));
+            if level == 1 || spte & 1 == 0 {
+                break spte;
+            }
+            sp = self.pool.frame_at(Spte(spte).addr())?;
+            level -= 1;
+        };
+        if level != 1 || !mmio::is_mmio(spte) {
+            return None;
+        }
+        let (gfn, tag, rights) = mmio::decode(spte);
+        if generation.update_in_progress() || tag != mmio::tag(generation.count(), bits) {
+            self.counters.mmio_stale += 1;
+            return None;
+        }
+        if permission_fault(ctx, rights, None, access).is_some() {
+            return None;
+        }
+        self.counters.mmio_fast_hits += 1;
+        Some(FaultOutcome::Mmio {
+            gpa: Gpa(gfn.gpa().raw() | gva.page_offset()),
+        })
+    }
+
     /// Serves a #PF the hardware raised on the shadow tables of `root`.
+    /// `generation` is the published memslot generation; `mmio_bits` the
+    /// generation bits MMIO SPTEs carry (`None`: MMIO caching off).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn handle_fault(
         &mut self,
         ctx: &PagingContext,
@@ -283,6 +328,8 @@ impl MmuState {
         gva: Gva,
         error_code: PfErrorCode,
         prefetch: usize,
+        generation: MemslotGeneration,
+        mmio_bits: Option<u8>,
     ) -> Result<FaultOutcome, VcpuError> {
         self.counters.faults += 1;
         let kind = if error_code.contains(PfErrorCode::FETCH) {
@@ -298,9 +345,15 @@ impl MmuState {
             AccessMode::Supervisor
         };
         let access = Access { kind, mode };
-        if self.pages[root as usize].as_ref().is_none_or(|p| p.invalid) {
+        if self.is_obsolete(root) {
             // The vCPU reloads its root before it enters again.
             return Ok(FaultOutcome::Retry);
+        }
+        if let Some(bits) = mmio_bits
+            && error_code.contains(PfErrorCode::RSVD)
+            && let Some(out) = self.mmio_fast_path(ctx, root, gva, access, generation, bits)
+        {
+            return Ok(out);
         }
         self.make_pages_available(u64::from(root_level(ctx)) + 1);
 
@@ -338,11 +391,15 @@ impl MmuState {
         };
         let gpa = t.gpa;
         let gfn = gpa.gfn();
-        let Some(slot) = self.slot_of(gpa) else {
-            self.counters.faults_mmio += 1;
-            return Ok(FaultOutcome::Mmio { gpa });
-        };
-        if access.is_write() && !slot.is_writable() {
+        let slot = self.slot_of(gpa);
+        // MMIO SPTEs carry the memslot generation; none is made while an
+        // update is in progress, nor when protection keys would have to be
+        // checked on a cached answer.
+        let cache_mmio = mmio_bits
+            .filter(|_| slot.is_none() && !generation.update_in_progress() && !ctx.pke_active());
+        if (slot.is_none() && cache_mmio.is_none())
+            || (access.is_write() && slot.is_some_and(|s| !s.is_writable()))
+        {
             self.counters.faults_mmio += 1;
             return Ok(FaultOutcome::Mmio { gpa });
         }
@@ -389,6 +446,22 @@ impl MmuState {
             }
         }
 
+        let guest_dirty = t
+            .leaf()
+            .is_none_or(|l| l.entry.raw() & PteFlags::DIRTY.bits() != 0);
+        let index = shadow_index(gva.raw(), 1);
+        let Some(slot) = slot else {
+            // Cache the MMIO answer: writable only if the guest's D is set,
+            // so the first write walks and sets it.
+            let bits = cache_mmio.expect("set when no slot backs the gfn");
+            let mut rights = t.rights;
+            rights.write &= guest_dirty;
+            let spte = mmio::encode(gfn, generation.count(), bits, rights);
+            self.set_mmio_leaf(sp, index, gfn, spte);
+            self.counters.faults_mmio += 1;
+            self.commit_zap();
+            return Ok(FaultOutcome::Mmio { gpa });
+        };
         let lr = leaf_rights(ctx, &t, access);
         let hidden_from_smap = ctx.smap() && t.rights.user && !lr.user;
         if access.is_write() && (self.is_write_protected(gfn) || hidden_from_smap) {
@@ -399,9 +472,6 @@ impl MmuState {
             self.commit_zap();
             return Ok(FaultOutcome::Emulate { gpa });
         }
-        let guest_dirty = t
-            .leaf()
-            .is_none_or(|l| l.entry.raw() & PteFlags::DIRTY.bits() != 0);
         let mut write =
             lr.write && slot.is_writable() && !self.is_write_protected(gfn) && guest_dirty;
         if slot.flags.contains(MemslotFlags::LOG_DIRTY) {
@@ -416,7 +486,6 @@ impl MmuState {
         if let Some(key) = t.pkey {
             spte = spte.with_pkey(key);
         }
-        let index = shadow_index(gva.raw(), 1);
         self.set_leaf(sp, index, gfn, spte);
         if prefetch > 1 {
             self.prefetch(ctx, &t, sp, gva, index, prefetch);

@@ -64,6 +64,30 @@ mod vcpu;
 pub use audit::AuditError;
 pub use backend::{MIN_PAGE_LIMIT, ShadowBackend};
 pub use pool::PoolError;
+
+/// How zap-all (and memslot delete / move) drops the shadow pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ZapMode {
+    /// The generation ("fast") zap: bump the valid generation, make every
+    /// vCPU load a fresh root, and reclaim the obsolete pages later, first
+    /// in line, in lock-breaking batches (seeds 000, 001, 003).
+    #[default]
+    Fast,
+    /// Walk and zap every page under the lock (the baseline).
+    Naive,
+}
+
+/// Which valid pages reclaim takes when the page limit is reached (after
+/// zapped-obsolete pages, which always go first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ReclaimPolicy {
+    /// The oldest page first, roots skipped (KVM).
+    #[default]
+    Fifo,
+    /// Linking a child makes its parent young, and leaves are reclaimed
+    /// before directories (seed 004).
+    ParentAware,
+}
 pub use vcpu::ShadowVcpu;
 
 use mmu_api::paging::{CpuFeatures, Cr0, Cr4, Efer};
@@ -72,7 +96,8 @@ use mmu_api::{Hpa, PagingContext, PagingMode};
 /// The registers the hardware must run the shadow tables of a guest in
 /// context `guest` with, whose root is `root`.
 ///
-/// - 4-level paging (5-level for a 5-level guest), whatever the guest's mode;
+/// - 4-level paging (5-level for a 5-level guest), whatever the guest's mode,
+///   with the host's MAXPHYADDR (so MMIO SPTEs fault with RSVD);
 /// - CR0.WP = 1 always: read-only SPTEs (clean pages, write-protected guest
 ///   tables, dirty logging) must stop supervisor writes too; a guest's
 ///   CR0.WP = 0 is emulated with kernel-only writable SPTEs, as KVM does;
@@ -81,7 +106,7 @@ use mmu_api::{Hpa, PagingContext, PagingMode};
 ///   no-paging guest has no page protections), CR4.PKE only when the
 ///   guest's protection keys are active; CPL, EFLAGS.AC and PKRU the
 ///   guest's.
-pub fn hardware_context(guest: &PagingContext, root: Hpa) -> PagingContext {
+pub fn hardware_context(guest: &PagingContext, root: Hpa, host_maxphyaddr: u8) -> PagingContext {
     let mut cr4 = Cr4::PAE;
     if guest.mode() != PagingMode::NoPaging {
         cr4 |= guest.cr4 & (Cr4::SMEP | Cr4::SMAP);
@@ -100,7 +125,7 @@ pub fn hardware_context(guest: &PagingContext, root: Hpa) -> PagingContext {
         cpl: guest.cpl,
         eflags_ac: guest.eflags_ac,
         pkru: guest.pkru,
-        maxphyaddr: 52,
+        maxphyaddr: host_maxphyaddr,
         features: CpuFeatures::all(),
     }
 }
@@ -122,6 +147,21 @@ pub struct ShadowConfig {
     /// Width of the guest-physical address space in bits, for memslot
     /// validation.
     pub gpa_width: u8,
+    /// Fast (generation) or naive zap-all.
+    pub zap: ZapMode,
+    /// Obsolete pages zapped per batch before the MMU lock is dropped.
+    pub zap_batch: usize,
+    /// Which valid pages reclaim takes.
+    pub reclaim: ReclaimPolicy,
+    /// Cache MMIO translations in reserved-bit SPTEs (seed 002). Needs a
+    /// host MAXPHYADDR of at most 51.
+    pub mmio_caching: bool,
+    /// Memslot-generation bits stored in an MMIO SPTE (1..=19; KVM: 19).
+    /// Tests shrink it to force wraps.
+    pub mmio_gen_bits: u8,
+    /// MAXPHYADDR of the hardware that walks the shadow tables: bits from
+    /// it up to 51 are reserved, which MMIO SPTEs rely on.
+    pub host_maxphyaddr: u8,
 }
 
 impl Default for ShadowConfig {
@@ -132,6 +172,12 @@ impl Default for ShadowConfig {
             page_limit: None,
             prefetch: 8,
             gpa_width: 46,
+            zap: ZapMode::Fast,
+            zap_batch: 10,
+            reclaim: ReclaimPolicy::Fifo,
+            mmio_caching: true,
+            mmio_gen_bits: 19,
+            host_maxphyaddr: 46,
         }
     }
 }

@@ -26,6 +26,9 @@ pub enum PoolError {
     /// `hpa_base` is not page aligned or the range wraps.
     #[error("pool base {0} is not page aligned or the range wraps")]
     Base(Hpa),
+    /// A configuration value outside what the backend supports.
+    #[error("invalid shadow configuration: {0}")]
+    Config(&'static str),
     /// The host refused the mapping.
     #[error("could not map the pool")]
     Map(#[source] std::io::Error),

@@ -190,7 +190,8 @@ impl SoftVcpu {
             self.enter()?;
             let guest = *self.mmu.paging_context();
             let root = self.root.ok_or(VcpuError::OutOfPages)?;
-            let hw = crate::hardware_context(&guest, root);
+            let hw =
+                crate::hardware_context(&guest, root, self.backend.inner.config.host_maxphyaddr);
             let cached = self.tlb.get(&page).copied();
             let frame = match cached {
                 Some(e) if permission_fault(&hw, e.rights, e.pkey, access).is_none() => Ok(e.frame),

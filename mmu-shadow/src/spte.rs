@@ -100,3 +100,114 @@ mod tests {
         assert!(l.is_writable() && l.is_user() && l.is_executable());
     }
 }
+
+/// MMIO SPTEs: a leaf for a guest frame no memslot backs, built so the
+/// hardware faults on it with RSVD set and the MMU can answer "MMIO at gpa"
+/// from the SPTE alone.
+///
+/// Layout (KVM's, for legacy-format tables): P and bit 51 (reserved while
+/// the host's MAXPHYADDR is at most 51) mark it; bits 50:12 hold the gfn;
+/// the memslot generation's low bits sit in bits 10:3 and 62:52; R/W, U/S
+/// and XD keep the rights the guest's walk granted, so a cached answer is
+/// only given to an access the guest allows.
+pub(crate) mod mmio {
+    use mmu_api::{Gfn, Rights};
+
+    /// Bit 51: reserved on hosts with MAXPHYADDR <= 51.
+    pub(crate) const MARKER: u64 = 1 << 51;
+    const GFN_MASK: u64 = ((1u64 << 51) - 1) & !0xfff;
+    const GEN_LOW_SHIFT: u32 = 3;
+    const GEN_LOW_BITS: u32 = 8;
+    const GEN_HIGH_SHIFT: u32 = 52;
+    /// Generation bits an MMIO SPTE can hold at most (8 low + 11 high).
+    pub(crate) const MAX_GEN_BITS: u8 = 19;
+
+    /// The MMIO SPTE for `gfn` with `rights`, tagged with the low `bits` bits
+    /// of the memslot generation count `generation`.
+    pub(crate) fn encode(gfn: Gfn, generation: u64, bits: u8, rights: Rights) -> u64 {
+        let g = generation & ((1u64 << bits) - 1);
+        let low = g & ((1 << GEN_LOW_BITS) - 1);
+        let high = g >> GEN_LOW_BITS;
+        let mut v = 1 | MARKER | ((gfn.raw() << 12) & GFN_MASK);
+        v |= low << GEN_LOW_SHIFT;
+        v |= high << GEN_HIGH_SHIFT;
+        if rights.write {
+            v |= 1 << 1;
+        }
+        if rights.user {
+            v |= 1 << 2;
+        }
+        if !rights.exec {
+            v |= 1 << 63;
+        }
+        v
+    }
+
+    /// True if `spte` is an MMIO SPTE.
+    pub(crate) fn is_mmio(spte: u64) -> bool {
+        spte & (1 | MARKER) == (1 | MARKER)
+    }
+
+    /// The gfn, generation tag and rights of an MMIO SPTE.
+    pub(crate) fn decode(spte: u64) -> (Gfn, u64, Rights) {
+        let low = (spte >> GEN_LOW_SHIFT) & ((1 << GEN_LOW_BITS) - 1);
+        let high = (spte >> GEN_HIGH_SHIFT) & ((1 << 11) - 1);
+        let rights = Rights {
+            write: spte & (1 << 1) != 0,
+            user: spte & (1 << 2) != 0,
+            exec: spte & (1 << 63) == 0,
+        };
+        (
+            Gfn((spte & GFN_MASK) >> 12),
+            low | (high << GEN_LOW_BITS),
+            rights,
+        )
+    }
+
+    /// The tag a generation count gets in `bits` bits.
+    pub(crate) fn tag(generation: u64, bits: u8) -> u64 {
+        generation & ((1u64 << bits) - 1)
+    }
+}
+
+#[cfg(test)]
+mod mmio_tests {
+    use super::mmio;
+    use mmu_api::{Gfn, Rights};
+
+    #[test]
+    fn round_trips_every_field() {
+        for (gfn, generation, bits) in [
+            (0u64, 0u64, 19u8),
+            (0x7_ffff_ffff, (1 << 19) - 1, 19),
+            (0x1234, 0x5_5aa5, 19),
+            (42, 7, 2),
+        ] {
+            for rights in [
+                Rights::ALL,
+                Rights {
+                    write: false,
+                    user: true,
+                    exec: false,
+                },
+            ] {
+                let s = mmio::encode(Gfn(gfn), generation, bits, rights);
+                assert!(mmio::is_mmio(s));
+                let (g, t, r) = mmio::decode(s);
+                assert_eq!(g, Gfn(gfn));
+                assert_eq!(t, mmio::tag(generation, bits));
+                assert_eq!(r, rights);
+            }
+        }
+        // A leaf mapping memory is never taken for an MMIO SPTE.
+        let leaf = super::Spte::leaf(mmu_api::Hpa(0x3f_ffff_f000), true, true, false);
+        assert!(!mmio::is_mmio(leaf.0));
+    }
+
+    #[test]
+    fn the_in_progress_bit_never_reaches_an_spte() {
+        let busy = mmu_api::MemslotGeneration(5).begin_update();
+        let s = mmio::encode(Gfn(1), busy.count(), mmio::MAX_GEN_BITS, Rights::ALL);
+        assert_eq!(mmio::decode(s).1, 5);
+    }
+}

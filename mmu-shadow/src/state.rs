@@ -7,12 +7,12 @@ use std::sync::Arc;
 use mmu_api::paging::SlotMemory;
 use mmu_api::{DirtyBitmap, Gfn, Gpa, MemslotFlags, MemslotTable, SlotId, VcpuError, VcpuId};
 
-use crate::ShadowConfig;
 use crate::pool::{ENTRIES_PER_PAGE, FrameId, ShadowPool};
 use crate::role::SpKey;
 use crate::spte::Spte;
 use crate::stats::Counters;
 use crate::vcpu::{Requests, VcpuShared};
+use crate::{ReclaimPolicy, ShadowConfig};
 
 /// Where one SPTE lives: shadow page and index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -25,6 +25,9 @@ pub(crate) struct SptePtr {
 #[derive(Debug)]
 pub(crate) struct ShadowPage {
     pub(crate) key: SpKey,
+    /// The valid generation when the page was made. A page of an older
+    /// generation is obsolete: never found by a lookup, never linked again.
+    pub(crate) generation: u64,
     /// Position in the active list: larger is younger.
     pub(crate) seq: u64,
     /// vCPU root caches holding this page as a root.
@@ -63,7 +66,9 @@ pub(crate) struct RootCache {
 pub(crate) struct MmuState {
     pub(crate) pool: ShadowPool,
     pub(crate) pages: Vec<Option<ShadowPage>>,
-    pub(crate) hash: HashMap<SpKey, FrameId>,
+    /// Pages by (gfn, role) and generation: an obsolete page stays under its
+    /// own generation, where no lookup looks.
+    pub(crate) hash: HashMap<(SpKey, u64), FrameId>,
     /// Leaf SPTEs mapping each gfn.
     pub(crate) rmap: HashMap<Gfn, Vec<SptePtr>>,
     /// Shadow pages shadowing each guest table frame (write-protected).
@@ -83,6 +88,18 @@ pub(crate) struct MmuState {
     pub(crate) need_reload: bool,
     pub(crate) vcpus: Vec<Arc<VcpuShared>>,
     pub(crate) roots: HashMap<VcpuId, RootCache>,
+    /// The valid generation.
+    pub(crate) valid_gen: u64,
+    /// Pages of a generation below this one are out of every vCPU's reach
+    /// (the reload handshake finished): they can be zapped with no flush.
+    pub(crate) safe_gen: u64,
+    /// Obsolete pages not yet zapped. While any are pending, the page count
+    /// may exceed the limit and no valid page is reclaimed.
+    pub(crate) obsolete_pending: u64,
+    /// Frames of zapped obsolete pages: allocation takes these first.
+    pub(crate) zapped_obsolete: Vec<FrameId>,
+    pub(crate) policy: ReclaimPolicy,
+    pub(crate) zap_batch: usize,
 }
 
 /// How many roots a vCPU keeps (the current one and three recent CR3s).
@@ -108,6 +125,12 @@ impl MmuState {
             need_reload: false,
             vcpus: Vec::new(),
             roots: HashMap::new(),
+            valid_gen: 0,
+            safe_gen: 0,
+            obsolete_pending: 0,
+            zapped_obsolete: Vec::new(),
+            policy: config.reclaim,
+            zap_batch: config.zap_batch.max(1),
         }
     }
 
@@ -149,21 +172,36 @@ impl MmuState {
         self.gfn_pages.get(&gfn).is_some_and(|v| !v.is_empty())
     }
 
-    /// Looks up a live shadow page.
+    /// Looks up a page of the valid generation.
     pub(crate) fn lookup(&self, key: &SpKey) -> Option<FrameId> {
-        self.hash.get(key).copied()
+        self.hash.get(&(*key, self.valid_gen)).copied()
+    }
+
+    /// True if the page is of an old generation or was zapped as a root.
+    pub(crate) fn is_obsolete(&self, frame: FrameId) -> bool {
+        self.pages[frame as usize]
+            .as_ref()
+            .is_none_or(|p| p.invalid || p.generation != self.valid_gen)
     }
 
     /// Allocates a shadow page for `key`. The caller made pages available
     /// first ([`make_pages_available`](Self::make_pages_available)).
     pub(crate) fn alloc_page(&mut self, key: SpKey) -> Result<FrameId, VcpuError> {
-        let frame = self.pool.alloc().ok_or(VcpuError::OutOfPages)?;
+        let frame = match self.zapped_obsolete.pop() {
+            // Zapped pages have every entry cleared already.
+            Some(f) => {
+                self.counters.obsolete_reused += 1;
+                f
+            }
+            None => self.pool.alloc().ok_or(VcpuError::OutOfPages)?,
+        };
         let seq = self.next_seq;
         self.next_seq += 1;
         let leaf_gfns =
             (key.role.level == 1).then(|| vec![Gfn(0); ENTRIES_PER_PAGE].into_boxed_slice());
         self.pages[frame as usize] = Some(ShadowPage {
             key,
+            generation: self.valid_gen,
             seq,
             root_count: 0,
             invalid: false,
@@ -172,7 +210,7 @@ impl MmuState {
             write_flooding: 0,
             pdptes: None,
         });
-        self.hash.insert(key, frame);
+        self.hash.insert((key, self.valid_gen), frame);
         self.active.insert(seq, frame);
         self.counters.sps_allocated += 1;
         let used = self.used_pages();
@@ -221,8 +259,24 @@ impl MmuState {
         }
     }
 
-    /// Writes a link from `parent[index]` to `child`.
+    /// Moves a page to the young end of the active list.
+    fn make_young(&mut self, frame: FrameId) {
+        let seq = self.next_seq;
+        let page = self.pages[frame as usize].as_mut().expect("live page");
+        if page.invalid || self.active.remove(&page.seq).is_none() {
+            return;
+        }
+        page.seq = seq;
+        self.next_seq += 1;
+        self.active.insert(seq, frame);
+    }
+
+    /// Writes a link from `parent[index]` to `child`. Under parent-aware
+    /// reclaim the parent becomes young: it now holds a fresh table.
     pub(crate) fn link(&mut self, parent: FrameId, index: usize, child: FrameId) {
+        if self.policy == ReclaimPolicy::ParentAware {
+            self.make_young(parent);
+        }
         let hpa = self.pool.hpa(child);
         self.pool.store(parent, index, Spte::link(hpa).0);
         self.page_mut(child).parents.push(SptePtr {
@@ -236,7 +290,7 @@ impl MmuState {
         let old = Spte(self.pool.load(sp, index));
         if old.is_present() {
             let old_gfn = self.page(sp).leaf_gfns.as_ref().expect("level 1")[index];
-            if old_gfn != gfn {
+            if old_gfn != gfn || crate::spte::mmio::is_mmio(old.0) {
                 self.drop_spte(sp, index);
             } else if old.is_writable() && !spte.is_writable() {
                 self.need_flush = true;
@@ -294,13 +348,16 @@ impl MmuState {
             self.pool.store(p.sp, usize::from(p.index), 0);
             self.need_flush = true;
         }
-        let (key, seq, root_count, already_invalid) = {
+        let (key, generation, seq, root_count, already_invalid) = {
             let p = self.page(frame);
-            (p.key, p.seq, p.root_count, p.invalid)
+            (p.key, p.generation, p.seq, p.root_count, p.invalid)
         };
         if !already_invalid {
-            if self.hash.get(&key) == Some(&frame) {
-                self.hash.remove(&key);
+            if self.hash.get(&(key, generation)) == Some(&frame) {
+                self.hash.remove(&(key, generation));
+            }
+            if generation != self.valid_gen {
+                self.obsolete_pending -= 1;
             }
             self.active.remove(&seq);
             if key.role.shadows_guest_table()
@@ -345,45 +402,124 @@ impl MmuState {
             }
         }
         self.counters.zap_all += 1;
+        self.counters.naive_zaps += 1;
     }
 
-    /// Zaps the oldest non-root pages (FIFO, as KVM) until `need` pages
-    /// can be allocated under the limit. Returns the number reclaimed.
-    /// Called before a fault builds its path, so no page of that path is
-    /// reclaimed while it is being linked.
+    /// Installs an MMIO SPTE (never in the rmap: it maps no memory).
+    pub(crate) fn set_mmio_leaf(&mut self, sp: FrameId, index: usize, gfn: Gfn, value: u64) {
+        self.drop_spte(sp, index);
+        self.pool.store(sp, index, value);
+        self.page_mut(sp).leaf_gfns.as_mut().expect("level 1")[index] = gfn;
+        self.counters.mmio_sptes += 1;
+    }
+
+    /// Zaps up to `max` obsolete pages that no vCPU can reach any more,
+    /// oldest first, into the zapped-obsolete list. No TLB flush is needed:
+    /// the reload handshake already took every vCPU off them. Returns the
+    /// number zapped.
+    pub(crate) fn zap_obsolete_batch(&mut self, max: usize) -> usize {
+        // Obsolete pages are the oldest: new pages are added at the young
+        // end, and only valid pages are ever made young again.
+        let safe_gen = self.safe_gen;
+        let victims: Vec<FrameId> = self
+            .active
+            .values()
+            .copied()
+            .take_while(|&f| self.page(f).generation < safe_gen)
+            .take(max)
+            .collect();
+        let flush_before = self.need_flush;
+        let reload_before = self.need_reload;
+        let pending_before = self.pending_free.len();
+        for &v in &victims {
+            self.zap_page(v);
+        }
+        self.need_flush = flush_before;
+        self.need_reload = reload_before;
+        for f in self.pending_free.split_off(pending_before) {
+            self.pages[f as usize] = None;
+            self.zapped_obsolete.push(f);
+        }
+        self.counters.obsolete_zapped += victims.len() as u64;
+        victims.len()
+    }
+
+    /// Returns every frame on the zapped-obsolete list to the pool.
+    pub(crate) fn free_zapped_obsolete(&mut self) -> u64 {
+        let n = self.zapped_obsolete.len() as u64;
+        for f in std::mem::take(&mut self.zapped_obsolete) {
+            self.pool.free(f);
+        }
+        self.counters.obsolete_freed += n;
+        n
+    }
+
+    /// The next valid page reclaim takes, by policy; roots are skipped.
+    fn reclaim_victim(&self) -> Option<FrameId> {
+        let evictable = |f: &FrameId| self.page(*f).root_count == 0;
+        let mut pages = self.active.values().copied();
+        match self.policy {
+            ReclaimPolicy::Fifo => pages.find(evictable),
+            ReclaimPolicy::ParentAware => self
+                .active
+                .values()
+                .copied()
+                .find(|f| evictable(f) && self.page(*f).key.role.level == 1)
+                .or_else(|| pages.find(evictable)),
+        }
+    }
+
+    /// Makes `need` pages allocatable under the limit. In order: the
+    /// zapped-obsolete list and obsolete pages no vCPU can reach (zapped in
+    /// batches); then, while obsolete pages are still pending (a reload
+    /// handshake is under way), the limit is exceeded rather than any valid
+    /// page reclaimed; only then valid pages, by policy. Called before a
+    /// fault builds its path, so no page of that path is reclaimed while it
+    /// is being linked. Returns the number of valid pages reclaimed.
     pub(crate) fn make_pages_available(&mut self, need: u64) -> u64 {
         let limit = self.effective_limit();
-        let available = |s: &Self| limit.saturating_sub(s.used_pages());
+        let available =
+            |s: &Self| limit.saturating_sub(s.used_pages()) + s.zapped_obsolete.len() as u64;
         if available(self) >= need {
             return 0;
         }
         // As KVM: once short, free a batch so the next faults do not
         // reclaim one page at a time.
         let target = need.max((limit / 4).min(25));
+        while available(self) < target && self.zap_obsolete_batch(self.zap_batch) > 0 {}
+        if available(self) >= need {
+            return 0;
+        }
+        if self.obsolete_pending > 0 && u64::from(self.pool.free_frames()) >= need {
+            return 0;
+        }
         let mut reclaimed = 0;
         while available(self) < target {
             let want = (target - available(self)) as usize;
-            let victims: Vec<FrameId> = self
-                .active
-                .values()
-                .copied()
-                .filter(|&f| self.page(f).root_count == 0)
-                .take(want)
-                .collect();
-            if victims.is_empty() {
-                if !self.evict_cached_roots() {
+            let mut victims = Vec::new();
+            for _ in 0..want {
+                let Some(v) = self.reclaim_victim() else {
                     break;
+                };
+                if self.page(v).key.role.level == 1 {
+                    self.counters.reclaimed_leaf_pages += 1;
+                } else {
+                    self.counters.reclaimed_directory_pages += 1;
                 }
-            } else {
-                for v in victims {
-                    self.zap_page(v);
-                    reclaimed += 1;
-                }
+                self.zap_page(v);
+                victims.push(v);
             }
+            if victims.is_empty() && !self.evict_cached_roots() {
+                break;
+            }
+            if self.obsolete_pending > 0 {
+                self.counters.valid_reclaimed_with_obsolete_pending += victims.len() as u64;
+            }
+            reclaimed += victims.len() as u64;
             // Frames only return to the pool after the flush.
             self.commit_zap();
         }
-        self.counters.reclaimed += reclaimed;
+        self.counters.reclaimed_valid += reclaimed;
         if reclaimed > 0 {
             tracing::debug!(
                 reclaimed,
@@ -393,6 +529,33 @@ impl MmuState {
             );
         }
         reclaimed
+    }
+
+    /// The first half of a fast zap, under the lock: every page becomes
+    /// obsolete, and every vCPU is asked to load a fresh root before it
+    /// enters again. Returns the vCPUs whose handshake the caller waits for
+    /// (without the lock), and the new valid generation.
+    pub(crate) fn begin_fast_zap(&mut self) -> (Vec<Arc<VcpuShared>>, u64) {
+        self.valid_gen += 1;
+        self.obsolete_pending = self.active.len() as u64;
+        self.counters.fast_zaps += 1;
+        self.counters.zap_all += 1;
+        for v in &self.vcpus {
+            v.post(Requests::RELOAD_ROOT);
+        }
+        tracing::debug!(
+            generation = self.valid_gen,
+            obsolete = self.obsolete_pending,
+            "fast zap"
+        );
+        (self.vcpus.clone(), self.valid_gen)
+    }
+
+    /// The second half: every vCPU has reloaded or is out of guest mode and
+    /// will reload before it enters, so pages older than `generation` are
+    /// out of reach.
+    pub(crate) fn finish_fast_zap(&mut self, generation: u64) {
+        self.safe_gen = self.safe_gen.max(generation);
     }
 
     /// Drops every vCPU's cached roots except its current one. Returns true

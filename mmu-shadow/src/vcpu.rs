@@ -138,10 +138,18 @@ impl MmuVcpu for ShadowVcpu {
             self.root = Some(frame);
             return Ok(FaultOutcome::Retry);
         };
-        let prefetch = self.inner.config.prefetch;
-        self.inner
-            .lock()
-            .handle_fault(&self.ctx, root, gva, error_code, prefetch)
+        let config = &self.inner.config;
+        let generation = self.inner.generation();
+        let mmio_bits = self.inner.mmio_bits();
+        self.inner.lock().handle_fault(
+            &self.ctx,
+            root,
+            gva,
+            error_code,
+            config.prefetch,
+            generation,
+            mmio_bits,
+        )
     }
 
     fn classify_mmio(&mut self, gpa: Gpa, is_write: bool) -> MmioClass {
@@ -202,11 +210,7 @@ impl MmuVcpu for ShadowVcpu {
                 flush = true;
             }
             if req.contains(Requests::RELOAD_ROOT) {
-                let reload = self.root.is_none_or(|f| {
-                    self.inner.lock().pages[f as usize]
-                        .as_ref()
-                        .is_none_or(|p| p.invalid)
-                });
+                let reload = self.root.is_none_or(|f| self.inner.lock().is_obsolete(f));
                 if reload {
                     let frame = self.inner.lock().resolve_root(self.shared.id, &self.ctx)?;
                     self.root = Some(frame);

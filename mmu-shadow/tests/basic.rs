@@ -249,7 +249,7 @@ fn page_limit_reclaims_oldest_first() {
         }
     }
     let s = b.stats();
-    assert!(s.get("reclaimed").unwrap() > 0, "{s}");
+    assert!(s.get("reclaimed_valid").unwrap() > 0, "{s}");
     assert!(s.get("sps_in_use").unwrap() <= 12, "{s}");
     assert!(b.set_page_limit(Some(3)).is_err());
 }

@@ -17,14 +17,14 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use common::{GuestRam, add_slot, backend};
+use common::{GuestRam, add_slot, config};
 use mmu_api::paging::{Cr0, Cr4, Efer, GuestPhysMemory, SlotMemory, WalkError, walk};
 use mmu_api::{
     Access, AccessKind, AccessMode, Gpa, Gva, Memslot, MemslotFlags, MemslotTable, MmuBackend,
     MmuVcpu, PagingContext, PagingMode, SlotId, VcpuId,
 };
 use mmu_shadow::soft::{SoftOutcome, SoftVcpu};
-use mmu_shadow::{MIN_PAGE_LIMIT, ShadowBackend};
+use mmu_shadow::{MIN_PAGE_LIMIT, ReclaimPolicy, ShadowBackend, ZapMode};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
@@ -246,7 +246,13 @@ fn set_both(backend: &ShadowBackend, reference: &mut Reference, slot: Memslot) {
 }
 
 /// Counters summed over every case, to show each mechanism was exercised.
-const EXERCISED: [&str; 10] = [
+const EXERCISED: [&str; 16] = [
+    "fast_zaps",
+    "naive_zaps",
+    "obsolete_zapped",
+    "mmio_fast_hits",
+    "mmio_stale",
+    "generation_wraps",
     "faults_fixed",
     "faults_injected",
     "faults_mmio",
@@ -254,11 +260,11 @@ const EXERCISED: [&str; 10] = [
     "emulated_writes",
     "flooding_zaps",
     "prefetched_sptes",
-    "reclaimed",
+    "reclaimed_valid",
     "zap_all",
     "dirty_harvests",
 ];
-static TOTALS: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
+static TOTALS: [AtomicU64; 16] = [const { AtomicU64::new(0) }; 16];
 static SEQUENCES: AtomicU64 = AtomicU64::new(0);
 static STEPS: AtomicU64 = AtomicU64::new(0);
 
@@ -268,6 +274,10 @@ struct Case {
     seed: u64,
     prefetch: usize,
     limit: Option<u64>,
+    zap: ZapMode,
+    reclaim: ReclaimPolicy,
+    /// MMIO caching off, or on with this many generation bits.
+    mmio_bits: Option<u8>,
     ops: Vec<(u8, u64, u64)>,
 }
 
@@ -284,14 +294,24 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         prop_oneof![Just(0usize), Just(8usize)],
         prop_oneof![3 => Just(None), 1 => (MIN_PAGE_LIMIT..MIN_PAGE_LIMIT + 8).prop_map(Some)],
         prop::collection::vec((0u8..100, any::<u64>(), any::<u64>()), 1..24),
+        (
+            prop_oneof![3 => Just(ZapMode::Fast), 1 => Just(ZapMode::Naive)],
+            prop_oneof![Just(ReclaimPolicy::Fifo), Just(ReclaimPolicy::ParentAware)],
+            prop_oneof![1 => Just(None), 2 => Just(Some(19u8)), 2 => Just(Some(2u8))],
+        ),
     )
-        .prop_map(|(mode, seed, prefetch, limit, ops)| Case {
-            mode,
-            seed,
-            prefetch,
-            limit,
-            ops,
-        })
+        .prop_map(
+            |(mode, seed, prefetch, limit, ops, (zap, reclaim, mmio_bits))| Case {
+                mode,
+                seed,
+                prefetch,
+                limit,
+                zap,
+                reclaim,
+                mmio_bits,
+                ops,
+            },
+        )
 }
 
 /// What a correct guest does after editing its tables: flush every vCPU's
@@ -331,7 +351,14 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         shadow_ram.set_word(p, 0, p * 0x1111);
         ref_ram.set_word(p, 0, p * 0x1111);
     }
-    let b = backend(case.limit, case.prefetch);
+    let b = ShadowBackend::new(mmu_shadow::ShadowConfig {
+        zap: case.zap,
+        reclaim: case.reclaim,
+        mmio_caching: case.mmio_bits.is_some(),
+        mmio_gen_bits: case.mmio_bits.unwrap_or(19),
+        ..config(case.limit, case.prefetch)
+    })
+    .expect("backend");
     let ctx0 = context(mode, 1, true);
     let mut reference = Reference {
         ram: ref_ram,
@@ -490,7 +517,10 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
                     reference.written.clear();
                 }
             }
-            // Zap everything.
+            // Zap everything; or run the obsolete-page reclaimer.
+            94..=96 => {
+                b.reclaim_obsolete();
+            }
             _ => b.zap_all(),
         }
         // The whole guest memory, A/D bits included, must be identical.

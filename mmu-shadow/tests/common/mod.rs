@@ -67,16 +67,21 @@ impl GuestRam {
     }
 }
 
-/// A backend with a small pool at a high hardware address.
-pub fn backend(page_limit: Option<u64>, prefetch: usize) -> ShadowBackend {
-    ShadowBackend::new(ShadowConfig {
+/// The test configuration: a small pool at a high hardware address.
+pub fn config(page_limit: Option<u64>, prefetch: usize) -> ShadowConfig {
+    ShadowConfig {
         pool_pages: 512,
         pool_hpa: Hpa(0x40_0000_0000),
         page_limit,
         prefetch,
         gpa_width: 40,
-    })
-    .expect("pool")
+        ..ShadowConfig::default()
+    }
+}
+
+/// A backend with the test configuration.
+pub fn backend(page_limit: Option<u64>, prefetch: usize) -> ShadowBackend {
+    ShadowBackend::new(config(page_limit, prefetch)).expect("pool")
 }
 
 /// Registers `slot` with `backend`.
