@@ -94,6 +94,11 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
         let frame = frame as FrameId;
         count += 1;
         let key = page.key;
+        if key.role.host_window {
+            // Pinned: maps the pool itself, for replay; links checked from
+            // the roots' side below.
+            continue;
+        }
         let obsolete = page.invalid || page.generation != st.valid_gen;
         if page.invalid {
             if page.root_count == 0 {
@@ -147,7 +152,8 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
                         if p.key.role.level + 1 != key.role.level {
                             problems.push(format!("link {ptr:?} skips a level"));
                         }
-                        let child_obsolete = p.invalid || p.generation != st.valid_gen;
+                        let child_obsolete =
+                            !p.key.role.host_window && (p.invalid || p.generation != st.valid_gen);
                         if !obsolete && child_obsolete {
                             problems.push(format!("valid page {frame} links obsolete page {c}"));
                         }
@@ -289,7 +295,9 @@ fn audit_against_guest(st: &MmuState, root: &CachedRoot, problems: &mut Vec<Stri
                 gva = ((gva << (64 - bits)) as i64 >> (64 - bits)) as u64;
             }
             if level > 1 {
-                if let Some(child) = st.pool.frame_at(spte.addr()) {
+                if let Some(child) = st.pool.frame_at(spte.addr())
+                    && !st.page(child).key.role.host_window
+                {
                     stack.push((child, level - 1, gva));
                 }
                 continue;

@@ -4,9 +4,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use mmu_api::{
-    BackendError, DirtyBitmap, Gfn, Gpa, HostVirtAddr, Hpa, Memslot, MemslotChange, MemslotError,
-    MemslotFlags, MemslotGeneration, MmuBackend, MmuStats, MmuVcpu, PAGE_SIZE, SlotId, VcpuId,
-    VcpuKick,
+    BackendError, DirtyBitmap, Gfn, Gpa, Gva, HostVirtAddr, Hpa, Memslot, MemslotChange,
+    MemslotError, MemslotFlags, MemslotGeneration, MmuBackend, MmuStats, MmuVcpu, PAGE_SIZE,
+    SlotId, VcpuId, VcpuKick,
 };
 
 use crate::pool::{PoolError, ShadowPool};
@@ -14,7 +14,7 @@ use crate::spte::mmio;
 use crate::state::MmuState;
 use crate::vcpu::Requests;
 use crate::vcpu::{ShadowVcpu, VcpuShared};
-use crate::{ShadowConfig, ZapMode};
+use crate::{Coherence, ShadowConfig, ZapMode};
 
 /// The smallest page limit the backend accepts: enough for one 5-level
 /// path plus its root, twice over.
@@ -123,7 +123,22 @@ impl ShadowBackend {
             return Err(PoolError::Base(config.pool_hpa));
         }
         let pool = ShadowPool::new(config.pool_pages, config.pool_hpa)?;
-        let state = MmuState::new(&config, pool, config.gpa_width);
+        let mut state = MmuState::new(&config, pool, config.gpa_width);
+        if let Coherence::Replay { window } = config.coherence {
+            let canonical = ((window.raw() as i64) << 16 >> 16) as u64 == window.raw();
+            let aligned = window.raw() & ((1u64 << 39) - 1) == 0;
+            if !canonical || !aligned || (window.raw() >> 39) & 0x1ff == 0 {
+                return Err(PoolError::Config(
+                    "the host window must be canonical, 512 GiB aligned and not in the first 512 GiB",
+                ));
+            }
+            if u64::from(config.pool_pages) > 512 * 512 {
+                return Err(PoolError::Config("a replayed pool holds at most 1 GiB"));
+            }
+            state
+                .build_host_window(window)
+                .map_err(|_| PoolError::Config("the pool is too small for its host window"))?;
+        }
         Ok(ShadowBackend {
             inner: Arc::new(Inner {
                 config,
@@ -166,6 +181,33 @@ impl ShadowBackend {
 
     fn publish(&self, generation: MemslotGeneration) {
         self.inner.generation.store(generation.0, Ordering::Release);
+    }
+
+    /// The SPTEs changed since the last call, for [`Coherence::Replay`]:
+    /// each as the address of the entry in the host window and its current
+    /// value. The guest kit's CPL0 code rewrites each one (a
+    /// compare-and-exchange of the value with itself, so a concurrent newer
+    /// change is never overwritten) before CPL3 code runs again, which is
+    /// how the host's own shadow of the pool learns of the change. Empty
+    /// under [`Coherence::Direct`].
+    pub fn take_replay(&self) -> Vec<(Gva, u64)> {
+        let mut st = self.inner.lock();
+        let Some(window) = st.window else {
+            return Vec::new();
+        };
+        let entries = st.pool.take_journal();
+        let replay: Vec<(Gva, u64)> = entries
+            .into_iter()
+            .map(|(frame, index)| {
+                let offset = u64::from(frame) * PAGE_SIZE + index as u64 * 8;
+                (Gva(window.gva.raw() + offset), st.pool.load(frame, index))
+            })
+            .collect();
+        if !replay.is_empty() {
+            st.counters.replays += 1;
+            st.counters.replayed_entries += replay.len() as u64;
+        }
+        replay
     }
 
     /// Zaps every obsolete page no vCPU can reach, in batches of

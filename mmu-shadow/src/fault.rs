@@ -194,6 +194,18 @@ impl MmuState {
             }
             None => self.alloc_page(key)?,
         };
+        if self.page(frame).root_count == 0 && self.window.is_some() {
+            let level = self.page(frame).key.role.level;
+            let index = if level == 5 { 48 } else { 39 };
+            let w = self.window.expect("checked");
+            if self
+                .pool
+                .load(frame, ((w.gva.raw() >> index) & 0x1ff) as usize)
+                == 0
+            {
+                self.link_window(frame, level);
+            }
+        }
         let page = self.page_mut(frame);
         page.pdptes = pdptes;
         page.root_count += 1;
@@ -345,6 +357,11 @@ impl MmuState {
             AccessMode::Supervisor
         };
         let access = Access { kind, mode };
+        if self.in_window(gva, self.page(root).key.role.level) {
+            // Reserved for the host window.
+            self.counters.faults_injected += 1;
+            return Ok(FaultOutcome::InjectGeneralProtection);
+        }
         if self.is_obsolete(root) {
             // The vCPU reloads its root before it enters again.
             return Ok(FaultOutcome::Retry);

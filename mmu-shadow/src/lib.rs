@@ -26,6 +26,11 @@
 //! - **prefetch** of present, accessed neighbouring guest PTEs;
 //! - **memslots** (add, delete, move, READONLY, LOG_DIRTY) and dirty-log
 //!   harvest; a **page limit** with oldest-first reclaim;
+//! - **host coherence**, chosen at creation ([`Coherence`]): `Direct` where
+//!   the hardware walks the pool (EPT/NPT hosts), `Replay` where the host's
+//!   hypervisor shadows the pool itself (PVM): every changed SPTE is
+//!   journaled and the guest kit's CPL0 code rewrites it through a
+//!   supervisor-only window onto the pool before CPL3 code runs;
 //! - **stats**, `tracing` events, and [`ShadowBackend::audit`].
 //!
 //! The hardware runs the shadow tables with the registers
@@ -75,6 +80,26 @@ pub enum ZapMode {
     Fast,
     /// Walk and zap every page under the lock (the baseline).
     Naive,
+}
+
+/// How the SPTEs the VMM writes reach the hardware that walks the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Coherence {
+    /// The hardware walks the pool directly (EPT/NPT hosts): a TLB flush
+    /// after a change is enough.
+    #[default]
+    Direct,
+    /// The host's hypervisor shadows the pool itself and does not see the
+    /// VMM's writes (PVM, or KVM without EPT). Every changed entry is
+    /// journaled ([`ShadowBackend::take_replay`]) and the guest kit's CPL0
+    /// code rewrites it through `window`, a supervisor-only mapping of the
+    /// pool that every root carries in the 512 GiB at `window` (which must
+    /// be canonical, 512 GiB aligned, not 0, and unused by the guest: a
+    /// guest access there is answered #GP).
+    Replay {
+        /// Where every root maps the pool.
+        window: mmu_api::Gva,
+    },
 }
 
 /// Which valid pages reclaim takes when the page limit is reached (after
@@ -162,6 +187,8 @@ pub struct ShadowConfig {
     /// MAXPHYADDR of the hardware that walks the shadow tables: bits from
     /// it up to 51 are reserved, which MMIO SPTEs rely on.
     pub host_maxphyaddr: u8,
+    /// How SPTE writes reach the hardware (chosen at VM creation).
+    pub coherence: Coherence,
 }
 
 impl Default for ShadowConfig {
@@ -178,6 +205,7 @@ impl Default for ShadowConfig {
             mmio_caching: true,
             mmio_gen_bits: 19,
             host_maxphyaddr: 46,
+            coherence: Coherence::Direct,
         }
     }
 }

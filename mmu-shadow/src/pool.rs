@@ -41,6 +41,9 @@ pub(crate) struct ShadowPool {
     frames: u32,
     hpa_base: Hpa,
     free: Vec<FrameId>,
+    /// Entries changed since the journal was last taken, as
+    /// `frame * 512 + index`; `None` when no host needs to be told.
+    journal: Option<Vec<u32>>,
 }
 
 // SAFETY: the pool owns its mapping; every access to the memory goes through
@@ -83,6 +86,7 @@ impl ShadowPool {
             hpa_base,
             // Pop from the end: hand out low frames first.
             free: (0..frames).rev().collect(),
+            journal: None,
         })
     }
 
@@ -157,9 +161,36 @@ impl ShadowPool {
         self.entry(frame, index).load(Ordering::Acquire)
     }
 
-    /// Writes one entry with a single atomic store.
-    pub(crate) fn store(&self, frame: FrameId, index: usize, value: u64) {
-        self.entry(frame, index).store(value, Ordering::Release);
+    /// Writes one entry with a single atomic store, and journals it if the
+    /// value changed and journaling is on.
+    pub(crate) fn store(&mut self, frame: FrameId, index: usize, value: u64) {
+        let old = self.entry(frame, index).swap(value, Ordering::AcqRel);
+        if old != value
+            && let Some(j) = self.journal.as_mut()
+        {
+            j.push(frame * ENTRIES_PER_PAGE as u32 + index as u32);
+        }
+    }
+
+    /// Starts recording changed entries (for hosts that must be told).
+    pub(crate) fn enable_journal(&mut self) {
+        self.journal.get_or_insert_with(Vec::new);
+    }
+
+    /// The entries changed since the last call, each once, as
+    /// `(frame, index)`, in ascending order.
+    pub(crate) fn take_journal(&mut self) -> Vec<(FrameId, usize)> {
+        let Some(j) = self.journal.as_mut() else {
+            return Vec::new();
+        };
+        let mut entries = std::mem::take(j);
+        entries.sort_unstable();
+        entries.dedup();
+        let per = ENTRIES_PER_PAGE as u32;
+        entries
+            .into_iter()
+            .map(|e| (e / per, (e % per) as usize))
+            .collect()
     }
 
     /// Compare-and-exchange on one entry (for a hardware model setting A/D).

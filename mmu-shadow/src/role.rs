@@ -35,6 +35,9 @@ pub(crate) struct Role {
     /// Direct pages mapping a guest large page: the guest entry's D bit.
     /// True for every other page.
     pub(crate) guest_dirty: bool,
+    /// A page of the host window (the pool's own mapping for replay):
+    /// pinned, never reclaimed, never obsolete.
+    pub(crate) host_window: bool,
     /// Levels of the guest's paging mode (0 = no paging), so tables of
     /// guests in different modes never share a page.
     pub(crate) guest_levels: u8,
@@ -87,6 +90,7 @@ impl Role {
             has_4_byte_gpte: mode == PagingMode::Bits32,
             quadrant: 0,
             guest_dirty: true,
+            host_window: false,
             guest_levels: mode.levels(),
         }
     }

@@ -8,13 +8,13 @@
 //! own page tables fails.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use mmu_api::paging::{
     GuestPhysMemory, PhysMemError, WalkError, WalkOptions, permission_fault, walk_with, write_bytes,
 };
 use mmu_api::{
-    Access, AccessKind, AccessMode, BackendError, FaultOutcome, Gpa, Gva, Hpa, MmuVcpu,
+    Access, AccessKind, AccessMode, BackendError, FaultOutcome, Gpa, Gva, Hpa, MmuVcpu, PAGE_SIZE,
     PagingContext, PfErrorCode, Rights, VcpuError, VcpuId, VcpuKick,
 };
 
@@ -80,6 +80,28 @@ pub enum SoftError {
     Unexpected(FaultOutcome, AccessKind),
 }
 
+/// A model of a host hypervisor that shadows the pool itself, as PVM (or
+/// KVM without EPT) does: the hardware reads each pool entry once and keeps
+/// it while it is present (a not-present entry faults into the host, which
+/// reads it again), and the host learns of a change only when it is replayed
+/// ([`ShadowBackend::take_replay`]). Shared by the soft vCPUs of one VM, as
+/// the host's shadow is. Under [`Coherence::Direct`](crate::Coherence::Direct)
+/// nothing is replayed, so this host runs on stale entries, which is what
+/// makes the coherence policy testable without KVM.
+#[derive(Clone, Debug, Default)]
+pub struct ShadowingHost(Arc<Mutex<HashMap<u64, u64>>>);
+
+impl ShadowingHost {
+    /// A host that has read nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct TlbEntry {
     frame: Hpa,
@@ -97,6 +119,7 @@ pub struct SoftVcpu {
     mmu: ShadowVcpu,
     tlb: HashMap<u64, TlbEntry>,
     root: Option<Hpa>,
+    host: Option<ShadowingHost>,
 }
 
 impl SoftVcpu {
@@ -108,7 +131,22 @@ impl SoftVcpu {
             mmu,
             tlb: HashMap::new(),
             root: None,
+            host: None,
         })
+    }
+
+    /// Creates vCPU `id` on `backend`, hosted by `host`, a hypervisor that
+    /// shadows the pool (shared by the VM's soft vCPUs). Before every entry
+    /// the vCPU replays what the backend journaled, as the guest kit's CPL0
+    /// code does on such a host.
+    pub fn with_shadowing_host(
+        backend: &ShadowBackend,
+        id: VcpuId,
+        host: ShadowingHost,
+    ) -> Result<Self, BackendError> {
+        let mut cpu = Self::new(backend, id)?;
+        cpu.host = Some(host);
+        Ok(cpu)
     }
 
     /// Loads guest registers (MOV CR3 / CR0 / CR4 / EFER): the MMU picks the
@@ -169,6 +207,29 @@ impl SoftVcpu {
             self.tlb.clear();
         }
         self.root = load.root;
+        if let Some(host) = &self.host {
+            // The replay: a compare-and-exchange of each entry's value with
+            // itself, which tells the host the entry's current value.
+            let replay = self.backend.take_replay();
+            if !replay.is_empty() {
+                let st = self.backend.inner.lock();
+                let window = st.window.expect("replay implies a window").gva;
+                let mut entries = host.entries();
+                for (gva, _) in replay {
+                    let offset = gva.raw() - window.raw();
+                    let frame = (offset / PAGE_SIZE) as u32;
+                    let index = ((offset % PAGE_SIZE) / 8) as usize;
+                    entries.insert(
+                        st.pool.hpa(frame).raw() + index as u64 * 8,
+                        st.pool.load(frame, index),
+                    );
+                }
+                drop(entries);
+                drop(st);
+                // The kit reloads CR3 after a replay.
+                self.tlb.clear();
+            }
+        }
         Ok(())
     }
 
@@ -202,7 +263,10 @@ impl SoftVcpu {
                     let st = self.backend.inner.lock();
                     let r = walk_with(
                         &hw,
-                        &HardwareMemory { st: &st },
+                        &HardwareMemory {
+                            st: &st,
+                            host: self.host.as_ref(),
+                        },
                         gva,
                         access,
                         WalkOptions {
@@ -311,17 +375,33 @@ fn hpa_to_gpa(st: &MmuState, hpa: Hpa) -> Option<Gpa> {
     })
 }
 
-/// Host-physical memory as the hardware sees it: the shadow pool and the
-/// memslots' backing.
+/// Host-physical memory as the hardware sees it: the shadow pool (through
+/// the host's cached copy when it shadows the pool) and the memslots'
+/// backing.
 struct HardwareMemory<'a> {
     st: &'a MmuState,
+    /// The host's own copy of pool entries, when it shadows the pool.
+    host: Option<&'a ShadowingHost>,
 }
 
 impl GuestPhysMemory for HardwareMemory<'_> {
     fn read_u64(&self, addr: Gpa) -> Result<u64, PhysMemError> {
         let hpa = Hpa(addr.raw());
         if let Some(frame) = self.st.pool.frame_at(hpa) {
-            return Ok(self.st.pool.load(frame, (hpa.page_offset() / 8) as usize));
+            let value = self.st.pool.load(frame, (hpa.page_offset() / 8) as usize);
+            // The host keeps what it read while it is present; a
+            // not-present entry faults into the host, which reads it again.
+            return Ok(match self.host {
+                Some(host) => {
+                    let mut entries = host.entries();
+                    let cached = entries.entry(hpa.raw()).or_insert(value);
+                    if *cached & 1 == 0 {
+                        *cached = value;
+                    }
+                    *cached
+                }
+                None => value,
+            });
         }
         let gpa = hpa_to_gpa(self.st, hpa).ok_or(PhysMemError::Unbacked(addr))?;
         self.st.guest_mem().read_u64(gpa)

@@ -100,6 +100,17 @@ pub(crate) struct MmuState {
     pub(crate) zapped_obsolete: Vec<FrameId>,
     pub(crate) policy: ReclaimPolicy,
     pub(crate) zap_batch: usize,
+    /// Replay coherence: the window address and its level-3 and level-4
+    /// pages, which every 4-level (resp. 5-level) root links.
+    pub(crate) window: Option<HostWindow>,
+}
+
+/// The host window: the pool mapped supervisor-only into every root.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HostWindow {
+    pub(crate) gva: mmu_api::Gva,
+    pub(crate) l3: FrameId,
+    pub(crate) l4: FrameId,
 }
 
 /// How many roots a vCPU keeps (the current one and three recent CR3s).
@@ -131,6 +142,7 @@ impl MmuState {
             zapped_obsolete: Vec::new(),
             policy: config.reclaim,
             zap_batch: config.zap_batch.max(1),
+            window: None,
         }
     }
 
@@ -178,10 +190,92 @@ impl MmuState {
     }
 
     /// True if the page is of an old generation or was zapped as a root.
+    /// Host-window pages are never obsolete.
     pub(crate) fn is_obsolete(&self, frame: FrameId) -> bool {
-        self.pages[frame as usize]
-            .as_ref()
-            .is_none_or(|p| p.invalid || p.generation != self.valid_gen)
+        self.pages[frame as usize].as_ref().is_none_or(|p| {
+            p.invalid || (p.generation != self.valid_gen && !p.key.role.host_window)
+        })
+    }
+
+    /// Builds the host window: level-1 pages mapping every pool frame
+    /// (supervisor, writable, not executable), one level-2 page, and the
+    /// level-3 and level-4 pages roots link. Pinned: outside the active list
+    /// and the hash. Journaling starts afterwards: nothing has walked the
+    /// pool yet.
+    pub(crate) fn build_host_window(&mut self, gva: mmu_api::Gva) -> Result<(), VcpuError> {
+        use crate::role::{Access3, Role};
+        let frames = self.pool.capacity();
+        let l1_pages = frames.div_ceil(ENTRIES_PER_PAGE as u32);
+        let alloc = |st: &mut Self, level: u8| -> Result<FrameId, VcpuError> {
+            let f = st.pool.alloc().ok_or(VcpuError::OutOfPages)?;
+            let role = Role {
+                level,
+                direct: true,
+                passthrough: true,
+                access: Access3::ALL,
+                cr0_wp: true,
+                efer_nx: true,
+                smep_andnot_wp: false,
+                smap_andnot_wp: false,
+                has_4_byte_gpte: false,
+                quadrant: 0,
+                guest_dirty: true,
+                host_window: true,
+                guest_levels: 0,
+            };
+            st.pages[f as usize] = Some(ShadowPage {
+                key: SpKey { gfn: Gfn(0), role },
+                generation: 0,
+                seq: u64::MAX,
+                root_count: 1,
+                invalid: false,
+                parents: Vec::new(),
+                leaf_gfns: None,
+                write_flooding: 0,
+                pdptes: None,
+            });
+            Ok(f)
+        };
+        let l4 = alloc(self, 4)?;
+        let l3 = alloc(self, 3)?;
+        let l2 = alloc(self, 2)?;
+        for t in 0..l1_pages {
+            let l1 = alloc(self, 1)?;
+            for i in 0..ENTRIES_PER_PAGE as u32 {
+                let frame = t * ENTRIES_PER_PAGE as u32 + i;
+                if frame < frames {
+                    let leaf = Spte::leaf(self.pool.hpa(frame), true, false, false);
+                    self.pool.store(l1, i as usize, leaf.0);
+                }
+            }
+            self.link(l2, t as usize, l1);
+        }
+        self.link(l3, ((gva.raw() >> 30) & 0x1ff) as usize, l2);
+        self.link(l4, ((gva.raw() >> 39) & 0x1ff) as usize, l3);
+        self.window = Some(HostWindow { gva, l3, l4 });
+        self.pool.enable_journal();
+        Ok(())
+    }
+
+    /// Links the host window into a new root of `level`.
+    pub(crate) fn link_window(&mut self, root: FrameId, level: u8) {
+        let Some(w) = self.window else { return };
+        let (index, child) = if level == 5 {
+            (((w.gva.raw() >> 48) & 0x1ff) as usize, w.l4)
+        } else {
+            (((w.gva.raw() >> 39) & 0x1ff) as usize, w.l3)
+        };
+        self.link(root, index, child);
+    }
+
+    /// True if `gva` falls in the host window's top-level slot of a root of
+    /// `level`.
+    pub(crate) fn in_window(&self, gva: mmu_api::Gva, level: u8) -> bool {
+        self.window.is_some_and(|w| {
+            let shift = 12 + 9 * (u32::from(level) - 1);
+            (gva.raw() >> shift) & 0x1ff == (w.gva.raw() >> shift) & 0x1ff
+                && (level == 5 || (gva.raw() >> 48) == (w.gva.raw() >> 48))
+        })
     }
 
     /// Allocates a shadow page for `key`. The caller made pages available

@@ -36,6 +36,8 @@ pub(crate) struct Counters {
     pub(crate) dirty_pages_logged: u64,
     pub(crate) dirty_harvests: u64,
     pub(crate) host_writes: u64,
+    pub(crate) replays: u64,
+    pub(crate) replayed_entries: u64,
 }
 
 impl Counters {
@@ -80,6 +82,8 @@ impl Counters {
             ("dirty_pages_logged", self.dirty_pages_logged),
             ("dirty_harvests", self.dirty_harvests),
             ("host_writes", self.host_writes),
+            ("replays", self.replays),
+            ("replayed_entries", self.replayed_entries),
         ]
     }
 }

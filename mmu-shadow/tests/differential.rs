@@ -23,8 +23,8 @@ use mmu_api::{
     Access, AccessKind, AccessMode, Gpa, Gva, Memslot, MemslotFlags, MemslotTable, MmuBackend,
     MmuVcpu, PagingContext, PagingMode, SlotId, VcpuId,
 };
-use mmu_shadow::soft::{SoftOutcome, SoftVcpu};
-use mmu_shadow::{MIN_PAGE_LIMIT, ReclaimPolicy, ShadowBackend, ZapMode};
+use mmu_shadow::soft::{ShadowingHost, SoftOutcome, SoftVcpu};
+use mmu_shadow::{Coherence, MIN_PAGE_LIMIT, ReclaimPolicy, ShadowBackend, ZapMode};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
@@ -246,7 +246,8 @@ fn set_both(backend: &ShadowBackend, reference: &mut Reference, slot: Memslot) {
 }
 
 /// Counters summed over every case, to show each mechanism was exercised.
-const EXERCISED: [&str; 16] = [
+const EXERCISED: [&str; 17] = [
+    "replayed_entries",
     "fast_zaps",
     "naive_zaps",
     "obsolete_zapped",
@@ -264,7 +265,7 @@ const EXERCISED: [&str; 16] = [
     "zap_all",
     "dirty_harvests",
 ];
-static TOTALS: [AtomicU64; 16] = [const { AtomicU64::new(0) }; 16];
+static TOTALS: [AtomicU64; 17] = [const { AtomicU64::new(0) }; 17];
 static SEQUENCES: AtomicU64 = AtomicU64::new(0);
 static STEPS: AtomicU64 = AtomicU64::new(0);
 
@@ -278,6 +279,9 @@ struct Case {
     reclaim: ReclaimPolicy,
     /// MMIO caching off, or on with this many generation bits.
     mmio_bits: Option<u8>,
+    /// Host a hypervisor that shadows the pool (PVM's model) and keep it
+    /// coherent by replay.
+    replay: bool,
     ops: Vec<(u8, u64, u64)>,
 }
 
@@ -298,10 +302,11 @@ fn case_strategy() -> impl Strategy<Value = Case> {
             prop_oneof![3 => Just(ZapMode::Fast), 1 => Just(ZapMode::Naive)],
             prop_oneof![Just(ReclaimPolicy::Fifo), Just(ReclaimPolicy::ParentAware)],
             prop_oneof![1 => Just(None), 2 => Just(Some(19u8)), 2 => Just(Some(2u8))],
+            prop_oneof![2 => Just(false), 1 => Just(true)],
         ),
     )
         .prop_map(
-            |(mode, seed, prefetch, limit, ops, (zap, reclaim, mmio_bits))| Case {
+            |(mode, seed, prefetch, limit, ops, (zap, reclaim, mmio_bits, replay))| Case {
                 mode,
                 seed,
                 prefetch,
@@ -309,6 +314,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                 zap,
                 reclaim,
                 mmio_bits,
+                replay,
                 ops,
             },
         )
@@ -356,6 +362,13 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         reclaim: case.reclaim,
         mmio_caching: case.mmio_bits.is_some(),
         mmio_gen_bits: case.mmio_bits.unwrap_or(19),
+        coherence: if case.replay {
+            Coherence::Replay {
+                window: Gva(0xffff_8000_0000_0000),
+            }
+        } else {
+            Coherence::Direct
+        },
         ..config(case.limit, case.prefetch)
     })
     .expect("backend");
@@ -376,10 +389,16 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         &mut reference,
         slot1(&shadow_ram, SLOT1_BASES[0], MemslotFlags::empty()),
     );
-    let mut cpus = [
-        SoftVcpu::new(&b, VcpuId(0)).unwrap(),
-        SoftVcpu::new(&b, VcpuId(1)).unwrap(),
-    ];
+    let host = ShadowingHost::new();
+    let cpu = |id| {
+        if case.replay {
+            SoftVcpu::with_shadowing_host(&b, VcpuId(id), host.clone())
+        } else {
+            SoftVcpu::new(&b, VcpuId(id))
+        }
+        .unwrap()
+    };
+    let mut cpus = [cpu(0), cpu(1)];
     for c in &mut cpus {
         c.load_context(&ctx0).unwrap();
     }
