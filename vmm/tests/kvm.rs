@@ -473,3 +473,83 @@ fn teardown_closes_every_file_descriptor() {
         "file descriptors leaked: {before} -> {after}"
     );
 }
+
+/// Re-asserts one entry through the replay queue when the guest
+/// invalidates `target`, or does nothing (the `reassert: false` run).
+struct ReassertHandler {
+    target: u64,
+    pte: u64,
+    reassert: bool,
+}
+
+impl vmm::ExitHandler for ReassertHandler {
+    fn paging_op(
+        &mut self,
+        vcpu: &mut vmm::VcpuContext<'_>,
+        op: vmm::PagingOp,
+    ) -> Result<u32, VcpuError> {
+        use vmm::kit::abi::{REASSERT, action};
+        if self.reassert
+            && let vmm::PagingOp::Invlpg(va) = op
+            && va == self.target
+        {
+            let value = vcpu.read_u64(self.pte)?;
+            vcpu.queue_replay(&[(self.pte | REASSERT, value)])?;
+            return Ok(action::REPLAY | action::NATIVE);
+        }
+        Ok(action::NATIVE)
+    }
+}
+
+/// The coherence fact the shadow backend's hosting rests on: once CPL3 code
+/// has used a page-table entry, a change the VMM writes into guest memory
+/// is not seen by CPL3 code on a host whose KVM shadows guest tables (PVM),
+/// even after INVLPG; re-asserting the entry from guest CPL0 code (a
+/// `lock cmpxchg` of its value with itself) makes KVM see it.
+#[test]
+fn host_written_entries_need_a_cpl0_reassertion() {
+    if !kvm_or_skip("host_written_entries_need_a_cpl0_reassertion") {
+        return;
+    }
+    for reassert in [false, true] {
+        let mut vm = vm(1, PagingOps::Paravirt);
+        let pvm = vm.cpu().pvm;
+        let target = vm.layout().data().start + 0xa000;
+        vm.write_u64(target, 0x5eed).unwrap();
+        let pte = vm.leaf_entry_gpa(target).unwrap();
+        // CPL3 reads the page: KVM builds its shadow of the entry.
+        let read = workloads::access(workloads::AccessOp::Read).unwrap();
+        let report = vm
+            .run(&read, &[VcpuArgs([target, 0, 0, 0, 0, 0])], LIMIT)
+            .unwrap();
+        assert_eq!(report.vcpus[0].last(tag::VALUE), Some(0x5eed));
+        // The VMM unmaps the page by writing guest memory from the host.
+        vm.write_u64(pte, 0).unwrap();
+        let calls = workloads::paging_calls().unwrap();
+        let handler = ReassertHandler {
+            target,
+            pte,
+            reassert,
+        };
+        let result = vm.run_with(
+            &calls,
+            &[VcpuArgs([target, 0, 0, 0, 0, 0])],
+            LIMIT,
+            vec![handler],
+        );
+        if reassert {
+            let VcpuError::GuestException(e) = vcpu_error(result) else {
+                panic!("the re-asserted, now unmapped page must fault");
+            };
+            assert_eq!((e.vector, e.cr2), (14, target));
+            assert_eq!(
+                vm.read_u64(pte).unwrap(),
+                0,
+                "a re-assertion changes nothing"
+            );
+        } else if pvm {
+            let report = result.expect("the stale mapping still works on PVM");
+            assert_eq!(report.vcpus[0].last(tag::CHECKSUM), Some(0x5eed));
+        }
+    }
+}

@@ -59,7 +59,11 @@
 //! by rounding RSP down) and whose second page is the replay queue: up to
 //! [`REPLAY_CAPACITY`] entries of two words, (guest-virtual address,
 //! value). On [`action::REPLAY`] the kernel stores each value at its
-//! address with a CPL0 64-bit store, in order, then clears the count. This
+//! address with a CPL0 64-bit store, in order, then clears the count. An
+//! address with [`REASSERT`] (bit 0) set asks for a re-assertion instead:
+//! a `lock cmpxchg` of the value with itself at the (aligned) address,
+//! which writes only if memory still holds that value, so it tells KVM the
+//! entry's current value and never overwrites a newer one. This
 //! is how a VMM-side shadow MMU on a host whose KVM shadows guest tables
 //! (PVM) makes its table writes visible to KVM: KVM tracks guest CPL0
 //! writes, not host writes.
@@ -163,6 +167,10 @@ pub mod percpu {
 
 /// Entries the replay queue page holds.
 pub const REPLAY_CAPACITY: usize = 256;
+
+/// Bit 0 of a replay-queue address: re-assert the value (compare-and-exchange
+/// it with itself) instead of storing it. See the module docs.
+pub const REASSERT: u64 = 1;
 
 /// Conventional report tags used by the kit's workloads.
 pub mod tag {

@@ -386,11 +386,15 @@ fn emit_exception_common(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(
 }
 
 /// `replay`: apply the vCPU's queue of (address, value) stores, then clear
-/// it. Preserves every register.
+/// it; an address with bit 0 set is re-asserted with `lock cmpxchg` (the
+/// value against itself) instead of stored. Preserves every register.
 fn emit_replay(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedError> {
     let mut next = a.create_label();
     let mut done = a.create_label();
+    let mut reassert = a.create_label();
+    let mut stored = a.create_label();
     a.set_label(&mut labels.replay)?;
+    a.push(rax)?;
     a.push(rcx)?;
     a.push(rdx)?;
     a.push(r8)?;
@@ -405,7 +409,15 @@ fn emit_replay(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedErr
     a.set_label(&mut next)?;
     a.mov(r10, qword_ptr(r8))?;
     a.mov(rdx, qword_ptr(r8 + 8))?;
+    a.test(r10, 1)?;
+    a.jnz(reassert)?;
     a.mov(qword_ptr(r10), rdx)?;
+    a.jmp(stored)?;
+    a.set_label(&mut reassert)?;
+    a.and(r10, -2)?;
+    a.mov(rax, rdx)?;
+    a.lock().cmpxchg(qword_ptr(r10), rdx)?;
+    a.set_label(&mut stored)?;
     a.add(r8, 16)?;
     a.dec(rcx)?;
     a.jnz(next)?;
@@ -416,6 +428,7 @@ fn emit_replay(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedErr
     a.pop(r8)?;
     a.pop(rdx)?;
     a.pop(rcx)?;
+    a.pop(rax)?;
     a.ret()
 }
 
