@@ -1,8 +1,113 @@
-//! Glue between a host VMM's vCPU exit loop and an MMU backend (not
-//! implemented yet).
+//! Glue between a host VMM's vCPU exit loop and an MMU backend.
 //!
-//! This crate will turn KVM exits (and MSHV messages behind feature `mshv`)
-//! into `mmu_api::MmuVcpu` calls and their answers into actions, and provide
-//! adapters shaped like Cloud Hypervisor's `VmOps` and crosvm's `handle_mmio`.
-//! Until its issue lands it exports nothing.
+//! A VMM in the style of Cloud Hypervisor or crosvm enables this crate as a
+//! cargo feature, builds the VM's backend by name (`"shadow"` / `"ept"`,
+//! through the `backends` registry), and calls into it from three places:
+//!
+//! - **Its vCPU loop**, through one [`VcpuExits`] per vCPU: exits become
+//!   [`MmuVcpu`](mmu_api::MmuVcpu) calls (MMIO classification, page
+//!   faults, paging-context changes, emulated writes) and the answers
+//!   become an [`Action`]: resume, MMIO served on the VMM's
+//!   [`MmioBus`], inject a fault, load a new root, or emulate. Front ends:
+//!   KVM's `VcpuExit` ([`VcpuExits::handle_kvm_exit`], feature `kvm`) and
+//!   MSHV's `hv_message` (`VcpuExits::handle_mshv_message`, feature
+//!   `mshv`); on KVM, [`kvm::apply_action`] carries an action out on the
+//!   `VcpuFd`.
+//! - **Its memory map**, through [`Memslots`]: every add, move, delete and
+//!   dirty-logging switch. On KVM the EPT backend owns the VM's memslots
+//!   through [`kvm::KvmMemory`] (`KVM_SET_USER_MEMORY_REGION`,
+//!   `KVM_GET_DIRTY_LOG`); [`kvm::KvmMmu`] sets all of this up for a VM.
+//! - **Its device dispatch**, through adapters of the host's own shape:
+//!   [`cloud_hypervisor::MmuVmOps`] decorates Cloud Hypervisor's `VmOps`,
+//!   [`crosvm::CrosvmMmio`] is the body of crosvm's `handle_mmio` closure.
+//!
+//! | feature | default | what |
+//! | --- | --- | --- |
+//! | `kvm` | yes | the [`kvm`] module (kvm-ioctls) |
+//! | `ept` | yes | the EPT backend (and [`kvm::KvmMemory`]) |
+//! | `shadow` | yes | the shadow backend (not hostable on KVM yet: [`kvm::KvmMmu::new`] refuses it) |
+//! | `mshv` | no | the `mshv` module (mshv-bindings) |
+//!
+//! # Example
+//!
+//! An MMIO write exit from KVM, classified by the EPT backend and served on
+//! the VMM's bus (here with the backend's in-process hypervisor double, so
+//! it runs without `/dev/kvm`; the `host_vmm` example does it on KVM):
+//!
+//! ```
+//! # #[cfg(all(feature = "kvm", feature = "ept"))] {
+//! use std::sync::Arc;
+//!
+//! use backends::{BackendConfig, BackendKind, BackendParts};
+//! use integration::kvm::Routed;
+//! use integration::{Action, BusError, MmioBus, VcpuExits};
+//! use kvm_ioctls::VcpuExit;
+//! use mmu_api::{Gpa, MmioClass, VcpuId, VcpuKick};
+//!
+//! #[derive(Debug)]
+//! struct NoKick;
+//! impl VcpuKick for NoKick {
+//!     fn kick(&self) {}
+//! }
+//!
+//! /// One device register at 0xd000_0000.
+//! #[derive(Default)]
+//! struct Bus {
+//!     register: u32,
+//! }
+//! impl MmioBus for Bus {
+//!     fn mmio_read(&mut self, gpa: Gpa, data: &mut [u8]) -> Result<(), BusError> {
+//!         let bytes = self.register.to_le_bytes();
+//!         data.copy_from_slice(&bytes[..data.len()]);
+//!         Ok(())
+//!     }
+//!     fn mmio_write(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), BusError> {
+//!         let mut bytes = [0; 4];
+//!         bytes[..data.len()].copy_from_slice(data);
+//!         self.register = u32::from_le_bytes(bytes);
+//!         Ok(())
+//!     }
+//!     fn memory_read(&mut self, gpa: Gpa, _: &mut [u8]) -> Result<(), BusError> {
+//!         Err(BusError::NoDevice(gpa))
+//!     }
+//! }
+//!
+//! let port = Arc::new(mmu_ept::testing::InProcessHypervisor::new());
+//! let parts = BackendParts::new().with_hypervisor_memory(port);
+//! let backend = backends::create(BackendKind::Ept, &BackendConfig::default(), &parts)?;
+//! let mut exits = VcpuExits::new(backend.create_vcpu(VcpuId(0), Arc::new(NoKick))?);
+//! let mut bus = Bus::default();
+//!
+//! // What `VcpuFd::run()` returns for `mov dword [0xd000_0000], 7`.
+//! let exit = VcpuExit::MmioWrite(0xd000_0000, &[7, 0, 0, 0]);
+//! match exits.handle_kvm_exit(exit, &mut bus)? {
+//!     Routed::Handled(action) => assert_eq!(action, Action::Resume),
+//!     Routed::Unhandled(other) => panic!("{other:?}"),
+//! }
+//! assert_eq!(bus.register, 7);
+//! assert_eq!(exits.stats().device_writes, 1);
+//! assert_eq!(exits.mmu().classify_mmio(Gpa(0xd000_0004), false), MmioClass::Mmio);
+//! assert_eq!(backend.stats().get("mmio_cache_hits"), Some(1));
+//! # }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![deny(missing_docs)]
+
+mod bus;
+pub mod cloud_hypervisor;
+pub mod crosvm;
+mod error;
+mod exits;
+#[cfg(feature = "kvm")]
+pub mod kvm;
+mod memslots;
+#[cfg(feature = "mshv")]
+pub mod mshv;
+#[cfg(all(test, feature = "ept"))]
+mod test_support;
+
+pub use backends;
+pub use bus::{BusError, Direction, MmioBus};
+pub use error::ExitError;
+pub use exits::{Action, ExitStats, VcpuExits};
+pub use memslots::{Memslots, UserRegion};

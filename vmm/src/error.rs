@@ -70,6 +70,18 @@ pub enum SetupError {
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    /// The MMU backend could not be set up for this VM.
+    #[error("cannot set up the MMU backend")]
+    Mmu(#[from] integration::kvm::KvmHostError),
+    /// The MMU backend refused guest memory.
+    #[error("the MMU backend refused guest memory")]
+    Memslot(#[from] mmu_api::MemslotError),
+    /// The MMU backend could not create a vCPU.
+    #[error("the MMU backend could not create a vCPU")]
+    MmuVcpu(#[from] mmu_api::BackendError),
+    /// The MMU refused a vCPU's initial paging context.
+    #[error("the MMU refused the initial paging context")]
+    MmuContext(#[source] integration::ExitError),
 }
 
 /// Assembling guest code failed.
@@ -275,6 +287,12 @@ pub enum VcpuError {
     /// An exit handler supplied by the caller failed.
     #[error("exit handler failed: {0}")]
     Handler(String),
+    /// The MMU exit handler could not complete an exit.
+    #[error("the MMU exit handler failed")]
+    Mmu(#[from] integration::ExitError),
+    /// The MMU's answer could not be carried out on the vCPU.
+    #[error("cannot carry out the MMU's action on the vCPU")]
+    MmuAction(#[from] integration::kvm::ApplyError),
 }
 
 /// A run of the VM failed.

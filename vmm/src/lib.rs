@@ -17,6 +17,9 @@
 //!
 //! - [`conformance`]: the access-matrix test of `mmu-api`'s reference
 //!   walker against KVM (`mmu-vmm conformance`).
+//! - [`mmu`]: [`MmuVm`](mmu::MmuVm), a VM whose memslots and exits go
+//!   through a pluggable MMU backend (`backends` + `integration`), chosen
+//!   by name at creation; [`run`] is `mmu-vmm run` on top of it.
 //!
 //! # The guest ABI in brief
 //!
@@ -35,8 +38,11 @@
 //! # The `mmu-vmm` command
 //!
 //! `mmu-vmm info` (what KVM offers), `mmu-vmm touch` (the touch workload
-//! on N vCPUs, checksums checked) and `mmu-vmm conformance [--cases N]
-//! [--seed S] [--levels 4|5] [--json]`.
+//! on N vCPUs, checksums checked), `mmu-vmm conformance [--cases N]
+//! [--seed S] [--levels 4|5] [--json]`, and `mmu-vmm run --mmu shadow|ept
+//! --workload touch [--vcpus N] [--mem SIZE] [--json]` (the workload under
+//! an MMU backend, with its checks and the backend's stats; the shadow
+//! backend cannot be hosted on KVM yet and is refused with a typed error).
 //!
 //! A guest that triple-faults, runs past its time limit, touches a port or
 //! address nothing serves, or takes an exception nothing resolves ends its
@@ -82,6 +88,8 @@ mod error;
 mod kick;
 pub mod kit;
 pub mod layout;
+pub mod mmu;
+pub mod run;
 pub mod tables;
 mod vcpu;
 mod vm;

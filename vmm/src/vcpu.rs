@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use integration::Action;
+use integration::kvm::{PageFaultDelivery, Routed, apply_action};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use mmu_api::VcpuId;
@@ -81,6 +83,9 @@ pub struct ExitStats {
     pub device_io: u64,
     /// `KVM_RUN` returns with `EINTR` (kicks, signals).
     pub interrupted: u64,
+    /// Exits the exit handler's [`kvm_exit`](ExitHandler::kvm_exit) served
+    /// (a subset of `exits`; MMIO through an MMU backend).
+    pub routed: u64,
 }
 
 /// One vCPU's result.
@@ -119,6 +124,32 @@ pub trait ExitHandler: Send {
     /// Called before every guest entry (after kicks, too).
     fn prepare_entry(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<(), VcpuError> {
         let _ = vcpu;
+        Ok(())
+    }
+
+    /// Called right after every return from `KVM_RUN` (an exit, or an
+    /// entry a kick interrupted), before the exit is looked at.
+    fn left_guest(&mut self) {}
+
+    /// Offered every exit straight from `KVM_RUN`, before the VMM decodes
+    /// it: return [`Routed::Handled`] with what to do next, or the exit back
+    /// ([`Routed::Unhandled`]) for the VMM's own handling. An MMU exit
+    /// handler ([`integration::VcpuExits::handle_kvm_exit`]) plugs in here.
+    /// The exit borrows the vCPU's `kvm_run` page, so the action is carried
+    /// out afterwards, by [`complete_exit`](Self::complete_exit).
+    fn kvm_exit<'e>(&mut self, exit: VcpuExit<'e>) -> Result<Routed<'e>, VcpuError> {
+        Ok(Routed::Unhandled(exit))
+    }
+
+    /// Carries out what [`kvm_exit`](Self::kvm_exit) decided, once the exit
+    /// no longer borrows the vCPU. By default with
+    /// [`integration::kvm::apply_action`], delivering a #PF by setting CR2.
+    fn complete_exit(
+        &mut self,
+        vcpu: &mut VcpuContext<'_>,
+        action: Action,
+    ) -> Result<(), VcpuError> {
+        apply_action(vcpu.fd(), action, PageFaultDelivery::SetCr2)?;
         Ok(())
     }
 
@@ -197,6 +228,82 @@ pub trait ExitHandler: Send {
 pub struct DefaultHandler;
 
 impl ExitHandler for DefaultHandler {}
+
+/// A handler borrowed for one run, so its state (an MMU vCPU) outlives
+/// the run.
+impl<H: ExitHandler + ?Sized> ExitHandler for &mut H {
+    fn prepare_entry(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<(), VcpuError> {
+        (**self).prepare_entry(vcpu)
+    }
+
+    fn left_guest(&mut self) {
+        (**self).left_guest();
+    }
+
+    fn kvm_exit<'e>(&mut self, exit: VcpuExit<'e>) -> Result<Routed<'e>, VcpuError> {
+        (**self).kvm_exit(exit)
+    }
+
+    fn complete_exit(
+        &mut self,
+        vcpu: &mut VcpuContext<'_>,
+        action: Action,
+    ) -> Result<(), VcpuError> {
+        (**self).complete_exit(vcpu, action)
+    }
+
+    fn exception(
+        &mut self,
+        vcpu: &mut VcpuContext<'_>,
+        exception: &GuestException,
+    ) -> Result<ExceptionAction, VcpuError> {
+        (**self).exception(vcpu, exception)
+    }
+
+    fn paging_op(&mut self, vcpu: &mut VcpuContext<'_>, op: PagingOp) -> Result<u32, VcpuError> {
+        (**self).paging_op(vcpu, op)
+    }
+
+    fn report(&mut self, vcpu: &mut VcpuContext<'_>, report: Report) -> Result<(), VcpuError> {
+        (**self).report(vcpu, report)
+    }
+
+    fn port_read(
+        &mut self,
+        vcpu: &mut VcpuContext<'_>,
+        port: u16,
+        data: &mut [u8],
+    ) -> Result<bool, VcpuError> {
+        (**self).port_read(vcpu, port, data)
+    }
+
+    fn port_write(
+        &mut self,
+        vcpu: &mut VcpuContext<'_>,
+        port: u16,
+        data: &[u8],
+    ) -> Result<bool, VcpuError> {
+        (**self).port_write(vcpu, port, data)
+    }
+
+    fn mmio_read(
+        &mut self,
+        vcpu: &mut VcpuContext<'_>,
+        gpa: u64,
+        data: &mut [u8],
+    ) -> Result<bool, VcpuError> {
+        (**self).mmio_read(vcpu, gpa, data)
+    }
+
+    fn mmio_write(
+        &mut self,
+        vcpu: &mut VcpuContext<'_>,
+        gpa: u64,
+        data: &[u8],
+    ) -> Result<bool, VcpuError> {
+        (**self).mmio_write(vcpu, gpa, data)
+    }
+}
 
 /// What an [`ExitHandler`] may touch during an exit: the vCPU's registers,
 /// guest memory, and the kernel page of this vCPU.
@@ -334,6 +441,8 @@ pub(crate) struct VcpuRun<'a> {
 
 /// An exit, copied out of `kvm_run` so the vCPU can be used again.
 enum Exit {
+    /// The exit handler's `kvm_exit` served it; this is what remains to do.
+    Routed(Action),
     IoIn {
         port: u16,
         data: *mut u8,
@@ -362,6 +471,7 @@ enum Exit {
 impl Exit {
     fn name(&self) -> &'static str {
         match self {
+            Exit::Routed(_) => "routed",
             Exit::IoIn { .. } => "io-in",
             Exit::IoOut { .. } => "io-out",
             Exit::MmioRead { .. } => "mmio-read",
@@ -498,8 +608,13 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
         };
         handler.prepare_entry(&mut ctx)?;
 
-        let exit = match fd.run() {
-            Ok(exit) => Exit::from_kvm(exit),
+        let result = fd.run();
+        handler.left_guest();
+        let exit = match result {
+            Ok(exit) => match handler.kvm_exit(exit)? {
+                Routed::Handled(action) => Exit::Routed(action),
+                Routed::Unhandled(exit) => Exit::from_kvm(exit),
+            },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 fd.set_kvm_immediate_exit(0);
                 stats.interrupted += 1;
@@ -509,7 +624,6 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
             Err(e) => return Err(KvmError::new("KVM_RUN", e).into()),
         };
         stats.exits += 1;
-        trace!(vcpu = id.0, exit = exit.name(), "exit");
         let mut ctx = VcpuContext {
             id,
             fd: &mut *fd,
@@ -517,7 +631,13 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
             layout,
             regs: None,
         };
+        trace!(vcpu = id.0, exit = exit.name(), "exit");
         match exit {
+            Exit::Routed(action) => {
+                stats.routed += 1;
+                trace!(vcpu = id.0, ?action, "exit served by the exit handler");
+                handler.complete_exit(&mut ctx, action)?;
+            }
             Exit::IoIn { port, data, len } if (hypercall::BASE..hypercall::END).contains(&port) => {
                 if len != 4 {
                     return Err(VcpuError::BadHypercall {

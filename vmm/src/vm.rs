@@ -139,7 +139,7 @@ struct VcpuSlot {
 pub struct Vm {
     // Field order is drop order: vCPUs, then the VM, then memory.
     vcpus: Vec<VcpuSlot>,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     kvm: Kvm,
     memory: GuestMemoryMmap,
     layout: Layout,
@@ -157,7 +157,28 @@ pub fn kvm_available() -> bool {
 
 impl Vm {
     /// Creates the VM, its memory and vCPUs, and writes the guest image.
+    /// Guest memory is registered with KVM directly (one memslot per
+    /// region of [`memory`](Vm::memory)).
     pub fn new(config: VmConfig) -> Result<Vm, SetupError> {
+        Self::new_with_memory(config, register_with_kvm).map(|(vm, ())| vm)
+    }
+
+    /// Like [`new`](Vm::new), but `register` makes guest memory known to
+    /// KVM instead (an MMU backend that owns the memslots does it through
+    /// its port). It is called once, after the VM and its memory exist and
+    /// before the guest image is written or any vCPU is created; whatever
+    /// it returns is handed back with the VM. Whatever keeps a clone of the
+    /// VM fd must keep the memory it registers mapped for as long (the
+    /// `integration` memslot glue does: it holds each region's mapping
+    /// until it has deleted the region's memslot).
+    ///
+    /// Guest memory has two regions: the system area (descriptors, kernel,
+    /// per-vCPU areas, page tables) below [`Layout::data`]'s start, and the
+    /// data area from there to the end.
+    pub fn new_with_memory<R>(
+        config: VmConfig,
+        register: impl FnOnce(&Arc<VmFd>, &GuestMemoryMmap) -> Result<R, SetupError>,
+    ) -> Result<(Vm, R), SetupError> {
         let layout = Layout::new(config.vcpus, config.mem_size, config.paging_levels)?;
         install_handler()?;
         let kvm = Kvm::new().map_err(SetupError::OpenKvm)?;
@@ -173,36 +194,21 @@ impl Vm {
                 "5-level paging requested but KVM does not offer LA57".to_string(),
             ));
         }
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| KvmError::new("KVM_CREATE_VM", e))?;
+        let vm = Arc::new(
+            kvm.create_vm()
+                .map_err(|e| KvmError::new("KVM_CREATE_VM", e))?,
+        );
 
-        let memory =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), config.mem_size as usize)])
-                .map_err(|source| SetupError::AllocateMemory {
-                    size: config.mem_size,
-                    source,
-                })?;
-        for (slot, region) in memory.iter().enumerate() {
-            let host = memory
-                .get_host_address(region.start_addr())
-                .map_err(|source| SetupError::WriteImage {
-                    gpa: Gpa(region.start_addr().0),
-                    source,
-                })?;
-            let mapping = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region is a live anonymous mapping of
-            // `memory_size` bytes owned by `memory`, which the Vm keeps
-            // until after the VM and vCPU fds are closed (field order).
-            unsafe { vm.set_user_memory_region(mapping) }
-                .map_err(|e| KvmError::new("KVM_SET_USER_MEMORY_REGION", e))?;
-        }
+        let data = layout.data().start;
+        let memory = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), data as usize),
+            (GuestAddress(data), (config.mem_size - data) as usize),
+        ])
+        .map_err(|source| SetupError::AllocateMemory {
+            size: config.mem_size,
+            source,
+        })?;
+        let registered = register(&vm, &memory)?;
 
         let kernel = Kernel::assemble(config.paging_ops)?;
         let mut this = Vm {
@@ -242,7 +248,7 @@ impl Vm {
             root = this.root,
             "VM created"
         );
-        Ok(this)
+        Ok((this, registered))
     }
 
     fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), SetupError> {
@@ -650,6 +656,33 @@ impl Vm {
         .ok()
         .and_then(|t| t.leaf().map(|s| s.entry_gpa.raw()))
     }
+}
+
+/// Registers every region of `memory` with KVM as its own memslot (slot
+/// numbers from 0), without flags.
+fn register_with_kvm(vm: &Arc<VmFd>, memory: &GuestMemoryMmap) -> Result<(), SetupError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let host = memory
+            .get_host_address(region.start_addr())
+            .map_err(|source| SetupError::WriteImage {
+                gpa: Gpa(region.start_addr().0),
+                source,
+            })?;
+        let mapping = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live anonymous mapping of `memory_size`
+        // bytes owned by `memory`, which the Vm keeps until after the VM
+        // and vCPU fds are closed (field order); this function keeps no
+        // clone of the VM fd, so the Vm's is the only one.
+        unsafe { vm.set_user_memory_region(mapping) }
+            .map_err(|e| KvmError::new("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+    Ok(())
 }
 
 /// Tells the supervisor a vCPU thread ended, even if it panicked.

@@ -5,6 +5,8 @@
 //! mmu-vmm touch [--vcpus N] [--pages N] [--passes N] [--mem-mib N]
 //!               [--read] [--ops native|paravirt] [--levels 4|5] [--time-limit SECS]
 //! mmu-vmm conformance [--cases N] [--seed S] [--json]
+//! mmu-vmm run --mmu shadow|ept --workload touch [--vcpus N] [--mem SIZE]
+//!             [--read] [--passes N] [--time-limit SECS] [--json]
 //! ```
 
 use std::process::ExitCode;
@@ -22,7 +24,13 @@ const USAGE: &str = "usage:
       every vCPU touches its own N 4 KiB pages from CPL3 and reports a checksum,
       which is checked against the host's model
   mmu-vmm conformance [--cases N] [--seed S] [--levels 4|5] [--json]
-      access-matrix test of mmu-api's walker against KVM";
+      access-matrix test of mmu-api's walker against KVM
+  mmu-vmm run --mmu shadow|ept --workload touch [--vcpus N] [--mem SIZE]
+              [--read] [--passes N] [--time-limit SECS] [--json]
+      runs the workload with the chosen MMU backend owning guest memory and
+      serving exits (SIZE: bytes or K/M/G, a multiple of 2 MiB; default 64M),
+      checks checksums, the backend's dirty log and its guest-virtual
+      translations, and prints the backend's stats";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,6 +38,7 @@ fn main() -> ExitCode {
         Some("info") => info(),
         Some("touch") => touch(&args[1..]),
         Some("conformance") => conformance(&args[1..]),
+        Some("run") => run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -71,6 +80,13 @@ impl<'a> Options<'a> {
 
     fn flag(&self, name: &str) -> bool {
         self.args.iter().any(|a| a == name)
+    }
+
+    fn raw(&self, name: &str) -> Option<&str> {
+        self.args
+            .iter()
+            .position(|a| a == name)
+            .map(|i| self.args[i + 1].as_str())
     }
 
     fn value<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String>
@@ -207,6 +223,60 @@ fn conformance(args: &[String]) -> Result<(), String> {
     vmm::conformance::print(&summary, opts.flag("--json"));
     if !summary.mismatches.is_empty() {
         return Err(format!("{} mismatches", summary.mismatches.len()));
+    }
+    Ok(())
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let opts = Options::new(
+        args,
+        &[
+            "--mmu",
+            "--workload",
+            "--vcpus",
+            "--mem",
+            "--passes",
+            "--time-limit",
+        ],
+        &["--json", "--read"],
+    )?;
+    let defaults = vmm::run::RunOptions::default();
+    let Some(mmu) = opts.raw("--mmu") else {
+        return Err(format!("run needs --mmu shadow|ept\n{USAGE}"));
+    };
+    let Some(workload) = opts.raw("--workload") else {
+        return Err(format!("run needs --workload touch\n{USAGE}"));
+    };
+    let mmu: backends::BackendKind = mmu.parse().map_err(|e| error_chain(&e))?;
+    let workload: vmm::run::Workload = workload.parse().map_err(|e| error_chain(&e))?;
+    let mem_size = match opts.raw("--mem") {
+        Some(size) => vmm::run::parse_size(size)?,
+        None => defaults.mem_size,
+    };
+    let options = vmm::run::RunOptions {
+        mmu,
+        workload,
+        vcpus: opts.value("--vcpus", defaults.vcpus)?,
+        mem_size,
+        touch: if opts.flag("--read") {
+            TouchKind::Read
+        } else {
+            TouchKind::Write
+        },
+        passes: opts.value("--passes", defaults.passes)?,
+        time_limit: Duration::from_secs_f64(
+            opts.value("--time-limit", defaults.time_limit.as_secs_f64())?,
+        ),
+        ..defaults
+    };
+    let summary = vmm::run::run(options).map_err(|e| error_chain(&e))?;
+    if opts.flag("--json") {
+        println!("{}", summary.json());
+    } else {
+        println!("{}", summary.text());
+    }
+    if !summary.ok() {
+        return Err("a check failed (see above)".to_string());
     }
     Ok(())
 }

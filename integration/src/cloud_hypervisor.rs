@@ -1,0 +1,361 @@
+//! An adapter shaped like Cloud Hypervisor's `VmOps`.
+//!
+//! In Cloud Hypervisor the vCPU loop never sees an MMIO exit: the
+//! `hypervisor` crate's KVM and MSHV vCPUs serve MMIO, port I/O and the
+//! instruction emulator's guest-memory accesses through the
+//! `Arc<dyn VmOps>` each vCPU was created with
+//! (`hypervisor::Vm::create_vcpu(id, Some(vm_ops))`). That crate is not
+//! published on crates.io, so [`VmOps`] here is a local trait with the
+//! same shape:
+//!
+//! | Cloud Hypervisor (`hypervisor::vm`) | here |
+//! | --- | --- |
+//! | `trait VmOps: Send + Sync` | [`VmOps`] |
+//! | `fn guest_mem_write(&self, gpa: u64, buf: &[u8]) -> Result<usize>` | [`VmOps::guest_mem_write`] |
+//! | `fn guest_mem_read(&self, gpa: u64, buf: &mut [u8]) -> Result<usize>` | [`VmOps::guest_mem_read`] |
+//! | `fn mmio_read(&self, gpa: u64, data: &mut [u8]) -> Result<()>` | [`VmOps::mmio_read`] |
+//! | `fn mmio_write(&self, gpa: u64, data: &[u8]) -> Result<()>` | [`VmOps::mmio_write`] |
+//! | `fn pio_read(&self, port: u64, data: &mut [u8]) -> Result<()>` | [`VmOps::pio_read`] |
+//! | `fn pio_write(&self, port: u64, data: &[u8]) -> Result<()>` | [`VmOps::pio_write`] |
+//! | `HypervisorVmError` | [`VmOpsError`] |
+//!
+//! To plug the MMU in, Cloud Hypervisor's `CpuManager` wraps the VM's
+//! `VmOps` (its `VmOpsHandler` over the memory and the MMIO / PIO buses)
+//! in one [`MmuVmOps`] per vCPU and passes that to `create_vcpu`; a real
+//! port implements `hypervisor::vm::VmOps` for `MmuVmOps` by forwarding
+//! each method (the signatures match one for one).
+
+use std::error::Error;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use mmu_api::Gpa;
+
+use crate::bus::{BusError, MmioBus};
+use crate::error::ExitError;
+use crate::exits::{ExitStats, VcpuExits};
+
+/// Errors of [`VmOps`] calls (Cloud Hypervisor: `HypervisorVmError`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VmOpsError {
+    /// The host's own operation failed (a bus with no device, guest memory
+    /// out of range).
+    #[error("the host VMM's operation failed")]
+    Host(#[source] Box<dyn Error + Send + Sync>),
+    /// The MMU could not complete the access.
+    #[error("the MMU could not complete the access")]
+    Mmu(#[source] ExitError),
+}
+
+/// The result type of [`VmOps`].
+pub type Result<T> = std::result::Result<T, VmOpsError>;
+
+/// The operations a vCPU performs on its VM (Cloud Hypervisor's
+/// `hypervisor::vm::VmOps`, same shape).
+pub trait VmOps: Send + Sync {
+    /// Writes guest memory (the instruction emulator's stores). Returns the
+    /// bytes written.
+    fn guest_mem_write(&self, gpa: u64, buf: &[u8]) -> Result<usize>;
+    /// Reads guest memory. Returns the bytes read.
+    fn guest_mem_read(&self, gpa: u64, buf: &mut [u8]) -> Result<usize>;
+    /// An MMIO read.
+    fn mmio_read(&self, gpa: u64, data: &mut [u8]) -> Result<()>;
+    /// An MMIO write.
+    fn mmio_write(&self, gpa: u64, data: &[u8]) -> Result<()>;
+    /// A port read.
+    fn pio_read(&self, port: u64, data: &mut [u8]) -> Result<()>;
+    /// A port write.
+    fn pio_write(&self, port: u64, data: &[u8]) -> Result<()>;
+}
+
+/// A per-vCPU decorator of the VM's [`VmOps`]: MMIO goes through the MMU's
+/// classification (and its cache and stats) before it reaches the inner
+/// device bus, and the emulator's guest-memory writes go through the MMU,
+/// so the dirty log and the shadow backend's write protection see them.
+/// Guest-memory reads and port I/O pass through unchanged.
+///
+/// - `mmio_read`: a device address goes to the inner `mmio_read`; an
+///   address that memory was added at meanwhile is read with the inner
+///   `guest_mem_read`.
+/// - `mmio_write`: a device address, or a read-only memslot (ROM), goes to
+///   the inner `mmio_write`; writable memory added meanwhile is written
+///   through the MMU.
+/// - `guest_mem_write`: [`VcpuExits::write_guest`].
+///
+/// Only its own vCPU thread calls it, so the lock around the vCPU's MMU is
+/// never contended.
+pub struct MmuVmOps {
+    inner: Arc<dyn VmOps>,
+    vcpu: Mutex<VcpuExits>,
+}
+
+impl fmt::Debug for MmuVmOps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MmuVmOps")
+            .field("vcpu", &*self.lock())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MmuVmOps {
+    /// Wraps the VM's `inner` operations for the vCPU whose handler is
+    /// `vcpu`.
+    pub fn new(inner: Arc<dyn VmOps>, vcpu: VcpuExits) -> Self {
+        MmuVmOps {
+            inner,
+            vcpu: Mutex::new(vcpu),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VcpuExits> {
+        // A panic inside the MMU leaves nothing half-updated that a later
+        // call would trust more than a fresh classification.
+        self.vcpu.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The vCPU's exit counters.
+    pub fn stats(&self) -> ExitStats {
+        self.lock().stats()
+    }
+
+    /// Runs `f` on the vCPU's handler (before entry, after exit, for the
+    /// calls the vCPU loop still makes itself).
+    pub fn with_vcpu<R>(&self, f: impl FnOnce(&mut VcpuExits) -> R) -> R {
+        f(&mut self.lock())
+    }
+}
+
+/// The inner [`VmOps`] seen as an [`MmioBus`].
+struct InnerBus<'a>(&'a dyn VmOps);
+
+fn host(error: VmOpsError) -> BusError {
+    BusError::failed(error)
+}
+
+impl MmioBus for InnerBus<'_> {
+    fn mmio_read(&mut self, gpa: Gpa, data: &mut [u8]) -> std::result::Result<(), BusError> {
+        self.0.mmio_read(gpa.raw(), data).map_err(host)
+    }
+
+    fn mmio_write(&mut self, gpa: Gpa, data: &[u8]) -> std::result::Result<(), BusError> {
+        self.0.mmio_write(gpa.raw(), data).map_err(host)
+    }
+
+    fn memory_read(&mut self, gpa: Gpa, data: &mut [u8]) -> std::result::Result<(), BusError> {
+        let n = self.0.guest_mem_read(gpa.raw(), data).map_err(host)?;
+        if n != data.len() {
+            return Err(BusError::failed(format!(
+                "read {n} of {} bytes of guest memory at {gpa}",
+                data.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl VmOps for MmuVmOps {
+    fn guest_mem_write(&self, gpa: u64, buf: &[u8]) -> Result<usize> {
+        self.lock()
+            .write_guest(Gpa(gpa), buf)
+            .map_err(VmOpsError::Mmu)?;
+        Ok(buf.len())
+    }
+
+    fn guest_mem_read(&self, gpa: u64, buf: &mut [u8]) -> Result<usize> {
+        self.inner.guest_mem_read(gpa, buf)
+    }
+
+    fn mmio_read(&self, gpa: u64, data: &mut [u8]) -> Result<()> {
+        self.lock()
+            .mmio_read(Gpa(gpa), data, &mut InnerBus(&*self.inner))
+            .map(drop)
+            .map_err(VmOpsError::Mmu)
+    }
+
+    fn mmio_write(&self, gpa: u64, data: &[u8]) -> Result<()> {
+        self.lock()
+            .mmio_write(Gpa(gpa), data, &mut InnerBus(&*self.inner))
+            .map(drop)
+            .map_err(VmOpsError::Mmu)
+    }
+
+    fn pio_read(&self, port: u64, data: &mut [u8]) -> Result<()> {
+        self.inner.pio_read(port, data)
+    }
+
+    fn pio_write(&self, port: u64, data: &[u8]) -> Result<()> {
+        self.inner.pio_write(port, data)
+    }
+}
+
+#[cfg(all(test, feature = "ept"))]
+mod tests {
+    use mmu_api::{MemslotFlags, MmuBackend, SlotId};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::memslots::Memslots;
+    use crate::test_support::{ept, vcpu};
+
+    /// What reached the host's own VmOps.
+    #[derive(Debug, PartialEq, Eq)]
+    enum HostCall {
+        Mmio(u64, Vec<u8>),
+        Pio(u64, Vec<u8>),
+    }
+
+    /// A host VMM's VmOps: guest memory from vm-memory, an MMIO device at
+    /// 0xd000_0000 that answers reads with 0x5a and refuses anything else,
+    /// and a port bus that records writes.
+    struct HostOps {
+        memory: GuestMemoryMmap,
+        calls: Mutex<Vec<HostCall>>,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("no device at {0:#x}")]
+    struct NoDevice(u64);
+
+    impl HostOps {
+        fn record(&self, call: HostCall) {
+            self.calls.lock().unwrap().push(call);
+        }
+    }
+
+    impl VmOps for HostOps {
+        fn guest_mem_write(&self, gpa: u64, buf: &[u8]) -> Result<usize> {
+            self.memory
+                .write(buf, GuestAddress(gpa))
+                .map_err(|e| VmOpsError::Host(Box::new(e)))
+        }
+        fn guest_mem_read(&self, gpa: u64, buf: &mut [u8]) -> Result<usize> {
+            self.memory
+                .read(buf, GuestAddress(gpa))
+                .map_err(|e| VmOpsError::Host(Box::new(e)))
+        }
+        fn mmio_read(&self, gpa: u64, data: &mut [u8]) -> Result<()> {
+            if gpa & !0xfff != 0xd000_0000 {
+                return Err(VmOpsError::Host(Box::new(NoDevice(gpa))));
+            }
+            data.fill(0x5a);
+            Ok(())
+        }
+        fn mmio_write(&self, gpa: u64, data: &[u8]) -> Result<()> {
+            self.record(HostCall::Mmio(gpa, data.to_vec()));
+            Ok(())
+        }
+        fn pio_read(&self, _port: u64, data: &mut [u8]) -> Result<()> {
+            data.fill(0xff);
+            Ok(())
+        }
+        fn pio_write(&self, port: u64, data: &[u8]) -> Result<()> {
+            self.record(HostCall::Pio(port, data.to_vec()));
+            Ok(())
+        }
+    }
+
+    /// A VM with 1 MiB of dirty-logged RAM at 0 and a 64 KiB ROM at
+    /// 0x10_0000.
+    fn setup() -> (Arc<dyn MmuBackend>, Memslots, Arc<HostOps>, MmuVmOps) {
+        let (_port, backend) = ept();
+        let memory = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x10_0000),
+            (GuestAddress(0x10_0000), 0x1_0000),
+        ])
+        .unwrap();
+        let glue = Memslots::new(Arc::clone(&backend));
+        glue.add_memory(&memory, 0, MemslotFlags::LOG_DIRTY)
+            .unwrap();
+        glue.set_dirty_logging(SlotId(1), false).unwrap();
+        let mut rom = backend
+            .memslots()
+            .into_iter()
+            .find(|s| s.id == SlotId(1))
+            .unwrap();
+        rom.flags = MemslotFlags::READONLY;
+        // SAFETY: slot 1 keeps its host range (the glue holds the mapping
+        // until the slot is deleted); only the flags change.
+        unsafe { backend.set_memslot(rom) }.unwrap();
+        let host = Arc::new(HostOps {
+            memory,
+            calls: Mutex::new(Vec::new()),
+        });
+        let ops = MmuVmOps::new(host.clone(), vcpu(&*backend, 0));
+        (backend, glue, host, ops)
+    }
+
+    #[test]
+    fn mmio_is_classified_before_it_reaches_the_host() {
+        let (backend, _glue, host, ops) = setup();
+        let mut data = [0u8; 4];
+        ops.mmio_read(0xd000_0010, &mut data).unwrap();
+        assert_eq!(data, [0x5a; 4]);
+        ops.mmio_write(0xd000_0014, &[9]).unwrap();
+        // A write to the ROM goes to the device behind it.
+        ops.mmio_write(0x10_0020, &[1, 2]).unwrap();
+        assert_eq!(
+            *host.calls.lock().unwrap(),
+            [
+                HostCall::Mmio(0xd000_0014, vec![9]),
+                HostCall::Mmio(0x10_0020, vec![1, 2])
+            ]
+        );
+        let stats = ops.stats();
+        assert_eq!((stats.mmio_exits, stats.rom_writes), (3, 1));
+        assert_eq!(backend.stats().get("mmio_cache_hits"), Some(1));
+        ops.with_vcpu(|exits| assert_eq!(exits.id(), mmu_api::VcpuId(0)));
+    }
+
+    #[test]
+    fn emulated_writes_go_through_the_mmu() {
+        let (backend, glue, host, ops) = setup();
+        let n = ops
+            .guest_mem_write(0x3ffc, &[1, 2, 3, 4, 5, 6, 7, 8])
+            .unwrap();
+        assert_eq!(n, 8);
+        let mut back = [0u8; 8];
+        assert_eq!(ops.guest_mem_read(0x3ffc, &mut back).unwrap(), 8);
+        assert_eq!(back, [1, 2, 3, 4, 5, 6, 7, 8]);
+        // The write crossed pages 3 and 4; both are in the dirty log.
+        let log = glue.dirty_log(SlotId(0)).unwrap();
+        assert_eq!(log.iter_dirty().collect::<Vec<_>>(), [3, 4]);
+        // A write to the ROM is refused by the MMU.
+        let err = ops.guest_mem_write(0x10_0000, &[0]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VmOpsError::Mmu(ExitError::Mmu(mmu_api::VcpuError::ReadOnly(_)))
+            ),
+            "{err:?}"
+        );
+        assert!(host.calls.lock().unwrap().is_empty());
+        drop(backend);
+    }
+
+    #[test]
+    fn port_io_passes_through() {
+        let (_backend, _glue, host, ops) = setup();
+        let mut data = [0u8; 2];
+        ops.pio_read(0x60, &mut data).unwrap();
+        assert_eq!(data, [0xff; 2]);
+        ops.pio_write(0x80, &[0x12]).unwrap();
+        assert_eq!(
+            *host.calls.lock().unwrap(),
+            [HostCall::Pio(0x80, vec![0x12])]
+        );
+        assert_eq!(ops.stats().mmio_exits, 0);
+    }
+
+    #[test]
+    fn host_failures_come_back_as_mmu_errors() {
+        let (_backend, _glue, _host, ops) = setup();
+        let err = ops.mmio_read(0xe000_0000, &mut [0; 4]).unwrap_err();
+        match err {
+            VmOpsError::Mmu(ExitError::Bus { gpa, len, .. }) => {
+                assert_eq!((gpa, len), (Gpa(0xe000_0000), 4));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! The KVM side on a real VM: the memory-region port (memslots, flags,
+//! dirty log), exits routed through the MMU, and actions applied to a
+//! vCPU. Each test skips (and passes) where `/dev/kvm` cannot be opened.
+//!
+//! The guest is the `host_vmm` example's real-mode program.
+#![cfg(all(feature = "kvm", feature = "ept"))]
+
+#[path = "../examples/host_vmm/guest.rs"]
+mod guest;
+
+use std::sync::Arc;
+
+use backends::{BackendConfig, BackendKind, HypervisorMemory};
+use integration::kvm::{ApplyError, KvmMemory, KvmMmu, PageFaultDelivery, Routed, apply_action};
+use integration::{Action, VcpuExits};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use mmu_api::{
+    Gpa, Gva, Hpa, MemslotError, MemslotFlags, MmuBackend, PfErrorCode, RootLoad, SlotId, VcpuId,
+    VcpuKick,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use guest::{
+    Asm, Bus, CODE_GPA, RAM_SIZE, REPORT_PORT, ROM_GPA, ROM_SIZE, ROM_WORD, TOUCH_GPA,
+    expected_reports, program, start_real_mode,
+};
+
+fn kvm_or_skip(name: &str) -> bool {
+    if Kvm::new().is_err() {
+        println!("SKIPPED (no /dev/kvm): {name}");
+        return false;
+    }
+    println!("KVM test ran: {name}");
+    true
+}
+
+#[derive(Debug)]
+struct SingleThreaded;
+
+impl VcpuKick for SingleThreaded {
+    fn kick(&self) {}
+}
+
+const RAM: SlotId = SlotId(0);
+const ROM: SlotId = SlotId(1);
+const SCRATCH: SlotId = SlotId(2);
+/// A third region: 64 KiB at 0x9_0000, dirty-logged.
+const SCRATCH_GPA: u64 = 0x9_0000;
+
+/// A KVM VM with the EPT backend owning RAM, the ROM and a scratch
+/// region, one real-mode vCPU and its exit handler.
+struct Fixture {
+    exits: VcpuExits,
+    vcpu: VcpuFd,
+    bus: Bus,
+    mmu: KvmMmu,
+    memory: GuestMemoryMmap,
+    vm: Arc<VmFd>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let kvm = Kvm::new().expect("KVM");
+        let vm = Arc::new(kvm.create_vm().expect("KVM_CREATE_VM"));
+        let mmu = KvmMmu::new(BackendKind::Ept, &BackendConfig::default(), Arc::clone(&vm))
+            .expect("EPT backend on KVM");
+        let memory = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), RAM_SIZE as usize),
+            (GuestAddress(SCRATCH_GPA), 0x1_0000),
+            (GuestAddress(ROM_GPA), ROM_SIZE as usize),
+        ])
+        .unwrap();
+        memory
+            .write_obj(ROM_WORD, GuestAddress(ROM_GPA + 0x20))
+            .unwrap();
+        let regions: Vec<_> = memory.iter().collect();
+        let glue = mmu.memslots();
+        glue.add_region(RAM, regions[0], MemslotFlags::LOG_DIRTY)
+            .unwrap();
+        glue.add_region(SCRATCH, regions[1], MemslotFlags::LOG_DIRTY)
+            .unwrap();
+        glue.add_region(ROM, regions[2], MemslotFlags::READONLY)
+            .unwrap();
+        let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+        let exits = mmu
+            .create_vcpu(VcpuId(0), Arc::new(SingleThreaded))
+            .unwrap();
+        let bus = Bus::new(memory.clone());
+        Fixture {
+            exits,
+            vcpu,
+            bus,
+            mmu,
+            memory,
+            vm,
+        }
+    }
+
+    /// Loads `code` at `CODE_GPA` and runs it until HLT; returns the words
+    /// it reported.
+    fn run(&mut self, code: &[u8]) -> Vec<u16> {
+        self.memory
+            .write_slice(code, GuestAddress(CODE_GPA))
+            .unwrap();
+        start_real_mode(&self.vcpu, CODE_GPA).unwrap();
+        let delivery = self.mmu.page_fault_delivery();
+        let mut reports = Vec::new();
+        loop {
+            let entry = self.exits.prepare_entry().unwrap();
+            apply_action(&self.vcpu, entry, delivery).unwrap();
+            let result = self.vcpu.run();
+            self.exits.exit_guest();
+            match self
+                .exits
+                .handle_kvm_exit(result.expect("KVM_RUN"), &mut self.bus)
+            {
+                Ok(Routed::Handled(action)) => apply_action(&self.vcpu, action, delivery).unwrap(),
+                Ok(Routed::Unhandled(VcpuExit::IoOut(REPORT_PORT, data))) => {
+                    reports.push(u16::from_le_bytes([data[0], data[1]]));
+                }
+                Ok(Routed::Unhandled(VcpuExit::Hlt)) => return reports,
+                Ok(Routed::Unhandled(other)) => panic!("unexpected exit {other:?}"),
+                Err(e) => panic!("exit handler: {e}"),
+            }
+        }
+    }
+
+    fn backend(&self) -> &Arc<dyn MmuBackend> {
+        self.mmu.backend()
+    }
+
+    fn stat(&self, name: &str) -> u64 {
+        self.backend().stats().get(name).unwrap()
+    }
+}
+
+#[test]
+fn example_guest_runs_through_the_mmu() {
+    if !kvm_or_skip("example_guest_runs_through_the_mmu") {
+        return;
+    }
+    let mut f = Fixture::new();
+    let (pages, requests) = (12, 20);
+    let reports = f.run(&program(pages, requests));
+    assert_eq!(reports, expected_reports(requests));
+    assert_eq!(f.bus.rings, u64::from(requests));
+    assert_eq!(f.bus.rom_writes.get(&(ROM_GPA + 0x10)), Some(&vec![0x55]));
+    // Every doorbell and status exit after the first was a cache hit; the
+    // ROM write was the one other miss.
+    assert_eq!(f.stat("mmio_cache_misses"), 2);
+    assert_eq!(f.stat("mmio_cache_hits"), 2 * u64::from(requests) - 1);
+    let stats = f.exits.stats();
+    assert_eq!(stats.mmio_exits, 2 * u64::from(requests) + 1);
+    assert_eq!(stats.rom_writes, 1);
+
+    // KVM's dirty log, read through the backend: every touched page, and
+    // the ROM write did not make anything dirty.
+    let log = f.mmu.memslots().dirty_log(RAM).unwrap();
+    for i in 0..u64::from(pages) {
+        assert!(log.is_dirty(TOUCH_GPA / 4096 + i), "page {i} missing");
+    }
+    assert!(!log.is_dirty(TOUCH_GPA / 4096 + u64::from(pages)));
+    for i in 0..u64::from(pages) {
+        let word: u16 = f
+            .memory
+            .read_obj(GuestAddress(TOUCH_GPA + i * 4096))
+            .unwrap();
+        assert_eq!(u64::from(word), u64::from(pages) - i);
+    }
+    // A harvest clears the log.
+    assert_eq!(f.mmu.memslots().dirty_log(RAM).unwrap().count(), 0);
+}
+
+/// Reads `segment:[disp]` and reports it.
+fn read_and_report(a: &mut Asm, segment: u64, disp: u16) {
+    a.mov_ax((segment >> 4) as u16)
+        .mov_es_ax()
+        .load_ax(disp)
+        .report_ax(REPORT_PORT);
+}
+
+#[test]
+fn memslot_changes_reach_the_guest() {
+    if !kvm_or_skip("memslot_changes_reach_the_guest") {
+        return;
+    }
+    let mut f = Fixture::new();
+
+    // The ROM, read through its slot; the scratch region written.
+    let mut a = Asm::default();
+    read_and_report(&mut a, ROM_GPA, 0x20);
+    a.mov_ax((SCRATCH_GPA >> 4) as u16)
+        .mov_es_ax()
+        .mov_ax(0x1234)
+        .store_ax(0x3000)
+        .hlt();
+    let code = a.code();
+    assert_eq!(f.run(&code), [ROM_WORD]);
+    let log = f.mmu.memslots().dirty_log(SCRATCH).unwrap();
+    assert_eq!(log.iter_dirty().collect::<Vec<_>>(), [3]);
+
+    // Move the ROM down to 0xe_0000 and delete the scratch region.
+    let moved = 0xe_0000;
+    f.mmu.memslots().move_slot(ROM, Gpa(moved)).unwrap();
+    f.mmu.memslots().delete(SCRATCH).unwrap();
+    let slots: Vec<_> = f
+        .backend()
+        .memslots()
+        .iter()
+        .map(|s| (s.id, s.guest_base))
+        .collect();
+    assert_eq!(slots, [(RAM, Gpa(0)), (ROM, Gpa(moved))]);
+
+    // The ROM answers at its new place; its old place and the deleted
+    // region are MMIO now (the classification cache saw the new
+    // generations), so the reads reach the bus's open-bus answer and the
+    // write is dropped there.
+    let mut a = Asm::default();
+    read_and_report(&mut a, moved, 0x20);
+    read_and_report(&mut a, ROM_GPA, 0x20);
+    read_and_report(&mut a, SCRATCH_GPA, 0x3000);
+    a.mov_ax(0x5678).store_ax(0x3000).hlt();
+    let misses_before = f.stat("mmio_cache_misses");
+    assert_eq!(f.run(&a.code()), [ROM_WORD, 0xffff, 0xffff]);
+    assert_eq!(f.bus.unclaimed_reads, 2);
+    assert_eq!(f.bus.unclaimed_writes, 1);
+    assert_eq!(f.stat("mmio_cache_misses"), misses_before + 2);
+    // The deleted region's memory still has what the guest wrote before.
+    let kept: u16 = f
+        .memory
+        .read_obj(GuestAddress(SCRATCH_GPA + 0x3000))
+        .unwrap();
+    assert_eq!(kept, 0x1234);
+
+    // Dirty logging switched off and on again starts a clean log.
+    let glue = f.mmu.memslots();
+    glue.set_dirty_logging(RAM, false).unwrap();
+    assert_eq!(
+        glue.dirty_log(RAM).unwrap_err(),
+        MemslotError::NotLogging(RAM)
+    );
+    glue.set_dirty_logging(RAM, true).unwrap();
+    assert_eq!(glue.dirty_log(RAM).unwrap().count(), 0);
+}
+
+#[test]
+fn kvm_refusals_are_reported_and_change_nothing() {
+    if !kvm_or_skip("kvm_refusals_are_reported_and_change_nothing") {
+        return;
+    }
+    let f = Fixture::new();
+    let port = KvmMemory::new(Arc::clone(&f.vm));
+    let rom = f
+        .backend()
+        .memslots()
+        .into_iter()
+        .find(|s| s.id == ROM)
+        .unwrap();
+    // KVM's own answers through the port.
+    let err = port.get_dirty_log(&rom).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+    let unknown = mmu_api::Memslot {
+        id: SlotId(9),
+        ..rom
+    };
+    let err = port.delete_user_memory_region(&unknown).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+
+    // A slot number KVM does not have (beyond KVM_USER_MEM_SLOTS): the
+    // backend's table accepts it, KVM refuses, and nothing changes.
+    let generation = f.backend().memslot_generation();
+    let region = f.memory.find_region(GuestAddress(SCRATCH_GPA)).unwrap();
+    f.mmu.memslots().delete(SCRATCH).unwrap();
+    let generation_after_delete = f.backend().memslot_generation();
+    assert!(generation_after_delete > generation);
+    let err = f
+        .mmu
+        .memslots()
+        .add_region(SlotId(40_000), region, MemslotFlags::empty())
+        .unwrap_err();
+    assert!(matches!(err, MemslotError::Hypervisor(_)), "{err:?}");
+    assert_eq!(f.backend().memslot_generation(), generation_after_delete);
+    assert_eq!(f.backend().memslots().len(), 2);
+    assert!(!f.mmu.memslots().ids().contains(&SlotId(40_000)));
+
+    // Overlaps are refused by the backend before KVM sees them.
+    f.mmu
+        .memslots()
+        .add_region(SlotId(5), region, MemslotFlags::empty())
+        .unwrap();
+    let err = f.mmu.memslots().move_slot(SlotId(5), Gpa(0)).unwrap_err();
+    assert!(matches!(err, MemslotError::Overlap { .. }), "{err:?}");
+    let slot5 = f
+        .backend()
+        .memslots()
+        .into_iter()
+        .find(|s| s.id == SlotId(5));
+    assert_eq!(slot5.map(|s| s.guest_base), Some(Gpa(SCRATCH_GPA)));
+}
+
+#[test]
+fn actions_are_applied_to_the_vcpu() {
+    if !kvm_or_skip("actions_are_applied_to_the_vcpu") {
+        return;
+    }
+    let mut f = Fixture::new();
+    let delivery = f.mmu.page_fault_delivery();
+
+    // A new root goes to CR3.
+    let root = RootLoad {
+        root: Some(Hpa(0x7000)),
+        flush_tlb: true,
+    };
+    apply_action(&f.vcpu, Action::LoadRoot(root), delivery).unwrap();
+    assert_eq!(f.vcpu.get_sregs().unwrap().cr3, 0x7000);
+    // What KVM cannot do, and what this crate does not do, are typed.
+    let flush = RootLoad {
+        root: None,
+        flush_tlb: true,
+    };
+    assert!(matches!(
+        apply_action(&f.vcpu, Action::LoadRoot(flush), delivery),
+        Err(ApplyError::FlushWithoutRoot)
+    ));
+    assert!(matches!(
+        apply_action(
+            &f.vcpu,
+            Action::EmulateMmio { gpa: Gpa(0xd_0000) },
+            delivery
+        ),
+        Err(ApplyError::NeedsEmulation { .. })
+    ));
+
+    // Injected exceptions are delivered through the real-mode IVT. The #PF
+    // handler reports CR2's two halves; the #GP handler reports 0x0d0d.
+    let pf_handler = 0x3000u16;
+    let gp_handler = 0x3100u16;
+    f.memory
+        .write_obj([pf_handler, 0u16], GuestAddress(14 * 4))
+        .unwrap();
+    f.memory
+        .write_obj([gp_handler, 0u16], GuestAddress(13 * 4))
+        .unwrap();
+    let mut pf = Asm::default();
+    pf.mov_dx(REPORT_PORT);
+    let mut pf = pf.code();
+    // mov eax, cr2; out dx, ax; shr eax, 16; out dx, ax; hlt
+    pf.extend_from_slice(&[0x0f, 0x20, 0xd0, 0xef, 0x66, 0xc1, 0xe8, 0x10, 0xef, 0xf4]);
+    f.memory
+        .write_slice(&pf, GuestAddress(u64::from(pf_handler)))
+        .unwrap();
+    let mut gp = Asm::default();
+    gp.mov_ax(0x0d0d).report_ax(REPORT_PORT).hlt();
+    f.memory
+        .write_slice(&gp.code(), GuestAddress(u64::from(gp_handler)))
+        .unwrap();
+    let mut main = Asm::default();
+    main.hlt();
+    f.memory
+        .write_slice(&main.code(), GuestAddress(CODE_GPA))
+        .unwrap();
+
+    let mut inject = |action: Action, delivery| {
+        start_real_mode(&f.vcpu, CODE_GPA).unwrap();
+        apply_action(&f.vcpu, action, delivery).unwrap();
+        let mut reports = Vec::new();
+        loop {
+            let result = f.vcpu.run();
+            match f
+                .exits
+                .handle_kvm_exit(result.expect("KVM_RUN"), &mut f.bus)
+                .unwrap()
+            {
+                Routed::Unhandled(VcpuExit::IoOut(REPORT_PORT, data)) => {
+                    reports.push(u16::from_le_bytes([data[0], data[1]]));
+                }
+                Routed::Unhandled(VcpuExit::Hlt) => return reports,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    };
+    let pf_at = |cr2: u64| Action::InjectPageFault {
+        error_code: PfErrorCode::WRITE,
+        cr2: Gva(cr2),
+    };
+    assert_eq!(
+        inject(pf_at(0x1234_5678), delivery),
+        [0x5678, 0x1234],
+        "CR2 seen by the guest's #PF handler ({delivery:?})"
+    );
+    assert_eq!(
+        inject(pf_at(0x0bad_f00d), PageFaultDelivery::SetCr2),
+        [0xf00d, 0x0bad],
+        "CR2 seen by the guest's #PF handler (SetCr2)"
+    );
+    assert_eq!(inject(Action::InjectGeneralProtection, delivery), [0x0d0d]);
+}
+
+#[cfg(feature = "shadow")]
+#[test]
+fn shadow_is_refused_on_kvm() {
+    if !kvm_or_skip("shadow_is_refused_on_kvm") {
+        return;
+    }
+    let kvm = Kvm::new().unwrap();
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    let err = KvmMmu::new(BackendKind::Shadow, &BackendConfig::default(), vm).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            integration::kvm::KvmHostError::ShadowHostingUnavailable
+        ),
+        "{err:?}"
+    );
+}

@@ -1,0 +1,341 @@
+//! Guests whose MMU is a pluggable backend (`backends` + `integration`).
+//!
+//! [`MmuVm`] is a [`Vm`] whose guest memory is owned by an MMU backend
+//! chosen at creation ([`BackendKind`]): the memslots go through the
+//! backend (the EPT backend mirrors them into KVM with its port), and every
+//! vCPU's exits go through an [`MmuHandler`], which hands them to
+//! `integration`'s exit handler: MMIO exits are classified by the backend
+//! and served on the VM's [`Devices`]; guest #PFs the kit reports and the
+//! paravirtual paging calls reach the vCPU's `MmuVcpu`.
+//!
+//! Guest memory has two memslots: [`SYSTEM_SLOT`] (descriptors, kernel,
+//! per-vCPU areas, page tables) and [`DATA_SLOT`] (the workload data area),
+//! which logs dirty pages when [`MmuVmConfig::log_dirty_data`] is set.
+//!
+//! On KVM the `shadow` backend needs hosting that does not exist yet
+//! (`integration::kvm::KvmMmu::new` refuses it with a typed error).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backends::{BackendConfig, BackendKind};
+use integration::kvm::{KvmMmu, PageFaultDelivery, Routed, apply_action};
+use integration::{Action, BusError, ExitStats, Memslots, MmioBus, VcpuExits};
+use kvm_ioctls::VcpuExit;
+use mmu_api::paging::{Cr0, Cr4, Efer};
+use mmu_api::{Gpa, Gva, MemslotFlags, MmuBackend, PagingContext, PfErrorCode, SlotId, VcpuId};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::error::{GuestException, RunError, SetupError, VcpuError};
+use crate::kit::Program;
+use crate::kit::abi::action;
+use crate::vcpu::{ExceptionAction, ExitHandler, PagingOp, VcpuContext};
+use crate::vm::{RunReport, VcpuArgs, Vm, VmConfig};
+use crate::x86;
+
+/// The memslot of the system area (below [`Layout::data`](crate::layout::Layout::data)).
+pub const SYSTEM_SLOT: SlotId = SlotId(0);
+/// The memslot of the data area.
+pub const DATA_SLOT: SlotId = SlotId(1);
+
+/// MMIO devices of an [`MmuVm`] vCPU. Guest memory the MMU needs is
+/// served by the VM itself.
+pub trait Devices: Send {
+    /// A guest read of `data.len()` bytes at `gpa`.
+    fn mmio_read(&mut self, gpa: Gpa, data: &mut [u8]) -> Result<(), BusError>;
+    /// A guest write at `gpa`.
+    fn mmio_write(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), BusError>;
+}
+
+/// No devices: every MMIO access fails with [`BusError::NoDevice`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoDevices;
+
+impl Devices for NoDevices {
+    fn mmio_read(&mut self, gpa: Gpa, _data: &mut [u8]) -> Result<(), BusError> {
+        Err(BusError::NoDevice(gpa))
+    }
+
+    fn mmio_write(&mut self, gpa: Gpa, _data: &[u8]) -> Result<(), BusError> {
+        Err(BusError::NoDevice(gpa))
+    }
+}
+
+/// One vCPU's bus: its devices, and guest memory for MMIO exits that raced
+/// a memslot change.
+struct VcpuBus {
+    memory: GuestMemoryMmap,
+    devices: Box<dyn Devices>,
+}
+
+impl MmioBus for VcpuBus {
+    fn mmio_read(&mut self, gpa: Gpa, data: &mut [u8]) -> Result<(), BusError> {
+        self.devices.mmio_read(gpa, data)
+    }
+
+    fn mmio_write(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), BusError> {
+        self.devices.mmio_write(gpa, data)
+    }
+
+    fn memory_read(&mut self, gpa: Gpa, data: &mut [u8]) -> Result<(), BusError> {
+        self.memory
+            .read_slice(data, GuestAddress(gpa.raw()))
+            .map_err(BusError::failed)
+    }
+}
+
+/// The [`ExitHandler`] of one vCPU of an [`MmuVm`]: its `integration`
+/// exit handler (which owns the vCPU's `MmuVcpu`) and its bus.
+pub struct MmuHandler {
+    exits: VcpuExits,
+    bus: VcpuBus,
+    delivery: PageFaultDelivery,
+    /// The VM's paging context (MAXPHYADDR, CPUID features); the control
+    /// registers are read from the vCPU when the guest changes them.
+    base: PagingContext,
+}
+
+impl std::fmt::Debug for MmuHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmuHandler")
+            .field("exits", &self.exits)
+            .field("delivery", &self.delivery)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MmuHandler {
+    /// The vCPU's exit handler (its MMU, its counters).
+    pub fn exits(&mut self) -> &mut VcpuExits {
+        &mut self.exits
+    }
+
+    /// The paging context of the interrupted guest context, from its
+    /// registers.
+    fn current_context(
+        &self,
+        vcpu: &mut VcpuContext<'_>,
+        cr3: Option<u64>,
+    ) -> Result<PagingContext, VcpuError> {
+        let sregs = vcpu.sregs()?;
+        let rflags = vcpu.regs()?.rflags;
+        let mut ctx = self.base;
+        ctx.cr0 = Cr0::from_bits_truncate(sregs.cr0);
+        ctx.cr3 = cr3.unwrap_or(sregs.cr3);
+        ctx.cr4 = Cr4::from_bits_truncate(sregs.cr4);
+        ctx.efer = Efer::from_bits_truncate(sregs.efer);
+        ctx.cpl = (sregs.cs.selector & 3) as u8;
+        ctx.eflags_ac = rflags & x86::RFLAGS_AC != 0;
+        Ok(ctx)
+    }
+}
+
+impl ExitHandler for MmuHandler {
+    fn prepare_entry(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<(), VcpuError> {
+        let action = self.exits.prepare_entry()?;
+        apply_action(vcpu.fd(), action, self.delivery)?;
+        Ok(())
+    }
+
+    fn left_guest(&mut self) {
+        self.exits.exit_guest();
+    }
+
+    fn kvm_exit<'e>(&mut self, exit: VcpuExit<'e>) -> Result<Routed<'e>, VcpuError> {
+        Ok(self.exits.handle_kvm_exit(exit, &mut self.bus)?)
+    }
+
+    fn complete_exit(
+        &mut self,
+        vcpu: &mut VcpuContext<'_>,
+        action: Action,
+    ) -> Result<(), VcpuError> {
+        apply_action(vcpu.fd(), action, self.delivery)?;
+        Ok(())
+    }
+
+    /// A #PF the kit's stub reported goes to the vCPU's MMU. A fault the
+    /// MMU gives back to the guest ends the run (the kit's kernel has no
+    /// handler of its own), as every other exception does.
+    fn exception(
+        &mut self,
+        vcpu: &mut VcpuContext<'_>,
+        exception: &GuestException,
+    ) -> Result<ExceptionAction, VcpuError> {
+        if exception.vector != x86::VECTOR_PF {
+            return Ok(ExceptionAction::Fail);
+        }
+        let error_code = PfErrorCode::from_bits_retain(exception.error_code as u32);
+        match self.exits.page_fault(Gva(exception.cr2), error_code)? {
+            Action::Resume => Ok(ExceptionAction::Resume(0)),
+            Action::LoadRoot(load) => {
+                apply_action(vcpu.fd(), Action::LoadRoot(load), self.delivery)?;
+                Ok(ExceptionAction::Resume(0))
+            }
+            Action::InjectPageFault { .. } | Action::InjectGeneralProtection => {
+                Ok(ExceptionAction::Fail)
+            }
+            other => Err(integration::kvm::ApplyError::NeedsEmulation { action: other }.into()),
+        }
+    }
+
+    /// The paravirtual paging calls reach the vCPU's MMU; the native
+    /// instruction still runs (the hardware walks the guest's own tables
+    /// under the backends this VM can host).
+    fn paging_op(&mut self, vcpu: &mut VcpuContext<'_>, op: PagingOp) -> Result<u32, VcpuError> {
+        match op {
+            PagingOp::LoadCr3(cr3) => {
+                let ctx = self.current_context(vcpu, Some(cr3))?;
+                let action = self.exits.set_paging_context(&ctx)?;
+                apply_action(vcpu.fd(), action, self.delivery)?;
+            }
+            PagingOp::Invlpg(gva) => self.exits.invlpg(Gva(gva)),
+            PagingOp::FlushTlb => self.exits.flush_tlb(false),
+        }
+        Ok(action::NATIVE)
+    }
+}
+
+/// How an [`MmuVm`] is built.
+#[derive(Clone, Debug)]
+pub struct MmuVmConfig {
+    /// Which backend.
+    pub kind: BackendKind,
+    /// The backends' configuration.
+    pub backend: BackendConfig,
+    /// The VM.
+    pub vm: VmConfig,
+    /// Log dirty pages of [`DATA_SLOT`].
+    pub log_dirty_data: bool,
+}
+
+/// A [`Vm`] whose memory and exits go through an MMU backend.
+pub struct MmuVm {
+    // Field order is drop order: the vCPUs' MMUs, then the backend and its
+    // memslots (deleted while KVM and the memory still exist), then the VM.
+    handlers: Vec<MmuHandler>,
+    mmu: KvmMmu,
+    vm: Vm,
+}
+
+impl std::fmt::Debug for MmuVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmuVm")
+            .field("mmu", &self.mmu)
+            .field("vm", &self.vm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MmuVm {
+    /// Builds the VM with the backend of `config.kind` and no devices.
+    pub fn new(config: MmuVmConfig) -> Result<MmuVm, SetupError> {
+        Self::with_devices(config, |_| Box::new(NoDevices))
+    }
+
+    /// Builds the VM; `devices(id)` gives vCPU `id` its MMIO devices.
+    pub fn with_devices(
+        config: MmuVmConfig,
+        mut devices: impl FnMut(VcpuId) -> Box<dyn Devices>,
+    ) -> Result<MmuVm, SetupError> {
+        let MmuVmConfig {
+            kind,
+            backend,
+            vm,
+            log_dirty_data,
+        } = config;
+        let (vm, mmu) = Vm::new_with_memory(vm, |vm_fd, memory| {
+            let mmu = KvmMmu::new(kind, &backend, Arc::clone(vm_fd))?;
+            let glue = mmu.memslots();
+            let regions: Vec<_> = {
+                use vm_memory::GuestMemoryBackend;
+                memory.iter().collect()
+            };
+            let [system, data] = regions[..] else {
+                return Err(SetupError::Config(format!(
+                    "guest memory has {} regions, expected 2",
+                    regions.len()
+                )));
+            };
+            glue.add_region(SYSTEM_SLOT, system, MemslotFlags::empty())?;
+            let data_flags = if log_dirty_data {
+                MemslotFlags::LOG_DIRTY
+            } else {
+                MemslotFlags::empty()
+            };
+            glue.add_region(DATA_SLOT, data, data_flags)?;
+            Ok(mmu)
+        })?;
+        let mut handlers = Vec::with_capacity(vm.vcpu_count());
+        for index in 0..vm.vcpu_count() {
+            let kicker = vm
+                .kicker(index)
+                .ok_or_else(|| SetupError::Config(format!("vCPU {index} has no kicker")))?;
+            let id = kicker.vcpu();
+            let mut exits = mmu.create_vcpu(id, Arc::new(kicker))?;
+            let base = vm.paging_context(0);
+            exits
+                .set_paging_context(&base)
+                .map_err(SetupError::MmuContext)?;
+            handlers.push(MmuHandler {
+                exits,
+                bus: VcpuBus {
+                    memory: vm.memory().clone(),
+                    devices: devices(id),
+                },
+                delivery: mmu.page_fault_delivery(),
+                base,
+            });
+        }
+        Ok(MmuVm { handlers, mmu, vm })
+    }
+
+    /// Which backend.
+    pub fn kind(&self) -> BackendKind {
+        self.mmu.kind()
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn MmuBackend> {
+        self.mmu.backend()
+    }
+
+    /// The memslot glue (add, move, delete memory; dirty logs).
+    pub fn memslots(&self) -> &Memslots {
+        self.mmu.memslots()
+    }
+
+    /// The VM underneath (layout, memory, kickers).
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// vCPU `index`'s handler (its MMU and exit counters).
+    pub fn handler(&mut self, index: usize) -> Option<&mut MmuHandler> {
+        self.handlers.get_mut(index)
+    }
+
+    /// Every vCPU's exit counters, by vCPU index.
+    pub fn exit_stats(&self) -> Vec<ExitStats> {
+        self.handlers.iter().map(|h| h.exits.stats()).collect()
+    }
+
+    /// Runs `program` on vCPUs `0..args.len()` as [`Vm::run`] does, with
+    /// every exit going through the vCPUs' MMU handlers.
+    pub fn run(
+        &mut self,
+        program: &Program,
+        args: &[VcpuArgs],
+        limit: Duration,
+    ) -> Result<RunReport, RunError> {
+        if args.len() > self.handlers.len() {
+            return Err(RunError::Request(format!(
+                "{} vCPUs requested, the VM has {}",
+                args.len(),
+                self.handlers.len()
+            )));
+        }
+        let handlers: Vec<&mut MmuHandler> = self.handlers.iter_mut().take(args.len()).collect();
+        self.vm.run_with(program, args, limit, handlers)
+    }
+}
