@@ -84,6 +84,7 @@
 #![deny(missing_docs)]
 
 pub mod conformance;
+pub mod insn;
 mod error;
 mod kick;
 pub mod kit;
