@@ -721,12 +721,7 @@ impl MmuState {
 
     /// Removes write access from every leaf mapping a gfn in `[start, end)`.
     pub(crate) fn write_protect_range(&mut self, start: Gfn, end: Gfn) {
-        let gfns: Vec<Gfn> = self
-            .rmap
-            .keys()
-            .copied()
-            .filter(|g| *g >= start && *g < end)
-            .collect();
+        let gfns = keys_in_range(&self.rmap, start, end);
         for g in gfns {
             self.write_protect_gfn(g);
         }
@@ -735,11 +730,9 @@ impl MmuState {
     /// Zaps every shadow page shadowing a guest table in `[start, end)`
     /// (the host wrote there behind the guest's back).
     pub(crate) fn zap_shadowed_range(&mut self, start: Gfn, end: Gfn) {
-        let frames: Vec<FrameId> = self
-            .gfn_pages
-            .iter()
-            .filter(|(g, _)| **g >= start && **g < end)
-            .flat_map(|(_, v)| v.iter().copied())
+        let frames: Vec<FrameId> = keys_in_range(&self.gfn_pages, start, end)
+            .into_iter()
+            .flat_map(|g| self.gfn_pages[&g].iter().copied())
             .collect();
         for f in frames {
             if self.pages[f as usize].as_ref().is_some_and(|p| !p.invalid) {
@@ -757,5 +750,23 @@ impl MmuState {
     pub(crate) fn register_vcpu(&mut self, shared: Arc<VcpuShared>) {
         self.roots.insert(shared.id, RootCache::default());
         self.vcpus.push(shared);
+    }
+}
+
+/// The keys of `map` in `[start, end)`, visiting whichever is smaller: the
+/// range or the map. A harvest or a host write then costs what its slot or
+/// range holds, not what the whole VM maps.
+fn keys_in_range<V>(map: &HashMap<Gfn, V>, start: Gfn, end: Gfn) -> Vec<Gfn> {
+    let span = end.raw().saturating_sub(start.raw());
+    if span <= map.len() as u64 {
+        (start.raw()..end.raw())
+            .map(Gfn)
+            .filter(|g| map.contains_key(g))
+            .collect()
+    } else {
+        map.keys()
+            .copied()
+            .filter(|g| *g >= start && *g < end)
+            .collect()
     }
 }
