@@ -1,6 +1,20 @@
-//! Criterion benches comparing the backends (not implemented yet).
+//! Shared pieces of the criterion benches (`cargo bench -p benches`).
 //!
-//! This crate will hold `memslot_churn`, `mmio_rr`, `faults` and pure-MMU
-//! microbenches, run with `cargo bench -p benches`. Until its issue lands it
-//! holds no bench.
+//! The pure-MMU microbenches (`benches/pure_mmu.rs`) run without KVM: the
+//! shadow backend on its soft vCPU ([`mmu_shadow::soft::SoftVcpu`]), the
+//! EPT backend on the in-process hypervisor
+//! ([`mmu_ept::testing::InProcessHypervisor`]). This library gives them
+//! guests with real 4-level page tables in host memory ([`guest`],
+//! [`memory`]), memslot layouts ([`slots`]) and ready-made backends with a
+//! vCPU ([`shadow::ShadowRig`], [`ept::EptRig`]). How to run and read the
+//! benches: `docs/benches-pure-mmu.md`.
 #![deny(missing_docs)]
+
+pub mod ept;
+pub mod guest;
+pub mod memory;
+pub mod shadow;
+pub mod slots;
+
+pub use guest::{Guest, GuestBuilder};
+pub use memory::GuestMemory;
