@@ -162,7 +162,7 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
                 continue;
             }
             let gfn = page.leaf_gfns.as_ref().expect("level 1")[i];
-            if mmio::is_mmio(spte.0) {
+            if st.is_mmio_spte(spte.0) {
                 let (mgfn, tag, _) = mmio::decode(spte.0);
                 if mgfn != gfn {
                     problems.push(format!("MMIO leaf {ptr:?} names {mgfn}, recorded {gfn}"));
@@ -303,7 +303,7 @@ fn audit_against_guest(st: &MmuState, root: &CachedRoot, problems: &mut Vec<Stri
                 continue;
             }
             debug_assert_eq!(shadow_index(gva, 1), i);
-            let is_mmio = mmio::is_mmio(spte.0);
+            let is_mmio = st.is_mmio_spte(spte.0);
             let t = walk_with(
                 &peek,
                 &mem,

@@ -312,7 +312,7 @@ impl MmuState {
             sp = self.pool.frame_at(Spte(spte).addr())?;
             level -= 1;
         };
-        if level != 1 || !mmio::is_mmio(spte) {
+        if level != 1 || !self.is_mmio_spte(spte) {
             return None;
         }
         let (gfn, tag, rights) = mmio::decode(spte);
@@ -412,8 +412,12 @@ impl MmuState {
         // MMIO SPTEs carry the memslot generation; none is made while an
         // update is in progress, nor when protection keys would have to be
         // checked on a cached answer.
-        let cache_mmio = mmio_bits
-            .filter(|_| slot.is_none() && !generation.update_in_progress() && !ctx.pke_active());
+        let cache_mmio = mmio_bits.filter(|_| {
+            slot.is_none()
+                && !generation.update_in_progress()
+                && !ctx.pke_active()
+                && mmio::fits(gfn)
+        });
         if (slot.is_none() && cache_mmio.is_none())
             || (access.is_write() && slot.is_some_and(|s| !s.is_writable()))
         {

@@ -164,6 +164,12 @@ pub(crate) mod mmio {
         )
     }
 
+    /// True if an MMIO SPTE can name `gfn`: its gpa fits below bit 51,
+    /// the marker bit.
+    pub(crate) fn fits(gfn: Gfn) -> bool {
+        gfn.raw() < 1 << 39
+    }
+
     /// The tag a generation count gets in `bits` bits.
     pub(crate) fn tag(generation: u64, bits: u8) -> u64 {
         generation & ((1u64 << bits) - 1)

@@ -100,6 +100,10 @@ pub(crate) struct MmuState {
     pub(crate) zapped_obsolete: Vec<FrameId>,
     pub(crate) policy: ReclaimPolicy,
     pub(crate) zap_batch: usize,
+    /// MMIO caching is on. Only then is an SPTE with bit 51 an MMIO SPTE:
+    /// with it off the host may have MAXPHYADDR 52, where bit 51 is an
+    /// address bit of ordinary leaves.
+    pub(crate) mmio_enabled: bool,
     /// Replay coherence: the window address and its level-3 and level-4
     /// pages, which every 4-level (resp. 5-level) root links.
     pub(crate) window: Option<HostWindow>,
@@ -142,6 +146,7 @@ impl MmuState {
             zapped_obsolete: Vec::new(),
             policy: config.reclaim,
             zap_batch: config.zap_batch.max(1),
+            mmio_enabled: config.mmio_caching,
             window: None,
         }
     }
@@ -384,7 +389,7 @@ impl MmuState {
         let old = Spte(self.pool.load(sp, index));
         if old.is_present() {
             let old_gfn = self.page(sp).leaf_gfns.as_ref().expect("level 1")[index];
-            if old_gfn != gfn || crate::spte::mmio::is_mmio(old.0) {
+            if old_gfn != gfn || self.is_mmio_spte(old.0) {
                 self.drop_spte(sp, index);
             } else if old.is_writable() && !spte.is_writable() {
                 self.need_flush = true;
@@ -497,6 +502,11 @@ impl MmuState {
         }
         self.counters.zap_all += 1;
         self.counters.naive_zaps += 1;
+    }
+
+    /// True if `spte` is an MMIO SPTE of this backend.
+    pub(crate) fn is_mmio_spte(&self, spte: u64) -> bool {
+        self.mmio_enabled && crate::spte::mmio::is_mmio(spte)
     }
 
     /// Installs an MMIO SPTE (never in the rmap: it maps no memory).
