@@ -84,8 +84,8 @@
 #![deny(missing_docs)]
 
 pub mod conformance;
-pub mod insn;
 mod error;
+pub mod insn;
 mod kick;
 pub mod kit;
 pub mod layout;
