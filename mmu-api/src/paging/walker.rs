@@ -596,7 +596,9 @@ fn walk_once<M: GuestPhysMemory + ?Sized>(
     }
 
     if options.set_accessed_dirty {
-        for (i, step) in steps[..depth].iter_mut().enumerate() {
+        for i in 0..depth {
+            let (done, rest) = steps.split_at_mut(i);
+            let step = &mut rest[0];
             if mode == PagingMode::Pae && step.level == 3 {
                 continue;
             }
@@ -604,8 +606,15 @@ fn walk_once<M: GuestPhysMemory + ?Sized>(
             if i + 1 == depth && access.is_write() {
                 set |= PteFlags::DIRTY.bits();
             }
-            let raw = step.entry.raw();
+            // A table used at two levels of this walk: the entry holds what
+            // the earlier level's update left there.
+            let raw = done
+                .iter()
+                .rev()
+                .find(|s| s.entry_gpa == step.entry_gpa)
+                .map_or(step.entry.raw(), |s| s.entry.raw());
             if raw & set == set {
+                step.entry = GuestPte(raw);
                 continue;
             }
             match update_entry(mem, step.entry_gpa, layout.entry_bytes, raw, set) {
