@@ -320,7 +320,12 @@ impl MmuState {
             self.counters.mmio_stale += 1;
             return None;
         }
-        if permission_fault(ctx, rights, None, access).is_some() {
+        // A write needs W in the SPTE, not just the guest's permission: W is
+        // only set once the guest's D bit is, and with CR0.WP = 0 a supervisor
+        // write the rights check allows could still owe the guest its D bit.
+        if permission_fault(ctx, rights, None, access).is_some()
+            || (access.is_write() && !rights.write)
+        {
             return None;
         }
         self.counters.mmio_fast_hits += 1;
