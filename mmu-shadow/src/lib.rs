@@ -58,6 +58,8 @@
 mod audit;
 mod backend;
 mod fault;
+#[doc(hidden)]
+pub mod fuzzing;
 mod pool;
 mod role;
 pub mod soft;

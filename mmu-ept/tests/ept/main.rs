@@ -2,6 +2,7 @@
 //! guest memory in real host RAM and an in-process hypervisor double.
 //! One test binary (one link) with a module per concern.
 
+mod bad_input;
 mod common;
 mod dirty;
 mod memslots;

@@ -1,5 +1,9 @@
-//! Test support: guest RAM in real host memory, and a table writer.
+//! Test support: guest RAM in real host memory, the test configuration,
+//! and (in `sequence`) the shadow-vs-reference sequence runner the
+//! differential test and the `shadow_ops` fuzz target share.
 #![allow(dead_code, unreachable_pub)]
+
+pub mod sequence;
 
 use mmu_api::{
     Gpa, HostBacking, HostVirtAddr, Hpa, Memslot, MemslotFlags, MmuBackend, PAGE_SIZE, SlotId,
@@ -16,6 +20,12 @@ pub struct GuestRam {
 
 /// Where tests pretend the hardware sees RAM page 0.
 pub const RAM_HPA: u64 = 0x10_0000_0000;
+
+/// Where the hardware sees the test configuration's shadow pool.
+pub const POOL_HPA: u64 = 0x40_0000_0000;
+
+/// Frames in the test configuration's shadow pool.
+pub const POOL_PAGES: u32 = 512;
 
 impl GuestRam {
     pub fn new(pages: u64) -> Self {
@@ -70,8 +80,8 @@ impl GuestRam {
 /// The test configuration: a small pool at a high hardware address.
 pub fn config(page_limit: Option<u64>, prefetch: usize) -> ShadowConfig {
     ShadowConfig {
-        pool_pages: 512,
-        pool_hpa: Hpa(0x40_0000_0000),
+        pool_pages: POOL_PAGES,
+        pool_hpa: Hpa(POOL_HPA),
         page_limit,
         prefetch,
         gpa_width: 40,
