@@ -226,14 +226,7 @@ fn dirty_log_reports_every_write() {
 #[test]
 fn page_limit_reclaims_oldest_first() {
     let mut ram = GuestRam::new(64);
-    // 8 PTs (RAM pages 4..12) each mapping one page: every access needs a
-    // new level-1 shadow page.
-    ram.set_word(1, 0, 0x2000 | PWU);
-    ram.set_word(2, 0, 0x3000 | PWU);
-    for t in 0..8u64 {
-        ram.set_word(3, t as usize, (0x4000 + 0x1000 * t) | PWU);
-        ram.set_word(4 + t, 0, (0x10_000 + 0x1000 * t) | PWU);
-    }
+    common::eight_table_guest(&mut ram);
     let b = backend(Some(12), 0);
     add_slot(&b, ram.slot(0, 0, 0, 48, MemslotFlags::empty()));
     let mut cpu = SoftVcpu::new(&b, VcpuId(0)).unwrap();

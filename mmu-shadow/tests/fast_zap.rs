@@ -277,14 +277,9 @@ fn generation_wrap_zaps_mmio_sptes() {
 #[test]
 fn allocation_takes_zapped_obsolete_pages_first() {
     let mut ram = GuestRam::new(64);
-    // 8 page tables under one PD, one page each: 11 pages for 8 addresses,
-    // under a limit with room for a fault's headroom (5) on top.
-    ram.set_word(1, 0, 0x2000 | PWU);
-    ram.set_word(2, 0, 0x3000 | PWU);
-    for t in 0..8u64 {
-        ram.set_word(3, t as usize, (0x4000 + 0x1000 * t) | PWU);
-        ram.set_word(4 + t, 0, (0x10_000 + 0x1000 * t) | PWU);
-    }
+    // 11 shadow pages for 8 addresses, under a limit with room for a
+    // fault's headroom (5) on top.
+    common::eight_table_guest(&mut ram);
     let b = ShadowBackend::new(config(Some(16), 0)).unwrap();
     add_slot(&b, ram.slot(0, 0, 0, 48, MemslotFlags::empty()));
     let mut cpu = SoftVcpu::new(&b, VcpuId(0)).unwrap();

@@ -100,3 +100,17 @@ pub fn add_slot(backend: &ShadowBackend, slot: Memslot) {
     // as long as the backend exists.
     unsafe { backend.set_memslot(slot) }.expect("slot");
 }
+
+/// A 4-level guest with CR3 at RAM page 1 whose one page directory (page 3)
+/// points to 8 page tables (pages 4..12), each mapping one page: gva
+/// `t << 21` reaches RAM page 16 + t. Every address needs its own level-1
+/// shadow page, which is what reclaim tests want.
+pub fn eight_table_guest(ram: &mut GuestRam) {
+    const PWU: u64 = 7;
+    ram.set_word(1, 0, 0x2000 | PWU);
+    ram.set_word(2, 0, 0x3000 | PWU);
+    for t in 0..8u64 {
+        ram.set_word(3, t as usize, (0x4000 + 0x1000 * t) | PWU);
+        ram.set_word(4 + t, 0, (0x10_000 + 0x1000 * t) | PWU);
+    }
+}
