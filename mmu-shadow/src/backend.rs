@@ -183,31 +183,49 @@ impl ShadowBackend {
         self.inner.generation.store(generation.0, Ordering::Release);
     }
 
-    /// The SPTEs changed since the last call, for [`Coherence::Replay`]:
-    /// each as the address of the entry in the host window and its current
-    /// value. The guest kit's CPL0 code rewrites each one (a
-    /// compare-and-exchange of the value with itself, so a concurrent newer
-    /// change is never overwritten) before CPL3 code runs again, which is
-    /// how the host's own shadow of the pool learns of the change. Empty
-    /// under [`Coherence::Direct`].
-    pub fn take_replay(&self) -> Vec<(Gva, u64)> {
+    /// What a host that shadows the pool itself must be told, for
+    /// [`Coherence::Replay`]: every present SPTE removed, narrowed or
+    /// retargeted, and every zapped frame, since the last call, as
+    /// addresses in the host window. The guest kit's CPL0 code re-asserts
+    /// each entry's current value (a compare-and-exchange of the value with
+    /// itself) and rewrites one byte of each frame, which makes the host
+    /// drop what it derived from them, before CPL3 code runs again. A
+    /// zapped frame is not reused until [`replay_done`](Self::replay_done)
+    /// confirms a batch carrying it. Empty under [`Coherence::Direct`].
+    pub fn take_replay(&self) -> ReplayBatch {
         let mut st = self.inner.lock();
         let Some(window) = st.window else {
-            return Vec::new();
+            return ReplayBatch::default();
         };
-        let entries = st.pool.take_journal();
-        let replay: Vec<(Gva, u64)> = entries
-            .into_iter()
-            .map(|(frame, index)| {
-                let offset = u64::from(frame) * PAGE_SIZE + index as u64 * 8;
-                (Gva(window.gva.raw() + offset), st.pool.load(frame, index))
-            })
-            .collect();
+        let batch = st.pool.take_journal();
+        let base = window.gva.raw();
+        let replay = ReplayBatch {
+            epoch: batch.epoch,
+            entries: batch
+                .entries
+                .into_iter()
+                .map(|(frame, index)| {
+                    Gva(base + u64::from(frame) * PAGE_SIZE + index as u64 * 8)
+                })
+                .collect(),
+            frames: batch
+                .frames
+                .into_iter()
+                .map(|frame| Gva(base + u64::from(frame) * PAGE_SIZE))
+                .collect(),
+        };
         if !replay.is_empty() {
             st.counters.replays += 1;
-            st.counters.replayed_entries += replay.len() as u64;
+            st.counters.replayed_entries += replay.entries.len() as u64;
+            st.counters.replayed_frames += replay.frames.len() as u64;
         }
         replay
+    }
+
+    /// The host has acted on every [`take_replay`](Self::take_replay) batch
+    /// up to `epoch`: the frames they carried can be reused.
+    pub fn replay_done(&self, epoch: u64) {
+        self.inner.lock().pool.confirm(epoch);
     }
 
     /// Zaps every obsolete page no vCPU can reach, in batches of
@@ -244,6 +262,26 @@ impl ShadowBackend {
             self.inner.zap_all_locked_out();
         }
         self.publish(next);
+    }
+}
+
+/// One [`ShadowBackend::take_replay`] batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplayBatch {
+    /// Its number (0 for an empty batch); pass it to
+    /// [`ShadowBackend::replay_done`] once the host acted on it.
+    pub epoch: u64,
+    /// Entries to re-assert, by their address in the host window.
+    pub entries: Vec<Gva>,
+    /// Zapped frames, by the address of their first byte in the host
+    /// window.
+    pub frames: Vec<Gva>,
+}
+
+impl ReplayBatch {
+    /// Nothing to tell the host.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.frames.is_empty()
     }
 }
 
@@ -403,9 +441,11 @@ impl MmuBackend for ShadowBackend {
 
     fn stats(&self) -> MmuStats {
         let st = self.inner.lock();
+        let mut counters = st.counters.named(st.used_pages(), st.obsolete_pending);
+        counters.push(("frames_quarantined", st.pool.quarantined()));
         MmuStats {
             backend: "shadow",
-            counters: st.counters.named(st.used_pages(), st.obsolete_pending),
+            counters,
         }
     }
 

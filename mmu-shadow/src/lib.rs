@@ -69,7 +69,7 @@ mod stats;
 mod vcpu;
 
 pub use audit::AuditError;
-pub use backend::{MIN_PAGE_LIMIT, ShadowBackend};
+pub use backend::{MIN_PAGE_LIMIT, ReplayBatch, ShadowBackend};
 pub use pool::PoolError;
 
 /// How zap-all (and memslot delete / move) drops the shadow pages.
@@ -92,9 +92,10 @@ pub enum Coherence {
     #[default]
     Direct,
     /// The host's hypervisor shadows the pool itself and does not see the
-    /// VMM's writes (PVM, or KVM without EPT). Every changed entry is
-    /// journaled ([`ShadowBackend::take_replay`]) and the guest kit's CPL0
-    /// code rewrites it through `window`, a supervisor-only mapping of the
+    /// VMM's writes (PVM, or KVM without EPT). Every present entry that is
+    /// removed, narrowed or retargeted, and every zapped frame, is journaled
+    /// ([`ShadowBackend::take_replay`]), and the guest kit's CPL0 code
+    /// rewrites them through `window`, a supervisor-only mapping of the
     /// pool that every root carries in the 512 GiB at `window` (which must
     /// be canonical, 512 GiB aligned, not 0, and unused by the guest: a
     /// guest access there is answered #GP).

@@ -41,9 +41,35 @@ pub(crate) struct ShadowPool {
     frames: u32,
     hpa_base: Hpa,
     free: Vec<FrameId>,
-    /// Entries changed since the journal was last taken, as
-    /// `frame * 512 + index`; `None` when no host needs to be told.
-    journal: Option<Vec<u32>>,
+    /// What changed since the journal was last taken; `None` when no host
+    /// needs to be told.
+    journal: Option<Journal>,
+}
+
+/// Changes a host that shadows the pool itself (PVM) must be told of.
+#[derive(Debug, Default)]
+struct Journal {
+    /// Entries whose old value the host may have cached: present entries
+    /// that were removed, narrowed or retargeted, as `frame * 512 + index`.
+    /// An entry that was not present needs no record: the host caches no
+    /// translation for it and reads the new value on its next walk.
+    entries: Vec<u32>,
+    /// Frames whose page was zapped: the host must drop everything it
+    /// derived from them before the frame is used again.
+    frames: Vec<FrameId>,
+    /// Zapped frames not yet known to be forgotten by the host, with the
+    /// epoch of the batch that carried them (`u64::MAX` until taken).
+    quarantined: std::collections::HashMap<FrameId, u64>,
+    /// Batches taken so far.
+    epoch: u64,
+}
+
+/// The journal taken at once: entries and frames, by index.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct JournalBatch {
+    pub(crate) epoch: u64,
+    pub(crate) entries: Vec<(FrameId, usize)>,
+    pub(crate) frames: Vec<FrameId>,
 }
 
 // SAFETY: the pool owns its mapping; every access to the memory goes through
@@ -114,18 +140,55 @@ impl ShadowPool {
         )
     }
 
-    /// Takes a free frame; its entries are all zero.
+    /// Takes a free frame; its entries are all zero. A quarantined frame
+    /// (see [`is_quarantined`](Self::is_quarantined)) is never handed out.
     pub(crate) fn alloc(&mut self) -> Option<FrameId> {
-        self.free.pop()
+        let pos = self.free.iter().rposition(|&f| !self.is_quarantined(f))?;
+        Some(self.free.swap_remove(pos))
     }
 
     /// Returns a frame, zeroing it. The caller must have made sure that no
-    /// hardware walk can still reach it (TLBs flushed).
+    /// hardware walk can still reach it (TLBs flushed) and journaled it
+    /// with [`journal_frame`](Self::journal_frame) if the host must know.
     pub(crate) fn free(&mut self, frame: FrameId) {
         for i in 0..ENTRIES_PER_PAGE {
-            self.store(frame, i, 0);
+            self.entry(frame, i).store(0, Ordering::Release);
         }
         self.free.push(frame);
+    }
+
+    /// Records that the page in `frame` was zapped: the host must forget
+    /// what it derived from the frame, and until a batch carrying the
+    /// record is confirmed ([`confirm`](Self::confirm)) the frame is
+    /// quarantined.
+    pub(crate) fn journal_frame(&mut self, frame: FrameId) {
+        if let Some(j) = self.journal.as_mut() {
+            j.frames.push(frame);
+            j.quarantined.insert(frame, u64::MAX);
+        }
+    }
+
+    /// True if the frame was zapped and the host may still hold what it
+    /// derived from the old contents: it must not be reused yet.
+    pub(crate) fn is_quarantined(&self, frame: FrameId) -> bool {
+        self.journal
+            .as_ref()
+            .is_some_and(|j| j.quarantined.contains_key(&frame))
+    }
+
+    /// Frames in quarantine.
+    pub(crate) fn quarantined(&self) -> u64 {
+        self.journal
+            .as_ref()
+            .map_or(0, |j| j.quarantined.len() as u64)
+    }
+
+    /// The host has acted on every batch up to `epoch`: their frames
+    /// leave quarantine.
+    pub(crate) fn confirm(&mut self, epoch: u64) {
+        if let Some(j) = self.journal.as_mut() {
+            j.quarantined.retain(|_, e| *e > epoch);
+        }
     }
 
     /// The hardware address of a frame.
@@ -161,36 +224,57 @@ impl ShadowPool {
         self.entry(frame, index).load(Ordering::Acquire)
     }
 
-    /// Writes one entry with a single atomic store, and journals it if the
-    /// value changed and journaling is on.
+    /// Writes one entry with a single atomic store, and journals it if
+    /// journaling is on and a host may have cached the old value
+    /// ([`needs_record`]).
     pub(crate) fn store(&mut self, frame: FrameId, index: usize, value: u64) {
         let old = self.entry(frame, index).swap(value, Ordering::AcqRel);
-        if old != value
+        if needs_record(old, value)
             && let Some(j) = self.journal.as_mut()
         {
-            j.push(frame * ENTRIES_PER_PAGE as u32 + index as u32);
+            j.entries.push(frame * ENTRIES_PER_PAGE as u32 + index as u32);
         }
     }
 
     /// Starts recording changed entries (for hosts that must be told).
     pub(crate) fn enable_journal(&mut self) {
-        self.journal.get_or_insert_with(Vec::new);
+        self.journal.get_or_insert_with(Journal::default);
     }
 
-    /// The entries changed since the last call, each once, as
-    /// `(frame, index)`, in ascending order.
-    pub(crate) fn take_journal(&mut self) -> Vec<(FrameId, usize)> {
+    /// What changed since the last call, each once, in ascending order:
+    /// zapped frames, and entries outside those frames. Empty (epoch 0)
+    /// when nothing changed or journaling is off.
+    pub(crate) fn take_journal(&mut self) -> JournalBatch {
         let Some(j) = self.journal.as_mut() else {
-            return Vec::new();
+            return JournalBatch::default();
         };
-        let mut entries = std::mem::take(j);
+        if j.entries.is_empty() && j.frames.is_empty() {
+            return JournalBatch::default();
+        }
+        j.epoch += 1;
+        let epoch = j.epoch;
+        let mut frames = std::mem::take(&mut j.frames);
+        frames.sort_unstable();
+        frames.dedup();
+        for f in &frames {
+            if let Some(e) = j.quarantined.get_mut(f) {
+                *e = epoch;
+            }
+        }
+        let mut entries = std::mem::take(&mut j.entries);
         entries.sort_unstable();
         entries.dedup();
         let per = ENTRIES_PER_PAGE as u32;
-        entries
+        let entries = entries
             .into_iter()
             .map(|e| (e / per, (e % per) as usize))
-            .collect()
+            .filter(|(f, _)| frames.binary_search(f).is_err())
+            .collect();
+        JournalBatch {
+            epoch,
+            entries,
+            frames,
+        }
     }
 
     /// Compare-and-exchange on one entry (for a hardware model setting A/D).
@@ -204,6 +288,18 @@ impl ShadowPool {
         self.entry(frame, index)
             .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
     }
+}
+
+/// True if a host that caches translations from the pool (PVM) may hold
+/// `old` in a form that `new` invalidates: `old` was present, and `new`
+/// is not the same entry with only write access (W, D) added. A host walk
+/// that finds too few rights reads the entry again, so widening needs no
+/// record.
+pub(crate) fn needs_record(old: u64, new: u64) -> bool {
+    const PRESENT: u64 = 1;
+    const WIDEN: u64 = (1 << 1) | (1 << 6);
+    let changed = old ^ new;
+    old & PRESENT != 0 && changed != 0 && (changed & !WIDEN != 0 || new & changed != changed)
 }
 
 impl Drop for ShadowPool {
@@ -235,6 +331,38 @@ mod tests {
         assert_eq!(pool.free_frames(), 4);
         let (host, len) = pool.host_region();
         assert!(host.0 % PAGE_SIZE == 0 && len == 4 * PAGE_SIZE);
+    }
+
+    #[test]
+    fn the_journal_keeps_what_a_host_may_have_cached() {
+        let mut pool = ShadowPool::new(8, Hpa(0x10_0000_0000)).unwrap();
+        pool.enable_journal();
+        let (a, b) = (pool.alloc().unwrap(), pool.alloc().unwrap());
+        pool.store(a, 1, 0x5000 | 1); // not present before: no record
+        pool.store(a, 1, 0x5000 | 1 | 2 | 0x40); // widened: no record
+        assert_eq!(pool.take_journal(), JournalBatch::default());
+        pool.store(a, 1, 0x5000 | 1); // narrowed
+        pool.store(a, 2, 0x6000 | 1);
+        pool.store(a, 2, 0x7000 | 1); // retargeted
+        pool.store(b, 3, 0x8000 | 1);
+        pool.store(b, 3, 0); // removed, but the frame goes too
+        pool.journal_frame(b);
+        let batch = pool.take_journal();
+        assert_eq!(batch.epoch, 1);
+        assert_eq!(batch.entries, vec![(a, 1), (a, 2)]);
+        assert_eq!(batch.frames, vec![b]);
+        // The zapped frame stays out of circulation until confirmed.
+        pool.free(b);
+        assert!(pool.is_quarantined(b));
+        let mut handed = Vec::new();
+        while let Some(f) = pool.alloc() {
+            handed.push(f);
+        }
+        assert!(!handed.contains(&b));
+        assert_eq!(pool.quarantined(), 1);
+        pool.confirm(1);
+        assert_eq!(pool.alloc(), Some(b));
+        assert_eq!(pool.quarantined(), 0);
     }
 
     #[test]

@@ -82,8 +82,8 @@ pub enum SoftError {
 
 /// A model of a host hypervisor that shadows the pool itself, as PVM (or
 /// KVM without EPT) does: the hardware reads each pool entry once and keeps
-/// it while it is present (a not-present entry faults into the host, which
-/// reads it again), and the host learns of a change only when it is replayed
+/// it while it is present (a walk that faults on cached entries makes the
+/// host read them again), and the host learns of a change only when it is replayed
 /// ([`ShadowBackend::take_replay`]). Shared by the soft vCPUs of one VM, as
 /// the host's shadow is. Under [`Coherence::Direct`](crate::Coherence::Direct)
 /// nothing is replayed, so this host runs on stale entries, which is what
@@ -209,13 +209,20 @@ impl SoftVcpu {
         self.root = load.root;
         if let Some(host) = &self.host {
             // The replay: a compare-and-exchange of each entry's value with
-            // itself, which tells the host the entry's current value.
+            // itself, which tells the host the entry's current value, and a
+            // one-byte rewrite of each zapped frame, which makes the host
+            // forget the frame.
             let replay = self.backend.take_replay();
             if !replay.is_empty() {
                 let st = self.backend.inner.lock();
                 let window = st.window.expect("replay implies a window").gva;
                 let mut entries = host.entries();
-                for (gva, _) in replay {
+                for frame_gva in &replay.frames {
+                    let frame = ((frame_gva.raw() - window.raw()) / PAGE_SIZE) as u32;
+                    let start = st.pool.hpa(frame).raw();
+                    entries.retain(|hpa, _| !(start..start + PAGE_SIZE).contains(hpa));
+                }
+                for gva in &replay.entries {
                     let offset = gva.raw() - window.raw();
                     let frame = (offset / PAGE_SIZE) as u32;
                     let index = ((offset % PAGE_SIZE) / 8) as usize;
@@ -226,6 +233,7 @@ impl SoftVcpu {
                 }
                 drop(entries);
                 drop(st);
+                self.backend.replay_done(replay.epoch);
                 // The kit reloads CR3 after a replay.
                 self.tlb.clear();
             }
@@ -261,18 +269,28 @@ impl SoftVcpu {
                     // entry and walks the tables.
                     self.tlb.remove(&page);
                     let st = self.backend.inner.lock();
-                    let r = walk_with(
-                        &hw,
-                        &HardwareMemory {
-                            st: &st,
-                            host: self.host.as_ref(),
-                        },
-                        gva,
-                        access,
-                        WalkOptions {
-                            set_accessed_dirty: false,
-                        },
-                    );
+                    let walk = |refresh| {
+                        walk_with(
+                            &hw,
+                            &HardwareMemory {
+                                st: &st,
+                                host: self.host.as_ref(),
+                                refresh,
+                            },
+                            gva,
+                            access,
+                            WalkOptions {
+                                set_accessed_dirty: false,
+                            },
+                        )
+                    };
+                    // A host that shadows the pool walks it afresh when its
+                    // cached entries fault (as KVM's shadow MMU does), so a
+                    // widened entry needs no replay.
+                    let r = match walk(false) {
+                        Err(_) if self.host.is_some() => walk(true),
+                        r => r,
+                    };
                     drop(st);
                     match r {
                         Ok(t) => {
@@ -382,6 +400,9 @@ struct HardwareMemory<'a> {
     st: &'a MmuState,
     /// The host's own copy of pool entries, when it shadows the pool.
     host: Option<&'a ShadowingHost>,
+    /// Read every entry afresh into the host's copy (the host's walk after
+    /// its cached entries faulted).
+    refresh: bool,
 }
 
 impl GuestPhysMemory for HardwareMemory<'_> {
@@ -395,7 +416,7 @@ impl GuestPhysMemory for HardwareMemory<'_> {
                 Some(host) => {
                     let mut entries = host.entries();
                     let cached = entries.entry(hpa.raw()).or_insert(value);
-                    if *cached & 1 == 0 {
+                    if *cached & 1 == 0 || self.refresh {
                         *cached = value;
                     }
                     *cached

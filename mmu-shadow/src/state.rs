@@ -286,7 +286,11 @@ impl MmuState {
     /// Allocates a shadow page for `key`. The caller made pages available
     /// first ([`make_pages_available`](Self::make_pages_available)).
     pub(crate) fn alloc_page(&mut self, key: SpKey) -> Result<FrameId, VcpuError> {
-        let frame = match self.zapped_obsolete.pop() {
+        let reusable = self
+            .zapped_obsolete
+            .iter()
+            .rposition(|&f| !self.pool.is_quarantined(f));
+        let frame = match reusable.map(|i| self.zapped_obsolete.swap_remove(i)) {
             // Zapped pages have every entry cleared already.
             Some(f) => {
                 self.counters.obsolete_reused += 1;
@@ -473,7 +477,7 @@ impl MmuState {
             self.page_mut(frame).invalid = true;
             self.need_reload = true;
         } else {
-            self.pending_free.push(frame);
+            self.retire_frame(frame);
         }
         tracing::debug!(
             frame,
@@ -488,8 +492,15 @@ impl MmuState {
         let p = self.page_mut(frame);
         p.root_count -= 1;
         if p.root_count == 0 && p.invalid {
-            self.pending_free.push(frame);
+            self.retire_frame(frame);
         }
+    }
+
+    /// Queues a zapped page's frame for freeing after the next remote
+    /// flush, and journals it for a host that shadows the pool.
+    fn retire_frame(&mut self, frame: FrameId) {
+        self.pending_free.push(frame);
+        self.pool.journal_frame(frame);
     }
 
     /// Zaps every shadow page under the lock (the naive zap-all).

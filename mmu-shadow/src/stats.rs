@@ -38,6 +38,7 @@ pub(crate) struct Counters {
     pub(crate) host_writes: u64,
     pub(crate) replays: u64,
     pub(crate) replayed_entries: u64,
+    pub(crate) replayed_frames: u64,
 }
 
 impl Counters {
@@ -84,6 +85,7 @@ impl Counters {
             ("host_writes", self.host_writes),
             ("replays", self.replays),
             ("replayed_entries", self.replayed_entries),
+            ("replayed_frames", self.replayed_frames),
         ]
     }
 }
