@@ -60,6 +60,10 @@ use mmu_api::MmuBackend;
 pub use mmu_ept::{EptConfig, HypervisorMemory};
 #[cfg(feature = "shadow")]
 pub use mmu_shadow::{PoolError, ShadowConfig};
+/// The shadow backend's crate, for hosts that need its concrete type
+/// (hosting calls such as `ShadowBackend::take_replay`).
+#[cfg(feature = "shadow")]
+pub use mmu_shadow as shadow;
 
 /// Which MMU backend a VM uses. Parses from and prints as `"shadow"` /
 /// `"ept"`.

@@ -324,14 +324,13 @@ impl backends::HypervisorMemory for KvmMemory {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KvmHostError {
-    /// The shadow backend needs hosting on KVM that does not exist yet.
-    #[error(
-        "hosting the shadow MMU backend on KVM is not available yet: the shadow page pool as a KVM memslot, guest #PF routing and host coherence on KVM are not implemented"
-    )]
-    ShadowHostingUnavailable,
     /// The registry could not build the backend.
     #[error("the MMU backend could not be created")]
     Create(#[from] backends::CreateError),
+    /// The shadow backend's page pool could not be created.
+    #[cfg(feature = "shadow")]
+    #[error("the shadow page pool could not be created")]
+    ShadowPool(#[source] backends::PoolError),
     /// A KVM ioctl failed.
     #[error("{what} failed")]
     Kvm {
@@ -343,11 +342,9 @@ pub enum KvmHostError {
     },
 }
 
-/// Whether backend `kind` can be hosted on KVM by this crate: the EPT
-/// backend can; the shadow backend cannot yet
-/// ([`KvmHostError::ShadowHostingUnavailable`]); a backend this build was
-/// compiled without is refused as `backends` refuses it. Lets a VMM fail
-/// before it creates anything.
+/// Whether backend `kind` can be hosted on KVM by this build: a backend the
+/// build was compiled without is refused as `backends` refuses it. Lets a
+/// VMM fail before it creates anything.
 pub fn check_hostable(kind: BackendKind) -> Result<(), KvmHostError> {
     if !kind.is_compiled_in() {
         return Err(KvmHostError::Create(backends::CreateError::NotCompiledIn {
@@ -355,9 +352,146 @@ pub fn check_hostable(kind: BackendKind) -> Result<(), KvmHostError> {
             compiled_in: backends::KindList(BackendKind::compiled_in()),
         }));
     }
-    match kind {
-        BackendKind::Shadow => Err(KvmHostError::ShadowHostingUnavailable),
-        BackendKind::Ept => Ok(()),
+    Ok(())
+}
+
+/// True if this host's KVM shadows guest page tables itself instead of
+/// walking them in hardware: PVM (`/sys/module/kvm_pvm`), or VMX/SVM with
+/// EPT/NPT switched off. Then KVM does not see page-table writes the VMM
+/// makes from the host, and a shadow backend hosted here needs
+/// [`mmu_shadow::Coherence::Replay`].
+pub fn host_shadows_page_tables() -> bool {
+    let param_off = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|v| matches!(v.trim(), "N" | "0"))
+            .unwrap_or(false)
+    };
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+        || param_off("/sys/module/kvm_intel/parameters/ept")
+        || param_off("/sys/module/kvm_amd/parameters/npt")
+}
+
+/// The KVM memslot id of the shadow page pool (far above any slot a VMM
+/// adds through the glue).
+#[cfg(feature = "shadow")]
+pub const SHADOW_POOL_SLOT: u32 = 0x7000;
+
+/// Where the shadow backend's host window sits in every root under
+/// [`mmu_shadow::Coherence::Replay`]: the first 512 GiB of the upper half.
+#[cfg(feature = "shadow")]
+pub const SHADOW_HOST_WINDOW: mmu_api::Gva = mmu_api::Gva(0xffff_8000_0000_0000);
+
+/// Maps memslots for a shadow backend hosted on KVM: each slot's memory
+/// becomes a KVM memory region at the slot's host-physical address, which
+/// is what the shadow tables point at. The guest reaches only what the
+/// shadow tables map.
+#[cfg(feature = "shadow")]
+#[derive(Debug)]
+struct KvmMirror {
+    vm: Arc<VmFd>,
+}
+
+#[cfg(feature = "shadow")]
+impl KvmMirror {
+    fn region(slot: &mmu_api::Memslot, size: u64) -> kvm_bindings::kvm_userspace_memory_region {
+        kvm_bindings::kvm_userspace_memory_region {
+            slot: slot.id.0,
+            flags: 0,
+            guest_phys_addr: slot.backing.hpa.raw(),
+            memory_size: size,
+            userspace_addr: slot.backing.host_addr.0,
+        }
+    }
+}
+
+#[cfg(feature = "shadow")]
+impl crate::HostMirror for KvmMirror {
+    unsafe fn map(&self, slot: &mmu_api::Memslot) -> io::Result<()> {
+        let region = Self::region(slot, slot.size);
+        trace!(
+            slot = region.slot,
+            hpa = region.guest_phys_addr,
+            size = region.memory_size,
+            "KVM_SET_USER_MEMORY_REGION (shadow mirror)"
+        );
+        // SAFETY: our caller guarantees the host range stays valid until
+        // `unmap` for the slot returns.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(os_error)
+    }
+
+    fn unmap(&self, slot: &mmu_api::Memslot) -> io::Result<()> {
+        let region = Self::region(slot, 0);
+        trace!(slot = region.slot, "KVM_SET_USER_MEMORY_REGION (shadow mirror delete)");
+        // SAFETY: a zero-sized region deletes the slot; no memory is named.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(os_error)
+    }
+}
+
+/// The shadow backend's hosting on KVM: the backend itself, and the pool
+/// registered as a KVM memory region (removed when this is dropped, before
+/// the pool's memory goes).
+#[cfg(feature = "shadow")]
+#[derive(Debug)]
+pub struct ShadowHosting {
+    backend: backends::shadow::ShadowBackend,
+    vm: Arc<VmFd>,
+    pool: kvm_bindings::kvm_userspace_memory_region,
+}
+
+#[cfg(feature = "shadow")]
+impl ShadowHosting {
+    fn new(mut config: backends::ShadowConfig, vm: Arc<VmFd>) -> Result<Self, KvmHostError> {
+        config.coherence = if host_shadows_page_tables() {
+            backends::shadow::Coherence::Replay {
+                window: SHADOW_HOST_WINDOW,
+            }
+        } else {
+            backends::shadow::Coherence::Direct
+        };
+        let backend = backends::shadow::ShadowBackend::new(config)
+            .map_err(KvmHostError::ShadowPool)?;
+        let (host, size, hpa) = backend.pool_region();
+        let pool = kvm_bindings::kvm_userspace_memory_region {
+            slot: SHADOW_POOL_SLOT,
+            flags: 0,
+            guest_phys_addr: hpa.raw(),
+            memory_size: size,
+            userspace_addr: host.0,
+        };
+        // SAFETY: the pool's mapping lives as long as `backend`, which this
+        // struct holds; `Drop` deletes the region before the backend can go.
+        unsafe { vm.set_user_memory_region(pool) }.map_err(|e| KvmHostError::Kvm {
+            what: "registering the shadow page pool with KVM",
+            source: os_error(e),
+        })?;
+        debug!(hpa = hpa.raw(), size, "shadow page pool registered with KVM");
+        Ok(ShadowHosting { backend, vm, pool })
+    }
+
+    /// The shadow backend, with its hosting calls
+    /// ([`take_replay`](backends::shadow::ShadowBackend::take_replay) and
+    /// friends).
+    pub fn backend(&self) -> &backends::shadow::ShadowBackend {
+        &self.backend
+    }
+
+    /// How this host sees the SPTEs the backend writes.
+    pub fn coherence(&self) -> backends::shadow::Coherence {
+        self.backend.config().coherence
+    }
+}
+
+#[cfg(feature = "shadow")]
+impl Drop for ShadowHosting {
+    fn drop(&mut self) {
+        let mut region = self.pool;
+        region.memory_size = 0;
+        // SAFETY: a zero-sized region deletes the slot; no memory is named.
+        if let Err(e) = unsafe { self.vm.set_user_memory_region(region) } {
+            // KVM still maps the pool: never unmap it.
+            tracing::warn!(error = %e, "cannot remove the shadow page pool from KVM; leaking it");
+            std::mem::forget(self.backend.clone());
+        }
     }
 }
 
@@ -368,31 +502,58 @@ pub fn check_hostable(kind: BackendKind) -> Result<(), KvmHostError> {
 pub struct KvmMmu {
     kind: BackendKind,
     // Field order is drop order: the glue deletes its slots while the
-    // backend is still alive.
+    // backend is still alive, and the shadow pool leaves KVM before the
+    // backend (and its pool) can go.
     memslots: Memslots,
+    #[cfg(feature = "shadow")]
+    shadow: Option<ShadowHosting>,
     backend: Arc<dyn MmuBackend>,
     delivery: PageFaultDelivery,
 }
 
 impl KvmMmu {
     /// Builds the `kind` backend for the KVM VM `vm`, configured by
-    /// `config`.
+    /// `config`. Either way the backend owns the VM's memslots from then
+    /// on: add guest memory with [`memslots`](Self::memslots), not with
+    /// the VM fd.
     ///
-    /// The EPT backend gets [`KvmMemory`] over `vm` and owns the VM's
-    /// memslots from then on: add guest memory with
-    /// [`memslots`](Self::memslots), not with the VM fd. The shadow backend
-    /// is refused with [`KvmHostError::ShadowHostingUnavailable`]. Enables
-    /// `KVM_CAP_EXCEPTION_PAYLOAD` where KVM has it.
+    /// The EPT backend gets [`KvmMemory`] over `vm`. The shadow backend's
+    /// page pool becomes a KVM memory region outside the guest's
+    /// physical space, each memslot is also mapped by KVM at its
+    /// host-physical address (the guest reaches only what the shadow
+    /// tables map), and the coherence policy is chosen from the host
+    /// ([`host_shadows_page_tables`]). Enables `KVM_CAP_EXCEPTION_PAYLOAD`
+    /// where KVM has it.
     pub fn new(
         kind: BackendKind,
         config: &BackendConfig,
         vm: Arc<VmFd>,
     ) -> Result<KvmMmu, KvmHostError> {
         check_hostable(kind)?;
-        let parts = BackendParts::new();
-        #[cfg(feature = "ept")]
-        let parts = parts.with_hypervisor_memory(Arc::new(KvmMemory::new(Arc::clone(&vm))));
-        let backend = backends::create(kind, config, &parts)?;
+        #[cfg(feature = "shadow")]
+        let mut shadow = None;
+        let (backend, memslots): (Arc<dyn MmuBackend>, _) = match kind {
+            #[cfg(feature = "shadow")]
+            BackendKind::Shadow => {
+                let hosting = ShadowHosting::new(config.shadow.clone(), Arc::clone(&vm))?;
+                let backend: Arc<dyn MmuBackend> = Arc::new(hosting.backend.clone());
+                let mirror = Arc::new(KvmMirror {
+                    vm: Arc::clone(&vm),
+                });
+                shadow = Some(hosting);
+                let memslots = Memslots::with_mirror(Arc::clone(&backend), mirror);
+                (backend, memslots)
+            }
+            _ => {
+                let parts = BackendParts::new();
+                #[cfg(feature = "ept")]
+                let parts =
+                    parts.with_hypervisor_memory(Arc::new(KvmMemory::new(Arc::clone(&vm))));
+                let backend = backends::create(kind, config, &parts)?;
+                let memslots = Memslots::new(Arc::clone(&backend));
+                (backend, memslots)
+            }
+        };
         let delivery = enable_exception_payload(&vm).map_err(|source| KvmHostError::Kvm {
             what: "enabling KVM_CAP_EXCEPTION_PAYLOAD",
             source,
@@ -404,7 +565,9 @@ impl KvmMmu {
         );
         Ok(KvmMmu {
             kind,
-            memslots: Memslots::new(Arc::clone(&backend)),
+            memslots,
+            #[cfg(feature = "shadow")]
+            shadow,
             backend,
             delivery,
         })
@@ -418,6 +581,12 @@ impl KvmMmu {
     /// The backend.
     pub fn backend(&self) -> &Arc<dyn MmuBackend> {
         &self.backend
+    }
+
+    /// The shadow backend's hosting, when this VM runs it.
+    #[cfg(feature = "shadow")]
+    pub fn shadow(&self) -> Option<&ShadowHosting> {
+        self.shadow.as_ref()
     }
 
     /// The memslot glue: where the VMM adds, moves and deletes guest

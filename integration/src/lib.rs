@@ -110,4 +110,4 @@ pub use backends;
 pub use bus::{BusError, Direction, MmioBus};
 pub use error::ExitError;
 pub use exits::{Action, ExitStats, VcpuExits};
-pub use memslots::{Memslots, UserRegion};
+pub use memslots::{HostMirror, Memslots, UserRegion};

@@ -77,6 +77,8 @@ type KeepAlive = Arc<dyn Any + Send + Sync>;
 /// mappings go.
 pub struct Memslots {
     backend: Arc<dyn MmuBackend>,
+    /// Where the slots are also mapped for the hardware, if anywhere.
+    mirror: Option<Arc<dyn HostMirror>>,
     /// Slots added through this glue; `Some` for the ones whose mapping we
     /// keep alive.
     added: Mutex<BTreeMap<SlotId, Option<KeepAlive>>>,
@@ -91,11 +93,41 @@ impl fmt::Debug for Memslots {
     }
 }
 
+/// Where a backend's memory must also be mapped for the hardware to reach
+/// it: a shadow backend's SPTEs point at each slot's host-physical address
+/// ([`mmu_api::HostBacking::hpa`]), so on a hypervisor those addresses
+/// must be mapped by the hypervisor itself (on KVM: a memory region at
+/// that address, outside the MMU's control, which decides what the guest
+/// reaches).
+pub trait HostMirror: Send + Sync + fmt::Debug {
+    /// Maps `slot`'s host memory at its host-physical address.
+    ///
+    /// # Safety
+    ///
+    /// As [`MmuBackend::set_memslot`]: the host range must stay valid until
+    /// [`unmap`](Self::unmap) for the slot has returned.
+    unsafe fn map(&self, slot: &Memslot) -> std::io::Result<()>;
+
+    /// Removes the mapping [`map`](Self::map) made.
+    fn unmap(&self, slot: &Memslot) -> std::io::Result<()>;
+}
+
 impl Memslots {
     /// Glue for `backend`, with no slots yet.
     pub fn new(backend: Arc<dyn MmuBackend>) -> Self {
         Memslots {
             backend,
+            mirror: None,
+            added: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Glue for `backend` whose slots `mirror` also maps at their
+    /// host-physical addresses (a shadow backend hosted on a hypervisor).
+    pub fn with_mirror(backend: Arc<dyn MmuBackend>, mirror: Arc<dyn HostMirror>) -> Self {
+        Memslots {
+            backend,
+            mirror: Some(mirror),
             added: Mutex::new(BTreeMap::new()),
         }
     }
@@ -188,8 +220,24 @@ impl Memslots {
         keep: Option<KeepAlive>,
     ) -> Result<MemslotChange, MemslotError> {
         let mut added = self.lock();
+        let new = !added.contains_key(&slot.id);
+        // The hardware must reach the memory before any SPTE can map it.
+        if new && let Some(mirror) = &self.mirror {
+            // SAFETY: forwarded from our caller; the mirror is removed in
+            // `delete` before the slot's memory is released.
+            unsafe { mirror.map(&slot) }
+                .map_err(|e| MemslotError::Hypervisor(e.to_string()))?;
+        }
         // SAFETY: forwarded from our caller.
-        let change = unsafe { self.backend.set_memslot(slot) }?;
+        let change = match unsafe { self.backend.set_memslot(slot) } {
+            Ok(change) => change,
+            Err(e) => {
+                if new && let Some(mirror) = &self.mirror {
+                    let _ = mirror.unmap(&slot);
+                }
+                return Err(e);
+            }
+        };
         debug!(
             backend = self.backend.name(),
             slot = slot.id.0,
@@ -248,6 +296,13 @@ impl Memslots {
             return Err(MemslotError::UnknownSlot(id));
         }
         let old = self.backend.delete_memslot(id)?;
+        // The backend dropped every SPTE mapping it: now the hardware
+        // mapping can go.
+        if let Some(mirror) = &self.mirror {
+            mirror
+                .unmap(&old)
+                .map_err(|e| MemslotError::Hypervisor(e.to_string()))?;
+        }
         debug!(
             backend = self.backend.name(),
             slot = id.0,
@@ -273,9 +328,17 @@ impl Drop for Memslots {
     fn drop(&mut self) {
         let added = std::mem::take(&mut *self.lock());
         for (id, keep) in added {
-            if let Err(e) = self.backend.delete_memslot(id) {
+            let unmapped = match self.backend.delete_memslot(id) {
+                Ok(old) => match &self.mirror {
+                    Some(mirror) => mirror.unmap(&old).map_err(|e| e.to_string()),
+                    None => Ok(()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = unmapped {
                 warn!(backend = self.backend.name(), slot = id.0, error = %e, "cannot delete a memslot; its memory stays mapped");
-                // The backend may still reach the memory: never unmap it.
+                // The backend or the hardware may still reach the memory:
+                // never unmap it.
                 std::mem::forget(keep);
             }
         }

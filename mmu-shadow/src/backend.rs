@@ -149,6 +149,11 @@ impl ShadowBackend {
         })
     }
 
+    /// How this backend was built.
+    pub fn config(&self) -> &ShadowConfig {
+        &self.inner.config
+    }
+
     /// The pool's host mapping, size, and the address the hardware sees it
     /// at: what a VMM registers with the hypervisor so the hardware can walk
     /// the shadow tables.

@@ -91,6 +91,7 @@ pub mod kit;
 pub mod layout;
 pub mod mmu;
 pub mod run;
+pub mod shadow_host;
 pub mod tables;
 mod vcpu;
 mod vm;

@@ -12,8 +12,9 @@
 //! per-vCPU areas, page tables) and [`DATA_SLOT`] (the workload data area),
 //! which logs dirty pages when [`MmuVmConfig::log_dirty_data`] is set.
 //!
-//! On KVM the `shadow` backend needs hosting that does not exist yet
-//! (`integration::kvm::KvmMmu::new` refuses it with a typed error).
+//! Under the `shadow` backend the hardware walks the MMU's tables: see
+//! [`shadow_host`](crate::shadow_host) for the roots, the host-coherence
+//! replay and the instruction emulation that takes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +28,7 @@ use mmu_api::{Gpa, Gva, MemslotFlags, MmuBackend, PagingContext, PfErrorCode, Sl
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::error::{GuestException, RunError, SetupError, VcpuError};
+use crate::shadow_host::{self, Emulation, ReplayHub, ShadowVcpuHost};
 use crate::kit::Program;
 use crate::kit::abi::action;
 use crate::vcpu::{ExceptionAction, ExitHandler, PagingOp, VcpuContext};
@@ -93,6 +95,8 @@ pub struct MmuHandler {
     /// The VM's paging context (MAXPHYADDR, CPUID features); the control
     /// registers are read from the vCPU when the guest changes them.
     base: PagingContext,
+    /// The shadow backend's hosting, when this VM runs it.
+    shadow: Option<ShadowVcpuHost>,
 }
 
 impl std::fmt::Debug for MmuHandler {
@@ -132,6 +136,9 @@ impl MmuHandler {
 
 impl ExitHandler for MmuHandler {
     fn prepare_entry(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<(), VcpuError> {
+        if self.shadow.is_some() {
+            return self.prepare_shadow_entry(vcpu);
+        }
         let action = self.exits.prepare_entry()?;
         apply_action(vcpu.fd(), action, self.delivery)?;
         Ok(())
@@ -139,6 +146,20 @@ impl ExitHandler for MmuHandler {
 
     fn left_guest(&mut self) {
         self.exits.exit_guest();
+    }
+
+    fn read_cr3(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<u64, VcpuError> {
+        match &self.shadow {
+            Some(host) => Ok(host.guest_cr3()),
+            None => Ok(vcpu.sregs()?.cr3),
+        }
+    }
+
+    fn replay_refill(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<(), VcpuError> {
+        match self.shadow.as_mut() {
+            Some(host) => host.refill(vcpu),
+            None => vcpu.write_u64(vcpu.kernel_page() + crate::kit::abi::percpu::REPLAY_PENDING, 0),
+        }
     }
 
     fn kvm_exit<'e>(&mut self, exit: VcpuExit<'e>) -> Result<Routed<'e>, VcpuError> {
@@ -166,7 +187,19 @@ impl ExitHandler for MmuHandler {
             return Ok(ExceptionAction::Fail);
         }
         let error_code = PfErrorCode::from_bits_retain(exception.error_code as u32);
-        match self.exits.page_fault(Gva(exception.cr2), error_code)? {
+        let action = self.exits.page_fault(Gva(exception.cr2), error_code)?;
+        if self.shadow.is_some() {
+            let target = match action {
+                Action::EmulateMmio { gpa } => Some(Emulation::Mmio(gpa)),
+                Action::EmulateWrite { gpa } => Some(Emulation::PageTableWrite(gpa)),
+                _ => None,
+            };
+            if let Some(target) = target {
+                shadow_host::emulate(vcpu, &mut self.exits, &mut self.bus, exception, target)?;
+                return Ok(ExceptionAction::Resume(0));
+            }
+        }
+        match action {
             Action::Resume => Ok(ExceptionAction::Resume(0)),
             Action::LoadRoot(load) => {
                 apply_action(vcpu.fd(), Action::LoadRoot(load), self.delivery)?;
@@ -183,6 +216,35 @@ impl ExitHandler for MmuHandler {
     /// instruction still runs (the hardware walks the guest's own tables
     /// under the backends this VM can host).
     fn paging_op(&mut self, vcpu: &mut VcpuContext<'_>, op: PagingOp) -> Result<u32, VcpuError> {
+        if let Some(host) = self.shadow.as_mut() {
+            // The hardware walks the shadow tables: a CR3 load is the MMU's
+            // root; INVLPG and flushes still run natively (they make KVM drop
+            // what it cached from the pool).
+            return match op {
+                PagingOp::LoadCr3(cr3) => {
+                    let guest = host.guest_cr3();
+                    host.set_guest_cr3(cr3);
+                    let ctx = match self.current_context(vcpu, Some(cr3)) {
+                        Ok(ctx) => ctx,
+                        Err(e) => {
+                            self.shadow_mut().set_guest_cr3(guest);
+                            return Err(e);
+                        }
+                    };
+                    let action = self.exits.set_paging_context(&ctx)?;
+                    self.load_shadow_root(vcpu, action)?;
+                    Ok(0)
+                }
+                PagingOp::Invlpg(gva) => {
+                    self.exits.invlpg(Gva(gva));
+                    Ok(action::NATIVE)
+                }
+                PagingOp::FlushTlb => {
+                    self.exits.flush_tlb(false);
+                    Ok(action::NATIVE)
+                }
+            };
+        }
         match op {
             PagingOp::LoadCr3(cr3) => {
                 let ctx = self.current_context(vcpu, Some(cr3))?;
@@ -193,6 +255,51 @@ impl ExitHandler for MmuHandler {
             PagingOp::FlushTlb => self.exits.flush_tlb(false),
         }
         Ok(action::NATIVE)
+    }
+}
+
+impl MmuHandler {
+    fn shadow_mut(&mut self) -> &mut ShadowVcpuHost {
+        self.shadow
+            .as_mut()
+            .expect("only called for a VM that hosts the shadow backend")
+    }
+
+    /// Loads the root `action` names (if any) into the hardware CR3.
+    fn load_shadow_root(
+        &mut self,
+        vcpu: &mut VcpuContext<'_>,
+        action: Action,
+    ) -> Result<(), VcpuError> {
+        let Action::LoadRoot(load) = action else {
+            return Ok(());
+        };
+        let Some(root) = load.root else {
+            return Ok(());
+        };
+        let mut sregs = vcpu.sregs()?;
+        let host = self
+            .shadow
+            .as_mut()
+            .expect("only called for a VM that hosts the shadow backend");
+        host.load_root(vcpu, &mut self.exits, &mut sregs, root.raw(), load.flush_tlb)
+    }
+
+    /// Before an entry under the shadow backend: a new run's CR3 becomes
+    /// the guest's context, the MMU's root goes into the hardware CR3, and
+    /// the vCPU's replay records are queued.
+    fn prepare_shadow_entry(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<(), VcpuError> {
+        let sregs = vcpu.sregs()?;
+        if !self.shadow_mut().is_root(sregs.cr3) {
+            // A new run loaded the guest's own tables.
+            self.shadow_mut().new_run(sregs.cr3);
+            let ctx = self.current_context(vcpu, Some(sregs.cr3))?;
+            self.exits.set_paging_context(&ctx)?;
+        }
+        let action = self.exits.prepare_entry()?;
+        self.load_shadow_root(vcpu, action)?;
+        let sregs = vcpu.sregs()?;
+        self.shadow_mut().prepare_replay(vcpu, &sregs)
     }
 }
 
@@ -266,6 +373,17 @@ impl MmuVm {
             glue.add_region(DATA_SLOT, data, data_flags)?;
             Ok(mmu)
         })?;
+        let hosting = mmu.shadow().map(|h| h.backend().clone());
+        if hosting.is_some() && vm.kernel().ops() != crate::PagingOps::Paravirt {
+            return Err(SetupError::Config(
+                "the shadow backend needs the kit's paravirtual paging calls (PagingOps::Paravirt)"
+                    .to_string(),
+            ));
+        }
+        let hub = hosting
+            .as_ref()
+            .filter(|b| shadow_host::needs_replay(b))
+            .map(|b| Arc::new(ReplayHub::new(b.clone(), vm.vcpu_count())));
         let mut handlers = Vec::with_capacity(vm.vcpu_count());
         for index in 0..vm.vcpu_count() {
             let kicker = vm
@@ -277,6 +395,17 @@ impl MmuVm {
             exits
                 .set_paging_context(&base)
                 .map_err(SetupError::MmuContext)?;
+            let shadow = hosting.as_ref().map(|backend| {
+                ShadowVcpuHost::new(
+                    index,
+                    backend.clone(),
+                    hub.clone(),
+                    vm.layout(),
+                    vm.kernel().replay_restart().clone(),
+                    vm.kernel().code().len() as u64,
+                    base.cr3,
+                )
+            });
             handlers.push(MmuHandler {
                 exits,
                 bus: VcpuBus {
@@ -285,6 +414,7 @@ impl MmuVm {
                 },
                 delivery: mmu.page_fault_delivery(),
                 base,
+                shadow,
             });
         }
         Ok(MmuVm { handlers, mmu, vm })

@@ -343,7 +343,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary, RunCommandError> {
         vm: VmConfig {
             vcpus: options.vcpus,
             mem_size: options.mem_size,
-            paging_ops: PagingOps::Native,
+            paging_ops: PagingOps::Paravirt,
             ..VmConfig::default()
         },
         log_dirty_data: true,

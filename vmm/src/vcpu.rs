@@ -169,6 +169,19 @@ pub trait ExitHandler: Send {
         Ok(action::NATIVE)
     }
 
+    /// The kernel asks for the guest's CR3 (a paravirtual kernel's
+    /// READ_CR3). By default the hardware's.
+    fn read_cr3(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<u64, VcpuError> {
+        Ok(vcpu.sregs()?.cr3)
+    }
+
+    /// The kernel's replay routine drained its queue and found
+    /// [`percpu::REPLAY_PENDING`] set: refill the queue and set or clear
+    /// it. By default there is nothing more: it is cleared.
+    fn replay_refill(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<(), VcpuError> {
+        vcpu.write_u64(vcpu.kernel_page() + percpu::REPLAY_PENDING, 0)
+    }
+
     /// The guest reported a result (it is recorded in the run's report too).
     fn report(&mut self, vcpu: &mut VcpuContext<'_>, report: Report) -> Result<(), VcpuError> {
         let _ = (vcpu, report);
@@ -564,6 +577,7 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
         (percpu::INDEX, u64::from(id.0)),
         (percpu::REDIRECT_RIP, 0),
         (percpu::REPLAY_COUNT, 0),
+        (percpu::REPLAY_PENDING, 0),
     ] {
         memory
             .write_obj(value, GuestAddress(kernel_page + offset))
@@ -811,6 +825,14 @@ fn serve_hypercall<H: ExitHandler>(
             trace!(vcpu = ctx.id.0, ?op, answer, "paging hypercall");
             Ok(Served::Answer(answer & (action::REPLAY | action::NATIVE)))
         }
+        hypercall::READ_CR3 => {
+            let cr3 = handler.read_cr3(ctx)?;
+            Ok(Served::Answer(cr3 as u32))
+        }
+        hypercall::REPLAY_REFILL => {
+            handler.replay_refill(ctx)?;
+            Ok(Served::Answer(0))
+        }
         hypercall::BAD_SYSCALL => Err(VcpuError::UnknownSyscall { number: regs.rax }),
         _ => Err(VcpuError::BadHypercall {
             port,
@@ -900,6 +922,8 @@ mod tests {
             hypercall::INVLPG,
             hypercall::FLUSH_TLB,
             hypercall::BAD_SYSCALL,
+            hypercall::READ_CR3,
+            hypercall::REPLAY_REFILL,
         ];
         for (i, p) in ports.iter().enumerate() {
             assert!((hypercall::BASE..hypercall::END).contains(p));

@@ -58,15 +58,24 @@
 //! whose first page holds the vCPU's kernel variables (the kernel finds it
 //! by rounding RSP down) and whose second page is the replay queue: up to
 //! [`REPLAY_CAPACITY`] entries of two words, (guest-virtual address,
-//! value). On [`action::REPLAY`] the kernel stores each value at its
-//! address with a CPL0 64-bit store, in order, then clears the count. An
-//! address with [`REASSERT`] (bit 0) set asks for a re-assertion instead:
-//! a `lock cmpxchg` of the value with itself at the (aligned) address,
-//! which writes only if memory still holds that value, so it tells KVM the
-//! entry's current value and never overwrites a newer one. This
-//! is how a VMM-side shadow MMU on a host whose KVM shadows guest tables
-//! (PVM) makes its table writes visible to KVM: KVM tracks guest CPL0
-//! writes, not host writes.
+//! value). The kernel runs the queue before every return from the kernel
+//! (and on [`action::REPLAY`]): it stores each value at its address with a
+//! CPL0 64-bit store, in order, then clears the count, then reloads CR3.
+//! An address with [`REASSERT`] (bit 0) set asks for a re-assertion
+//! instead: the kernel reads the entry and writes the value it read back
+//! with `lock cmpxchg`, retrying until no concurrent change came in
+//! between, so KVM learns the entry's current value and no newer value is
+//! ever overwritten; [`REASSERT_BYTE`] (bit 1) does the same with one
+//! byte, which makes KVM drop its shadow of the whole page. This is how a
+//! VMM-side shadow MMU on a host whose KVM shadows guest tables (PVM)
+//! makes its table writes visible to KVM: KVM tracks guest CPL0 writes,
+//! not host writes.
+//!
+//! The return path checks the count and [`percpu::REPLAY_PENDING`] and
+//! then executes `iretq`; a VMM that queues work while the vCPU is between
+//! that check and the `iretq` moves RIP back to the check
+//! ([`Kernel::replay_restart`](super::Kernel::replay_restart)). A vCPU at
+//! CPL3 is sent into the kernel with [`REPLAY_VECTOR`].
 
 pub use crate::layout::KERNEL_AREA_SIZE;
 
@@ -135,8 +144,16 @@ pub mod hypercall {
     /// A CPL3 program made an unknown system call: RAX = its number. The
     /// VMM does not resume the vCPU.
     pub const BAD_SYSCALL: u16 = BASE + 6;
+    /// Read CR3 (the guest's own, which under a shadow MMU is not the one
+    /// the hardware uses). Answer: its low 32 bits (the kit's page tables
+    /// live below 4 GiB).
+    pub const READ_CR3: u16 = BASE + 7;
+    /// The replay routine drained its queue and found
+    /// [`REPLAY_PENDING`](super::percpu::REPLAY_PENDING) set: the VMM
+    /// refills the queue and sets or clears `REPLAY_PENDING`. Answer 0.
+    pub const REPLAY_REFILL: u16 = BASE + 8;
     /// One past the last hypercall port.
-    pub const END: u16 = BASE + 7;
+    pub const END: u16 = BASE + 9;
 }
 
 /// Answer bits of the page-table and exception hypercalls.
@@ -163,14 +180,28 @@ pub mod percpu {
     pub const REDIRECT_RIP: u64 = 8;
     /// Number of valid replay-queue entries.
     pub const REPLAY_COUNT: u64 = 16;
+    /// Non-zero: the VMM has more replay work than the queue holds; the
+    /// replay routine asks for it with [`REPLAY_REFILL`](super::hypercall::REPLAY_REFILL).
+    pub const REPLAY_PENDING: u64 = 24;
 }
 
 /// Entries the replay queue page holds.
 pub const REPLAY_CAPACITY: usize = 256;
 
-/// Bit 0 of a replay-queue address: re-assert the value (compare-and-exchange
-/// it with itself) instead of storing it. See the module docs.
+/// Bit 0 of a replay-queue address: re-assert the 64-bit entry there
+/// instead of storing a value. See the module docs.
 pub const REASSERT: u64 = 1;
+
+/// Bit 1 of a replay-queue address: re-assert the byte there, which tells a
+/// host that shadows the page as a page table to drop its shadow of the
+/// whole page (a write narrower than an entry). See the module docs.
+pub const REASSERT_BYTE: u64 = 2;
+
+/// The vector the VMM injects to make a vCPU at CPL3 run its replay queue:
+/// its gate goes straight to the kernel's return path, which replays the
+/// queue before it returns (a reserved exception vector, so it never
+/// collides with a real one).
+pub const REPLAY_VECTOR: u8 = 22;
 
 /// Conventional report tags used by the kit's workloads.
 pub mod tag {

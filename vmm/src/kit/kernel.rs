@@ -19,14 +19,61 @@ pub struct Kernel {
     fault_return: u64,
     call_fault_return: u64,
     vectors: Vec<u64>,
+    restart: ReplayRestart,
+}
+
+/// Addresses in the kernel's return path and replay routine a VMM needs to
+/// queue replay work safely while a vCPU is in the kernel (see
+/// [`Kernel::replay_restart`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplayRestart {
+    /// The start of the return path's check.
+    pub check: u64,
+    /// The instruction after the `push rdx` that opens the check.
+    pub after_push: u64,
+    /// The `pop rdx` after both words were read.
+    pub pop: u64,
+    /// The conditional jump after it.
+    pub jump: u64,
+    /// The `iretq`.
+    pub iretq: u64,
+    /// The replay routine: `[start, end)`.
+    pub routine: std::ops::Range<u64>,
+}
+
+impl ReplayRestart {
+    /// Where a vCPU at CPL0 with RIP `rip` must resume after the VMM queued
+    /// replay work, so that the work is done before the kernel returns:
+    /// the check again if the vCPU already read the words, else `rip`.
+    pub fn restart_rip(&self, rip: u64) -> u64 {
+        if rip == self.pop {
+            self.after_push
+        } else if rip == self.jump || rip == self.iretq {
+            self.check
+        } else {
+            rip
+        }
+    }
+
+    /// True if `rip` is inside the replay routine, which is reading the
+    /// queue: new work must go through `REPLAY_PENDING`.
+    pub fn in_routine(&self, rip: u64) -> bool {
+        self.routine.contains(&rip)
+    }
 }
 
 /// Labels of the kernel's shared routines.
 struct Labels {
     replay: CodeLabel,
+    replay_end: CodeLabel,
     exc_common: CodeLabel,
     fault_return: CodeLabel,
     call_fault_return: CodeLabel,
+    ret_user: CodeLabel,
+    after_push: CodeLabel,
+    pop: CodeLabel,
+    jump: CodeLabel,
+    iretq: CodeLabel,
 }
 
 impl Kernel {
@@ -40,14 +87,20 @@ impl Kernel {
         let mut a = CodeAssembler::new(64).map_err(asm_error)?;
         let mut labels = Labels {
             replay: a.create_label(),
+            replay_end: a.create_label(),
             exc_common: a.create_label(),
             fault_return: a.create_label(),
             call_fault_return: a.create_label(),
+            ret_user: a.create_label(),
+            after_push: a.create_label(),
+            pop: a.create_label(),
+            jump: a.create_label(),
+            iretq: a.create_label(),
         };
 
         let mut enter_user = a.create_label();
         a.set_label(&mut enter_user).map_err(asm_error)?;
-        emit_enter_user(&mut a).map_err(asm_error)?;
+        emit_enter_user(&mut a, &labels).map_err(asm_error)?;
 
         let mut syscall_entry = a.create_label();
         a.set_label(&mut syscall_entry).map_err(asm_error)?;
@@ -61,6 +114,12 @@ impl Kernel {
             }
             let mut stub = a.create_label();
             a.set_label(&mut stub).map_err(asm_error)?;
+            if vector == abi::REPLAY_VECTOR {
+                // Straight to the return path, which runs the queue.
+                a.jmp(labels.ret_user).map_err(asm_error)?;
+                stubs.push(Some(stub));
+                continue;
+            }
             if !vector_has_error_code(vector) {
                 a.push(0).map_err(asm_error)?;
             }
@@ -69,6 +128,7 @@ impl Kernel {
             stubs.push(Some(stub));
         }
         emit_exception_common(&mut a, &mut labels).map_err(asm_error)?;
+        emit_return(&mut a, &mut labels).map_err(asm_error)?;
         emit_replay(&mut a, &mut labels).map_err(asm_error)?;
 
         let result = a
@@ -86,6 +146,15 @@ impl Kernel {
             });
         }
         let syscall_entry = result.label_ip(&syscall_entry).map_err(asm_error)?;
+        let ip = |label: &CodeLabel| result.label_ip(label).map_err(asm_error);
+        let restart = ReplayRestart {
+            check: ip(&labels.ret_user)?,
+            after_push: ip(&labels.after_push)?,
+            pop: ip(&labels.pop)?,
+            jump: ip(&labels.jump)?,
+            iretq: ip(&labels.iretq)?,
+            routine: ip(&labels.replay)?..ip(&labels.replay_end)?,
+        };
         let mut vectors = Vec::with_capacity(256);
         for stub in &stubs {
             vectors.push(match stub {
@@ -103,7 +172,14 @@ impl Kernel {
             syscall_entry,
             vectors,
             code,
+            restart,
         })
+    }
+
+    /// The return path's and replay routine's addresses (see
+    /// [`ReplayRestart`]).
+    pub fn replay_restart(&self) -> &ReplayRestart {
+        &self.restart
     }
 
     /// How this kernel implements the page-table operations.
@@ -147,7 +223,7 @@ impl Kernel {
 }
 
 /// `enter_user`: build an iret frame from R12/R13 and drop to CPL3.
-fn emit_enter_user(a: &mut CodeAssembler) -> Result<(), IcedError> {
+fn emit_enter_user(a: &mut CodeAssembler, labels: &Labels) -> Result<(), IcedError> {
     a.push(i32::from(SEL_USER_DATA))?;
     a.push(r13)?;
     a.push(RFLAGS_FIXED as i32)?;
@@ -155,7 +231,7 @@ fn emit_enter_user(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.push(r12)?;
     a.xor(r12d, r12d)?;
     a.xor(r13d, r13d)?;
-    a.iretq()
+    a.jmp(labels.ret_user)
 }
 
 /// The system-call dispatcher and its handlers.
@@ -207,41 +283,49 @@ fn emit_syscalls(
     a.push(rdx)?;
     super::emit::hypercall(a, hypercall::REPORT)?;
     a.pop(rdx)?;
-    a.iretq()?;
+    a.jmp(labels.ret_user)?;
 
     a.set_label(&mut store)?;
     a.mov(qword_ptr(rdi), rsi)?;
     a.xor(eax, eax)?;
-    a.iretq()?;
+    a.jmp(labels.ret_user)?;
 
     a.set_label(&mut load)?;
     a.mov(rax, qword_ptr(rdi))?;
-    a.iretq()?;
+    a.jmp(labels.ret_user)?;
 
     a.set_label(&mut read_cr3)?;
-    a.mov(rax, cr3)?;
-    a.iretq()?;
+    match ops {
+        PagingOps::Native => a.mov(rax, cr3)?,
+        PagingOps::Paravirt => {
+            // The hardware's CR3 may be a shadow root: ask the VMM.
+            a.push(rdx)?;
+            super::emit::hypercall(a, hypercall::READ_CR3)?;
+            a.pop(rdx)?;
+        }
+    }
+    a.jmp(labels.ret_user)?;
 
     a.set_label(&mut call)?;
     a.call(rdi)?;
     a.xor(eax, eax)?;
-    a.iretq()?;
+    a.jmp(labels.ret_user)?;
 
     // Faulted CPL0 accesses resume here (the VMM redirects them).
     a.set_label(&mut labels.call_fault_return)?;
     a.add(rsp, 8)?;
     a.set_label(&mut labels.fault_return)?;
     a.mov(rax, abi::FAULTED)?;
-    a.iretq()?;
+    a.jmp(labels.ret_user)?;
 
     a.set_label(&mut read_cr0)?;
     a.mov(rax, cr0)?;
-    a.iretq()?;
+    a.jmp(labels.ret_user)?;
 
     a.set_label(&mut write_cr0)?;
     a.mov(cr0, rdi)?;
     a.xor(eax, eax)?;
-    a.iretq()?;
+    a.jmp(labels.ret_user)?;
 
     a.set_label(&mut rdmsr)?;
     a.push(rcx)?;
@@ -252,7 +336,7 @@ fn emit_syscalls(
     a.or(rax, rdx)?;
     a.pop(rdx)?;
     a.pop(rcx)?;
-    a.iretq()?;
+    a.jmp(labels.ret_user)?;
 
     a.set_label(&mut wrmsr)?;
     a.push(rcx)?;
@@ -265,7 +349,7 @@ fn emit_syscalls(
     a.pop(rdx)?;
     a.pop(rcx)?;
     a.xor(eax, eax)?;
-    a.iretq()?;
+    a.jmp(labels.ret_user)?;
 
     // SWAP_ENTRIES: exchange, then continue into FLUSH_TLB.
     let mut swap_next = a.create_label();
@@ -344,7 +428,7 @@ fn paging_op(
     }
     a.pop(rdx)?;
     a.xor(eax, eax)?;
-    a.iretq()
+    a.jmp(labels.ret_user)
 }
 
 /// The common exception path: exit to the VMM, then carry out its answer.
@@ -364,7 +448,7 @@ fn emit_exception_common(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(
     a.pop(rdx)?;
     a.pop(rax)?;
     a.add(rsp, 16)?;
-    a.iretq()?;
+    a.jmp(labels.ret_user)?;
 
     a.set_label(&mut actions)?;
     a.test(al, action::REPLAY as i32)?;
@@ -385,14 +469,50 @@ fn emit_exception_common(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(
     a.jmp(ret)
 }
 
-/// `replay`: apply the vCPU's queue of (address, value) stores, then clear
-/// it; an address with bit 0 set is re-asserted with `lock cmpxchg` (the
-/// value against itself) instead of stored. Preserves every register.
+/// The one way out of the kernel: run the replay queue if the VMM filled
+/// it or has more ([`percpu::REPLAY_PENDING`]), then `iretq`. The VMM
+/// restarts the check when it queues work after the words were read
+/// ([`ReplayRestart`]).
+fn emit_return(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedError> {
+    let mut queued = a.create_label();
+    let mut slow = a.create_label();
+    a.set_label(&mut labels.ret_user)?;
+    a.push(rdx)?;
+    a.set_label(&mut labels.after_push)?;
+    a.mov(rdx, rsp)?;
+    a.and(rdx, -(KERNEL_AREA_SIZE as i32))?;
+    a.cmp(qword_ptr(rdx + percpu::REPLAY_COUNT as i32), 0)?;
+    a.jne(queued)?;
+    a.cmp(qword_ptr(rdx + percpu::REPLAY_PENDING as i32), 0)?;
+    a.set_label(&mut labels.pop)?;
+    a.pop(rdx)?;
+    a.set_label(&mut labels.jump)?;
+    a.jne(slow)?;
+    a.set_label(&mut labels.iretq)?;
+    a.iretq()?;
+    a.set_label(&mut queued)?;
+    a.pop(rdx)?;
+    a.set_label(&mut slow)?;
+    a.call(labels.replay)?;
+    a.jmp(labels.ret_user)
+}
+
+/// `replay`: apply the vCPU's queue, then clear it; ask the VMM for more
+/// while [`percpu::REPLAY_PENDING`] is set; then reload CR3. A plain
+/// address gets the queued value stored; an address with
+/// [`abi::REASSERT`] gets its current 64-bit value written back, and one
+/// with [`abi::REASSERT_BYTE`] its current byte, each with `lock cmpxchg`
+/// retried until it succeeds. Preserves every register.
 fn emit_replay(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedError> {
+    let mut again = a.create_label();
     let mut next = a.create_label();
-    let mut done = a.create_label();
+    let mut drained = a.create_label();
     let mut reassert = a.create_label();
+    let mut reassert_retry = a.create_label();
+    let mut byte = a.create_label();
+    let mut byte_retry = a.create_label();
     let mut stored = a.create_label();
+    let mut finish = a.create_label();
     a.set_label(&mut labels.replay)?;
     a.push(rax)?;
     a.push(rcx)?;
@@ -402,34 +522,57 @@ fn emit_replay(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedErr
     a.push(r10)?;
     a.mov(r9, rsp)?;
     a.and(r9, -(KERNEL_AREA_SIZE as i32))?;
+    a.set_label(&mut again)?;
     a.mov(rcx, qword_ptr(r9 + percpu::REPLAY_COUNT as i32))?;
     a.lea(r8, qword_ptr(r9 + REPLAY_QUEUE_OFFSET as i32))?;
     a.test(rcx, rcx)?;
-    a.jz(done)?;
+    a.jz(drained)?;
     a.set_label(&mut next)?;
     a.mov(r10, qword_ptr(r8))?;
-    a.mov(rdx, qword_ptr(r8 + 8))?;
-    a.test(r10, 1)?;
+    a.test(r10, abi::REASSERT as i32)?;
     a.jnz(reassert)?;
+    a.test(r10, abi::REASSERT_BYTE as i32)?;
+    a.jnz(byte)?;
+    a.mov(rdx, qword_ptr(r8 + 8))?;
     a.mov(qword_ptr(r10), rdx)?;
     a.jmp(stored)?;
     a.set_label(&mut reassert)?;
-    a.and(r10, -2)?;
-    a.mov(rax, rdx)?;
+    a.and(r10, -4)?;
+    a.mov(rax, qword_ptr(r10))?;
+    a.set_label(&mut reassert_retry)?;
+    a.mov(rdx, rax)?;
     a.lock().cmpxchg(qword_ptr(r10), rdx)?;
+    a.jne(reassert_retry)?;
+    a.jmp(stored)?;
+    a.set_label(&mut byte)?;
+    a.and(r10, -4)?;
+    a.mov(al, byte_ptr(r10))?;
+    a.set_label(&mut byte_retry)?;
+    a.mov(dl, al)?;
+    a.lock().cmpxchg(byte_ptr(r10), dl)?;
+    a.jne(byte_retry)?;
     a.set_label(&mut stored)?;
     a.add(r8, 16)?;
     a.dec(rcx)?;
     a.jnz(next)?;
-    a.set_label(&mut done)?;
+    a.set_label(&mut drained)?;
     a.mov(qword_ptr(r9 + percpu::REPLAY_COUNT as i32), 0)?;
+    a.cmp(qword_ptr(r9 + percpu::REPLAY_PENDING as i32), 0)?;
+    a.je(finish)?;
+    super::emit::hypercall(a, hypercall::REPLAY_REFILL)?;
+    a.jmp(again)?;
+    a.set_label(&mut finish)?;
+    a.mov(rdx, cr3)?;
+    a.mov(cr3, rdx)?;
     a.pop(r10)?;
     a.pop(r9)?;
     a.pop(r8)?;
     a.pop(rdx)?;
     a.pop(rcx)?;
     a.pop(rax)?;
-    a.ret()
+    a.ret()?;
+    a.set_label(&mut labels.replay_end)?;
+    a.nop()
 }
 
 #[cfg(test)]

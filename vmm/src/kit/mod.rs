@@ -24,7 +24,7 @@ pub mod abi;
 mod kernel;
 pub mod workloads;
 
-pub use kernel::Kernel;
+pub use kernel::{Kernel, ReplayRestart};
 
 use iced_x86::code_asm::CodeAssembler;
 use iced_x86::{BlockEncoderOptions, IcedError};
