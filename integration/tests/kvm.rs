@@ -398,18 +398,62 @@ fn actions_are_applied_to_the_vcpu() {
 
 #[cfg(feature = "shadow")]
 #[test]
-fn shadow_is_refused_on_kvm() {
-    if !kvm_or_skip("shadow_is_refused_on_kvm") {
+fn shadow_pool_is_a_kvm_memslot_outside_guest_memory() {
+    if !kvm_or_skip("shadow_pool_is_a_kvm_memslot_outside_guest_memory") {
         return;
     }
     let kvm = Kvm::new().unwrap();
     let vm = Arc::new(kvm.create_vm().unwrap());
-    let err = KvmMmu::new(BackendKind::Shadow, &BackendConfig::default(), vm).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            integration::kvm::KvmHostError::ShadowHostingUnavailable
-        ),
-        "{err:?}"
-    );
+    let mmu = KvmMmu::new(BackendKind::Shadow, &BackendConfig::default(), Arc::clone(&vm)).unwrap();
+    let hosting = mmu.shadow().expect("shadow hosting");
+    let (_, size, hpa) = hosting.backend().pool_region();
+    // KVM holds the pool's slot: registering it again at the same place
+    // under another id is refused as an overlap.
+    let (host, _, _) = hosting.backend().pool_region();
+    let again = kvm_bindings::kvm_userspace_memory_region {
+        slot: 1,
+        flags: 0,
+        guest_phys_addr: hpa.raw(),
+        memory_size: size,
+        userspace_addr: host.0,
+    };
+    // SAFETY: the region is the pool's live mapping; KVM refuses it.
+    let err = unsafe { vm.set_user_memory_region(again) }.unwrap_err();
+    assert_eq!(err.errno(), libc::EEXIST);
+    let expected = if integration::kvm::host_shadows_page_tables() {
+        backends::shadow::Coherence::Replay {
+            window: integration::kvm::SHADOW_HOST_WINDOW,
+        }
+    } else {
+        backends::shadow::Coherence::Direct
+    };
+    assert_eq!(hosting.coherence(), expected);
+    drop(mmu);
+    // Dropping the MMU removed the pool's slot: a page can go there now.
+    // SAFETY: a fresh anonymous page, unmapped below after KVM let go.
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(page, libc::MAP_FAILED);
+    let mut region = kvm_bindings::kvm_userspace_memory_region {
+        slot: 1,
+        flags: 0,
+        guest_phys_addr: hpa.raw(),
+        memory_size: 4096,
+        userspace_addr: page as u64,
+    };
+    // SAFETY: `page` stays mapped until the slot is deleted below.
+    unsafe { vm.set_user_memory_region(region) }.expect("the pool's place is free again");
+    region.memory_size = 0;
+    // SAFETY: a zero-sized region deletes the slot.
+    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    // SAFETY: KVM no longer maps the page.
+    unsafe { libc::munmap(page, 4096) };
 }

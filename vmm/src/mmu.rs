@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backends::{BackendConfig, BackendKind};
-use integration::kvm::{KvmMmu, PageFaultDelivery, Routed, apply_action};
+use integration::kvm::{HostCoherence, KvmMmu, PageFaultDelivery, Routed, apply_action};
 use integration::{Action, BusError, ExitStats, Memslots, MmioBus, VcpuExits};
 use kvm_ioctls::VcpuExit;
 use mmu_api::paging::{Cr0, Cr4, Efer};
@@ -314,6 +314,8 @@ pub struct MmuVmConfig {
     pub vm: VmConfig,
     /// Log dirty pages of [`DATA_SLOT`].
     pub log_dirty_data: bool,
+    /// The shadow backend's host-coherence policy (detected by default).
+    pub coherence: HostCoherence,
 }
 
 /// A [`Vm`] whose memory and exits go through an MMU backend.
@@ -350,9 +352,10 @@ impl MmuVm {
             backend,
             vm,
             log_dirty_data,
+            coherence,
         } = config;
         let (vm, mmu) = Vm::new_with_memory(vm, |vm_fd, memory| {
-            let mmu = KvmMmu::new(kind, &backend, Arc::clone(vm_fd))?;
+            let mmu = KvmMmu::with_coherence(kind, &backend, Arc::clone(vm_fd), coherence)?;
             let glue = mmu.memslots();
             let regions: Vec<_> = {
                 use vm_memory::GuestMemoryBackend;
@@ -428,6 +431,12 @@ impl MmuVm {
     /// The backend.
     pub fn backend(&self) -> &Arc<dyn MmuBackend> {
         self.mmu.backend()
+    }
+
+    /// The shadow backend, when this VM runs it (for its hosting calls and
+    /// [`audit`](backends::shadow::ShadowBackend::audit)).
+    pub fn shadow_backend(&self) -> Option<&backends::shadow::ShadowBackend> {
+        self.mmu.shadow().map(|h| h.backend())
     }
 
     /// The memslot glue (add, move, delete memory; dirty logs).

@@ -41,6 +41,7 @@ fn ept_vm(vcpus: usize, log_dirty_data: bool) -> MmuVmConfig {
             ..VmConfig::default()
         },
         log_dirty_data,
+        coherence: integration::kvm::HostCoherence::Detect,
     }
 }
 
@@ -226,22 +227,15 @@ fn paravirtual_paging_calls_reach_the_backend() {
 }
 
 #[test]
-fn shadow_vm_is_refused_with_a_typed_error() {
-    if !kvm_or_skip("shadow_vm_is_refused_with_a_typed_error") {
+fn shadow_vm_needs_paravirtual_paging() {
+    if !kvm_or_skip("shadow_vm_needs_paravirtual_paging") {
         return;
     }
-    let err = MmuVm::new(MmuVmConfig {
-        kind: BackendKind::Shadow,
-        ..ept_vm(1, false)
-    })
-    .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            vmm::SetupError::Mmu(integration::kvm::KvmHostError::ShadowHostingUnavailable)
-        ),
-        "{err:?}"
-    );
+    let mut config = ept_vm(1, false);
+    config.kind = BackendKind::Shadow;
+    config.vm.paging_ops = PagingOps::Native;
+    let err = MmuVm::new(config).unwrap_err();
+    assert!(matches!(err, vmm::SetupError::Config(_)), "{err:?}");
 }
 
 /// Injects a #PF with `integration`'s action when the guest reports, and

@@ -1,0 +1,173 @@
+//! The shadow backend hosted on KVM: remote flushes, root reloads and host
+//! coherence, seen by guest CPL3 code. Each test skips (and passes) where
+//! /dev/kvm cannot be opened.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use backends::{BackendConfig, BackendKind};
+use iced_x86::code_asm::*;
+use integration::kvm::{HostCoherence, host_shadows_page_tables};
+use mmu_api::{Gpa, MmuBackend};
+use vmm::kit::abi::tag;
+use vmm::kit::{Ring, emit};
+use vmm::mmu::{MmuVm, MmuVmConfig};
+use vmm::{PagingOps, Program, VcpuArgs, VmConfig};
+
+/// Hang protection only: no test asserts on time.
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn kvm_or_skip(name: &str) -> bool {
+    if std::fs::File::open("/dev/kvm").is_err() || !vmm::kvm_available() {
+        println!("SKIPPED (no /dev/kvm): {name}");
+        return false;
+    }
+    println!("KVM test ran: {name}");
+    true
+}
+
+fn shadow_vm(vcpus: usize, coherence: HostCoherence) -> MmuVm {
+    MmuVm::new(MmuVmConfig {
+        kind: BackendKind::Shadow,
+        backend: BackendConfig::default(),
+        vm: VmConfig {
+            vcpus,
+            mem_size: 16 << 20,
+            paging_ops: PagingOps::Paravirt,
+            ..VmConfig::default()
+        },
+        log_dirty_data: false,
+        coherence,
+    })
+    .expect("shadow VM")
+}
+
+/// `watch`: reads the quadword at RDI in a loop until the one at RSI is
+/// non-zero, then reads RDI once more and reports that value (tag VALUE):
+/// the first read made after the host's call returned.
+fn watch() -> Program {
+    Program::assemble("watch", Ring::User, |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.mov(rax, qword_ptr(rdi))?;
+        a.mov(rbx, qword_ptr(rsi))?;
+        a.test(rbx, rbx)?;
+        a.jz(top)?;
+        a.mov(rdi, qword_ptr(rdi))?;
+        emit::report_rdi(a, tag::VALUE)?;
+        emit::exit(a, 0)
+    })
+    .expect("watch assembles")
+}
+
+/// Where the watched page's guest PTE is, what to write there to move it,
+/// and guest memory, for the thread that changes the mapping.
+struct Target {
+    pte: u64,
+    moved_pte: u64,
+    memory: vm_memory::GuestMemoryMmap,
+}
+
+/// What the watcher read after `change` ran on another thread while it
+/// looped: `change` gets the backend and the target, and must leave the
+/// watched address reading 2 (it read 1 before).
+fn watch_while(
+    coherence: HostCoherence,
+    change: impl FnOnce(&Arc<dyn MmuBackend>, &Target) + Send,
+) -> (u64, mmu_api::MmuStats) {
+    let mut vm = shadow_vm(2, coherence);
+    let data = vm.vm().layout().data();
+    let (old_page, new_page, stop) = (data.start, data.start + 0x1000, data.start + 0x2000);
+    vm.vm().write_u64(old_page, 1).unwrap();
+    vm.vm().write_u64(new_page, 2).unwrap();
+    vm.vm().write_u64(stop, 0).unwrap();
+    let pte = vm.vm().leaf_entry_gpa(old_page).expect("mapped");
+    let old_pte = vm.vm().read_u64(pte).unwrap();
+    let target = Target {
+        pte,
+        moved_pte: (old_pte & !0x000f_ffff_ffff_f000) | new_page,
+        memory: vm.vm().memory().clone(),
+    };
+    let backend = Arc::clone(vm.backend());
+    let program = watch();
+    let memory = vm.vm().memory().clone();
+    let report = thread::scope(|s| {
+        let host = s.spawn(move || {
+            // Let the watchers build their mappings and spin on them.
+            thread::sleep(Duration::from_millis(300));
+            change(&backend, &target);
+            vm_memory::Bytes::write_obj(&memory, 1u64, vm_memory::GuestAddress(stop)).unwrap();
+        });
+        let args = [
+            VcpuArgs([old_page, stop, 0, 0, 0, 0]),
+            VcpuArgs([old_page + 0x100, stop, 0, 0, 0, 0]),
+        ];
+        let report = vm.run(&program, &args, LIMIT);
+        host.join().unwrap();
+        report
+    })
+    .expect("watch run");
+    let shadow = vm.shadow_backend().expect("shadow");
+    shadow.audit().expect("audit after the run");
+    let stats = vm.backend().stats();
+    let value = report.vcpus[0].last(tag::VALUE).expect("watcher reported");
+    (value, stats)
+}
+
+/// The host rewrites the guest's PTE (as a VMM restoring a snapshot
+/// would) and tells the backend: the shadow pages derived from it are
+/// zapped and every vCPU is kicked; once the call returns, CPL3 reads see
+/// the new page.
+fn remap_from_host(backend: &Arc<dyn MmuBackend>, t: &Target) {
+    vm_memory::Bytes::write_obj(&t.memory, t.moved_pte, vm_memory::GuestAddress(t.pte)).unwrap();
+    backend.note_host_write(Gpa(t.pte), 8);
+}
+
+#[test]
+fn a_remote_change_reaches_cpl3_once_the_call_returns() {
+    if !kvm_or_skip("a_remote_change_reaches_cpl3_once_the_call_returns") {
+        return;
+    }
+    let (value, stats) = watch_while(HostCoherence::Detect, remap_from_host);
+    assert_eq!(value, 2);
+    if host_shadows_page_tables() {
+        // The change reached KVM through the replay: the zapped shadow
+        // page went as a frame, its parent entry as an entry.
+        assert!(stats.get("replayed_frames").unwrap_or(0) > 0, "{stats}");
+        assert!(stats.get("replayed_entries").unwrap_or(0) > 0, "{stats}");
+    }
+}
+
+#[test]
+fn a_zap_all_reloads_every_root_and_reaches_cpl3() {
+    if !kvm_or_skip("a_zap_all_reloads_every_root_and_reaches_cpl3") {
+        return;
+    }
+    let (value, stats) = watch_while(HostCoherence::Detect, |backend, t| {
+        // The guest PTE changes without a word to the backend; only the
+        // zap-all (fast: new roots for every vCPU) makes the MMU read it
+        // again.
+        vm_memory::Bytes::write_obj(&t.memory, t.moved_pte, vm_memory::GuestAddress(t.pte))
+            .unwrap();
+        backend.zap_all();
+    });
+    assert_eq!(value, 2);
+    assert_eq!(stats.get("fast_zaps"), Some(1), "{stats}");
+}
+
+/// The coherence policy is what makes the first test pass on a host whose
+/// KVM shadows page tables: without the replay, the watcher keeps reading
+/// the old page through KVM's stale copy of the shadow entry.
+#[test]
+fn without_replay_cpl3_runs_on_stale_entries_here() {
+    if !kvm_or_skip("without_replay_cpl3_runs_on_stale_entries_here") {
+        return;
+    }
+    let (value, _) = watch_while(HostCoherence::Direct, remap_from_host);
+    if host_shadows_page_tables() {
+        assert_eq!(value, 1, "KVM saw a host write to the pool without a replay");
+    } else {
+        assert_eq!(value, 2);
+    }
+}
