@@ -409,9 +409,21 @@ struct KvmMirror {
 #[cfg(feature = "shadow")]
 impl KvmMirror {
     fn region(slot: &mmu_api::Memslot, size: u64) -> kvm_bindings::kvm_userspace_memory_region {
+        // A read-only slot is read-only for KVM too: the shadow tables
+        // already map it so, and a guest KVM runs without them (real mode)
+        // then still cannot write it.
+        let mut flags = 0;
+        if slot.flags.contains(mmu_api::MemslotFlags::READONLY) {
+            flags |= kvm_bindings::KVM_MEM_READONLY;
+        }
+        // KVM logs writes too: the backend's log misses what a guest
+        // writes without its tables, and the glue merges both.
+        if slot.flags.contains(mmu_api::MemslotFlags::LOG_DIRTY) {
+            flags |= kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+        }
         kvm_bindings::kvm_userspace_memory_region {
             slot: slot.id.0,
-            flags: 0,
+            flags,
             guest_phys_addr: slot.backing.hpa.raw(),
             memory_size: size,
             userspace_addr: slot.backing.host_addr.0,
@@ -432,6 +444,18 @@ impl crate::HostMirror for KvmMirror {
         // SAFETY: our caller guarantees the host range stays valid until
         // `unmap` for the slot returns.
         unsafe { self.vm.set_user_memory_region(region) }.map_err(os_error)
+    }
+
+    fn dirty_log(&self, slot: &mmu_api::Memslot) -> io::Result<Option<Vec<u64>>> {
+        if !slot.flags.contains(mmu_api::MemslotFlags::LOG_DIRTY) {
+            return Ok(None);
+        }
+        let size =
+            usize::try_from(slot.size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        self.vm
+            .get_dirty_log(slot.id.0, size)
+            .map(Some)
+            .map_err(os_error)
     }
 
     fn unmap(&self, slot: &mmu_api::Memslot) -> io::Result<()> {

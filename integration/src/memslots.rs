@@ -110,6 +110,15 @@ pub trait HostMirror: Send + Sync + fmt::Debug {
 
     /// Removes the mapping [`map`](Self::map) made.
     fn unmap(&self, slot: &Memslot) -> std::io::Result<()>;
+
+    /// Pages of a dirty-logging `slot` the hypervisor saw written since
+    /// the last call (one bit per page), for writes that reached memory
+    /// without the backend's tables (a guest running without paging).
+    /// `None` if the mirror does not log.
+    fn dirty_log(&self, slot: &Memslot) -> std::io::Result<Option<Vec<u64>>> {
+        let _ = slot;
+        Ok(None)
+    }
 }
 
 impl Memslots {
@@ -315,7 +324,17 @@ impl Memslots {
     /// The pages of slot `id` written since the last call (guest writes and
     /// the VMM's own noted writes).
     pub fn dirty_log(&self, id: SlotId) -> Result<DirtyBitmap, MemslotError> {
-        self.backend.get_dirty_log(id)
+        let mut log = self.backend.get_dirty_log(id)?;
+        if let Some(mirror) = &self.mirror {
+            let slot = self.slot(id)?;
+            let words = mirror
+                .dirty_log(&slot)
+                .map_err(|e| MemslotError::Hypervisor(e.to_string()))?;
+            if let Some(words) = words {
+                log.merge(&DirtyBitmap::from_words(slot.pages(), words));
+            }
+        }
+        Ok(log)
     }
 
     /// The ids of the slots added through this glue, ascending.

@@ -23,8 +23,15 @@
 //! pages, does request/response over an MMIO doorbell and status register,
 //! writes to the ROM and reads it.
 //!
-//! With `--mmu shadow` the VMM stops at step 1: hosting the shadow backend
-//! on KVM is not available yet, and `KvmMmu::new` says so.
+//! With `--mmu shadow`, `KvmMmu::new` registers the shadow page pool with
+//! KVM and mirrors each memslot at its host-physical address (read-only
+//! and dirty-logged as the slot is). This guest runs in real mode, without
+//! page tables, so KVM translates its accesses through the mirror and the
+//! shadow tables are never walked: the backend classifies its MMIO and the
+//! glue merges KVM's dirty log into the backend's. A guest that pages runs
+//! on the shadow tables themselves once its #PF vector and CR3 loads reach
+//! the backend, as the `vmm` crate's guest kit does (`mmu-vmm run --mmu
+//! shadow`).
 
 mod guest;
 
