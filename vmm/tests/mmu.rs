@@ -316,3 +316,64 @@ fn injected_page_faults_reach_the_guest_kernel() {
         );
     }
 }
+
+#[test]
+fn faults_are_delivered_to_the_program() {
+    use iced_x86::code_asm::*;
+    use vmm::kit::abi::{FAULTED, syscall};
+    use vmm::kit::{FaultRecord, Program, Ring, emit};
+    if !kvm_or_skip("faults_are_delivered_to_the_program") {
+        return;
+    }
+    let mut config = ept_vm(1, false);
+    config.vm.paging_ops = PagingOps::Paravirt;
+    let mut vm = MmuVm::new(config).unwrap();
+    let unmapped = vm.vm().layout().mem_size() + 0x2468;
+    let code = vmm::layout::PROGRAM_CODE_GPA + 0x10;
+    // A not-present read and a write to read-only code at CPL3, each
+    // resumed at the next handler; a CPL0 read of the unmapped address
+    // (LOAD), which returns FAULTED.
+    let program = Program::assemble("deliver", Ring::User, |a| {
+        let mut h1 = a.create_label();
+        let mut h2 = a.create_label();
+        a.mov(r12, rdi)?;
+        a.mov(r13, rsi)?;
+        a.lea(rdi, ptr(h1))?;
+        emit::syscall(a, syscall::SET_FAULT_HANDLER)?;
+        a.mov(rax, qword_ptr(r12))?;
+        a.set_label(&mut h1)?;
+        a.lea(rdi, ptr(h2))?;
+        emit::syscall(a, syscall::SET_FAULT_HANDLER)?;
+        a.mov(qword_ptr(r13), rax)?;
+        a.set_label(&mut h2)?;
+        a.mov(rdi, r12)?;
+        emit::syscall(a, syscall::LOAD)?;
+        a.mov(rdi, rax)?;
+        emit::report_rdi(a, tag::VALUE)?;
+        emit::exit(a, 0)
+    })
+    .unwrap();
+    let report = vm
+        .run(&program, &[VcpuArgs([unmapped, code, 0, 0, 0, 0])], LIMIT)
+        .unwrap();
+    assert_eq!(report.vcpus[0].last(tag::VALUE), Some(FAULTED));
+    let log = vm.vm().fault_log(0).unwrap();
+    let pf = |error_code, address| FaultRecord {
+        vector: 14,
+        error_code,
+        cr2: address,
+    };
+    assert_eq!(
+        log.entries,
+        [pf(0b100, unmapped), pf(0b111, code), pf(0, unmapped)]
+    );
+    assert_eq!(log.count, 3);
+    assert_eq!(vm.exit_stats()[0].faults_for_guest, 3);
+    // A new run starts with an empty log and no handler.
+    let read = workloads::access(AccessOp::Read).unwrap();
+    assert!(
+        vm.run(&read, &[VcpuArgs([unmapped, 0, 0, 0, 0, 0])], LIMIT)
+            .is_err()
+    );
+    assert_eq!(vm.vm().fault_log(0).unwrap().count, 0);
+}
