@@ -91,6 +91,7 @@ pub mod kit;
 pub mod layout;
 pub mod mmu;
 pub mod run;
+pub mod space;
 pub mod tables;
 mod vcpu;
 mod vm;
