@@ -19,7 +19,9 @@
 //!   walker against KVM (`mmu-vmm conformance`).
 //! - [`mmu`]: [`MmuVm`](mmu::MmuVm), a VM whose memslots and exits go
 //!   through a pluggable MMU backend (`backends` + `integration`), chosen
-//!   by name at creation; [`run`] is `mmu-vmm run` on top of it.
+//!   by name at creation; [`run`] is `mmu-vmm run` on top of it, with the
+//!   guest workloads of [`workload`] in address spaces built by [`space`];
+//!   [`observe`] collects what the guest observed.
 //!
 //! # The guest ABI in brief
 //!
@@ -40,9 +42,10 @@
 //! `mmu-vmm info` (what KVM offers), `mmu-vmm touch` (the touch workload
 //! on N vCPUs, checksums checked), `mmu-vmm conformance [--cases N]
 //! [--seed S] [--levels 4|5] [--json]`, and `mmu-vmm run --mmu shadow|ept
-//! --workload touch [--vcpus N] [--mem SIZE] [--json]` (the workload under
-//! an MMU backend, with its checks and the backend's stats; the shadow
-//! backend cannot be hosted on KVM yet and is refused with a typed error).
+//! --workload W [--vcpus N] [--mem SIZE] [--json]` (a workload under an
+//! MMU backend, with its checks against the host's model and the backend's
+//! stats; the shadow backend cannot be hosted on KVM yet and is refused
+//! with a typed error).
 //!
 //! A guest that triple-faults, runs past its time limit, touches a port or
 //! address nothing serves, or takes an exception nothing resolves ends its
@@ -86,15 +89,18 @@
 pub mod conformance;
 mod error;
 pub mod insn;
+mod json;
 mod kick;
 pub mod kit;
 pub mod layout;
 pub mod mmu;
+pub mod observe;
 pub mod run;
 pub mod space;
 pub mod tables;
 mod vcpu;
 mod vm;
+pub mod workload;
 pub mod x86;
 
 pub use error::{GuestException, IoDirection, KitError, KvmError, RunError, SetupError, VcpuError};

@@ -318,6 +318,14 @@ impl MmuVm {
         self.handlers.get_mut(index)
     }
 
+    /// The VM, every vCPU's handler and the memslot glue at once: a host
+    /// thread can change memslots while the vCPUs run
+    /// ([`Vm::run_with`] with the handlers), as a VMM's memory-management
+    /// thread does.
+    pub fn parts(&mut self) -> (&mut Vm, &mut [MmuHandler], &Memslots) {
+        (&mut self.vm, &mut self.handlers, self.mmu.memslots())
+    }
+
     /// Every vCPU's exit counters, by vCPU index.
     pub fn exit_stats(&self) -> Vec<ExitStats> {
         self.handlers.iter().map(|h| h.exits.stats()).collect()

@@ -5,9 +5,11 @@
 //! mmu-vmm touch [--vcpus N] [--pages N] [--passes N] [--mem-mib N]
 //!               [--read] [--ops native|paravirt] [--levels 4|5] [--time-limit SECS]
 //! mmu-vmm conformance [--cases N] [--seed S] [--json]
-//! mmu-vmm run --mmu shadow|ept --workload touch [--vcpus N] [--mem SIZE]
-//!             [--read] [--passes N] [--time-limit SECS] [--json]
+//! mmu-vmm run --mmu shadow|ept --workload W [--vcpus N] [--mem SIZE]
+//!             [--read] [--passes N] [--ops N] [--seed S] [--time-limit SECS] [--json]
 //! ```
+//!
+//! W is one of touch, pt-edit, multi-as, access, mmio-rr, dirty, churn.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -25,12 +27,16 @@ const USAGE: &str = "usage:
       which is checked against the host's model
   mmu-vmm conformance [--cases N] [--seed S] [--levels 4|5] [--json]
       access-matrix test of mmu-api's walker against KVM
-  mmu-vmm run --mmu shadow|ept --workload touch [--vcpus N] [--mem SIZE]
-              [--read] [--passes N] [--time-limit SECS] [--json]
-      runs the workload with the chosen MMU backend owning guest memory and
-      serving exits (SIZE: bytes or K/M/G, a multiple of 2 MiB; default 64M),
-      checks checksums, the backend's dirty log and its guest-virtual
-      translations, and prints the backend's stats";
+  mmu-vmm run --mmu shadow|ept --workload W [--vcpus N] [--mem SIZE] [--read]
+              [--passes N] [--ops N] [--seed S] [--time-limit SECS] [--json]
+      runs workload W (touch, pt-edit, multi-as, access, mmio-rr, dirty, churn)
+      on N vCPUs (default 2) with the chosen MMU backend owning guest memory and
+      serving exits (SIZE: bytes or K/M/G, a multiple of 2 MiB; default 64M);
+      checks the guest's reports, faults and memory against the host's model,
+      the backend's dirty log and translations; prints the backend's stats.
+      --passes: touch 1, multi-as 4, churn 10; --ops: pt-edit edits (480),
+      multi-as address spaces (16), mmio-rr transactions (1000), dirty writes
+      (65536); --read: touch reads instead of writing";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -227,48 +233,71 @@ fn conformance(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn run(args: &[String]) -> Result<(), String> {
-    let opts = Options::new(
-        args,
-        &[
-            "--mmu",
-            "--workload",
-            "--vcpus",
-            "--mem",
-            "--passes",
-            "--time-limit",
-        ],
-        &["--json", "--read"],
-    )?;
+/// The options of `run` (besides `--mmu`).
+const WORKLOAD_OPTIONS: [&str; 7] = [
+    "--workload",
+    "--vcpus",
+    "--mem",
+    "--passes",
+    "--ops",
+    "--seed",
+    "--time-limit",
+];
+
+/// Parses `run`'s workload options for backend `mmu`.
+fn run_options(
+    opts: &Options<'_>,
+    mmu: backends::BackendKind,
+) -> Result<vmm::run::RunOptions, String> {
     let defaults = vmm::run::RunOptions::default();
-    let Some(mmu) = opts.raw("--mmu") else {
-        return Err(format!("run needs --mmu shadow|ept\n{USAGE}"));
-    };
     let Some(workload) = opts.raw("--workload") else {
-        return Err(format!("run needs --workload touch\n{USAGE}"));
+        return Err(format!(
+            "--workload is needed: one of {}\n{USAGE}",
+            vmm::workload::Workload::names()
+        ));
     };
-    let mmu: backends::BackendKind = mmu.parse().map_err(|e| error_chain(&e))?;
-    let workload: vmm::run::Workload = workload.parse().map_err(|e| error_chain(&e))?;
+    let workload: vmm::workload::Workload = workload.parse().map_err(|e| error_chain(&e))?;
     let mem_size = match opts.raw("--mem") {
         Some(size) => vmm::run::parse_size(size)?,
         None => defaults.mem_size,
     };
-    let options = vmm::run::RunOptions {
-        mmu,
-        workload,
-        vcpus: opts.value("--vcpus", defaults.vcpus)?,
-        mem_size,
+    let optional = |name: &str| -> Result<Option<u64>, String> {
+        opts.raw(name)
+            .map(|v| v.parse().map_err(|e| format!("{name} {v}: {e}")))
+            .transpose()
+    };
+    let params = vmm::workload::Params {
         touch: if opts.flag("--read") {
             TouchKind::Read
         } else {
             TouchKind::Write
         },
-        passes: opts.value("--passes", defaults.passes)?,
+        passes: optional("--passes")?,
+        ops: optional("--ops")?,
+        seed: opts.value("--seed", defaults.params.seed)?,
+    };
+    Ok(vmm::run::RunOptions {
+        mmu,
+        workload,
+        vcpus: opts.value("--vcpus", defaults.vcpus)?,
+        mem_size,
+        params,
         time_limit: Duration::from_secs_f64(
             opts.value("--time-limit", defaults.time_limit.as_secs_f64())?,
         ),
         ..defaults
+    })
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let mut known = vec!["--mmu"];
+    known.extend(WORKLOAD_OPTIONS);
+    let opts = Options::new(args, &known, &["--json", "--read"])?;
+    let Some(mmu) = opts.raw("--mmu") else {
+        return Err(format!("run needs --mmu shadow|ept\n{USAGE}"));
     };
+    let mmu: backends::BackendKind = mmu.parse().map_err(|e| error_chain(&e))?;
+    let options = run_options(&opts, mmu)?;
     let summary = vmm::run::run(options).map_err(|e| error_chain(&e))?;
     if opts.flag("--json") {
         println!("{}", summary.json());

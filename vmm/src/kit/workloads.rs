@@ -10,7 +10,7 @@
 //! data lives in an address space of their own
 //! ([`space`](crate::space)), whose A/D bits they set. Next to each
 //! program is the host's model of what it reports, where the model is a
-//! pure function.
+//! pure function; the rest of each model is in [`workload`](crate::workload).
 
 use iced_x86::code_asm::*;
 
