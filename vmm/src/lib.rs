@@ -21,7 +21,8 @@
 //!   through a pluggable MMU backend (`backends` + `integration`), chosen
 //!   by name at creation; [`run`] is `mmu-vmm run` on top of it, with the
 //!   guest workloads of [`workload`] in address spaces built by [`space`];
-//!   [`observe`] collects what the guest observed.
+//!   [`diff`] runs a workload under two backends and compares what the
+//!   guest observed ([`observe`]).
 //!
 //! # The guest ABI in brief
 //!
@@ -41,11 +42,13 @@
 //!
 //! `mmu-vmm info` (what KVM offers), `mmu-vmm touch` (the touch workload
 //! on N vCPUs, checksums checked), `mmu-vmm conformance [--cases N]
-//! [--seed S] [--levels 4|5] [--json]`, and `mmu-vmm run --mmu shadow|ept
+//! [--seed S] [--levels 4|5] [--json]`, `mmu-vmm run --mmu shadow|ept
 //! --workload W [--vcpus N] [--mem SIZE] [--json]` (a workload under an
 //! MMU backend, with its checks against the host's model and the backend's
-//! stats; the shadow backend cannot be hosted on KVM yet and is refused
-//! with a typed error).
+//! stats), and `mmu-vmm diff --workload W [--a K] [--b K] [--json]` (the
+//! workload under two backends, and every difference the guest could
+//! observe). The shadow backend cannot be hosted on KVM yet and is refused
+//! with a typed error.
 //!
 //! A guest that triple-faults, runs past its time limit, touches a port or
 //! address nothing serves, or takes an exception nothing resolves ends its
@@ -87,6 +90,7 @@
 #![deny(missing_docs)]
 
 pub mod conformance;
+pub mod diff;
 mod error;
 pub mod insn;
 mod json;

@@ -20,8 +20,8 @@
 //!   would);
 //! - and the workload's own host-side checks (device counters, churn).
 //!
-//! It also collects what the guest can observe ([`Observation`]), to
-//! compare runs under two backends.
+//! It also collects what the guest can observe ([`Observation`]) for
+//! [`diff`](crate::diff).
 //!
 //! The `shadow` backend is refused before anything is created while its
 //! KVM hosting is not available.
@@ -232,7 +232,7 @@ pub struct RunSummary {
     pub exits: ExitStats,
     /// Wall time of the guest runs.
     pub elapsed: Duration,
-    /// What the guest can observe, to compare runs.
+    /// What the guest can observe, for [`diff`](crate::diff).
     pub observation: Observation,
 }
 

@@ -7,6 +7,7 @@
 //! mmu-vmm conformance [--cases N] [--seed S] [--json]
 //! mmu-vmm run --mmu shadow|ept --workload W [--vcpus N] [--mem SIZE]
 //!             [--read] [--passes N] [--ops N] [--seed S] [--time-limit SECS] [--json]
+//! mmu-vmm diff --workload W [--a shadow|ept] [--b shadow|ept] [same options]
 //! ```
 //!
 //! W is one of touch, pt-edit, multi-as, access, mmio-rr, dirty, churn.
@@ -36,7 +37,11 @@ const USAGE: &str = "usage:
       the backend's dirty log and translations; prints the backend's stats.
       --passes: touch 1, multi-as 4, churn 10; --ops: pt-edit edits (480),
       multi-as address spaces (16), mmio-rr transactions (1000), dirty writes
-      (65536); --read: touch reads instead of writing";
+      (65536); --read: touch reads instead of writing
+  mmu-vmm diff --workload W [--a shadow|ept] [--b shadow|ept] [run's options]
+      runs W under backends a (default shadow) and b (default ept) with the
+      same inputs and compares what the guest observed: memory, page tables
+      and their A/D bits, fault logs, reports; exits non-zero on a difference";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -45,6 +50,7 @@ fn main() -> ExitCode {
         Some("touch") => touch(&args[1..]),
         Some("conformance") => conformance(&args[1..]),
         Some("run") => run(&args[1..]),
+        Some("diff") => diff(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -233,7 +239,7 @@ fn conformance(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// The options of `run` (besides `--mmu`).
+/// The options `run` and `diff` share.
 const WORKLOAD_OPTIONS: [&str; 7] = [
     "--workload",
     "--vcpus",
@@ -244,7 +250,8 @@ const WORKLOAD_OPTIONS: [&str; 7] = [
     "--time-limit",
 ];
 
-/// Parses `run`'s workload options for backend `mmu`.
+/// Parses the options `run` and `diff` share; `mmu` is the backend `run`
+/// names (`diff` replaces it).
 fn run_options(
     opts: &Options<'_>,
     mmu: backends::BackendKind,
@@ -303,6 +310,39 @@ fn run(args: &[String]) -> Result<(), String> {
         println!("{}", summary.json());
     } else {
         println!("{}", summary.text());
+    }
+    if !summary.ok() {
+        return Err("a check failed (see above)".to_string());
+    }
+    Ok(())
+}
+
+fn diff(args: &[String]) -> Result<(), String> {
+    let mut known = vec!["--a", "--b"];
+    known.extend(WORKLOAD_OPTIONS);
+    let opts = Options::new(args, &known, &["--json", "--read"])?;
+    let defaults = vmm::diff::DiffOptions::default();
+    let backend = |name: &str, default| -> Result<backends::BackendKind, String> {
+        match opts.raw(name) {
+            Some(kind) => kind.parse().map_err(|e| error_chain(&e)),
+            None => Ok(default),
+        }
+    };
+    let a = backend("--a", defaults.a)?;
+    let b = backend("--b", defaults.b)?;
+    let options = vmm::diff::DiffOptions {
+        a,
+        b,
+        run: run_options(&opts, a)?,
+    };
+    let summary = vmm::diff::diff(options).map_err(|e| error_chain(&e))?;
+    if opts.flag("--json") {
+        println!("{}", summary.json());
+    } else {
+        println!("{}", summary.text());
+    }
+    if !summary.identical() {
+        return Err("the backends differ (see above)".to_string());
     }
     if !summary.ok() {
         return Err("a check failed (see above)".to_string());
