@@ -279,6 +279,16 @@ pub fn diff(options: DiffOptions) -> Result<DiffSummary, RunCommandError> {
     })
 }
 
+/// Every difference between what the guest observed in two runs (made
+/// by [`run`](crate::run::run), with the same workload and inputs): the
+/// listed ones (at most 16 of each kind) and how many more were counted.
+/// What `diff` reports, for runs a caller made itself.
+pub fn differences(a: &Observation, b: &Observation) -> (Vec<Difference>, u64) {
+    let mut list = Listing::default();
+    compare(a, b, &mut list);
+    (list.differences, list.unlisted)
+}
+
 /// Differences, at most [`LISTED_PER_KIND`] per kind.
 #[derive(Debug, Default)]
 struct Listing {

@@ -210,6 +210,28 @@ fn diff_of_ept_against_ept_is_identical_for_every_workload() {
 }
 
 #[test]
+fn other_inputs_are_seen_as_differences() {
+    if !kvm_or_skip("other_inputs_are_seen_as_differences") {
+        return;
+    }
+    // The same workload with another seed: other edits, faults, data.
+    let a = run_ok(options(Workload::PtEdit));
+    let mut o = options(Workload::PtEdit);
+    o.params.seed += 1;
+    let b = run_ok(o);
+    let (list, unlisted) = vmm::diff::differences(&a.observation, &b.observation);
+    let seen = |what: &str| list.iter().any(|d| d.what.contains(what));
+    assert!(seen("data page"), "{list:?}");
+    assert!(seen("vCPU 0 reports") && seen("vCPU 1 reports"), "{list:?}");
+    assert!(seen("fault"), "{list:?}");
+    assert!(seen("A/D of the level-1 entry"), "{list:?}");
+    assert!(unlisted > 0);
+    // And a run compared with itself has none.
+    let (none, more) = vmm::diff::differences(&a.observation, &a.observation);
+    assert!(none.is_empty() && more == 0);
+}
+
+#[test]
 fn the_command_prints_one_json_object() {
     if !kvm_or_skip("the_command_prints_one_json_object") {
         return;
