@@ -19,15 +19,18 @@
 //!   walker against KVM (`mmu-vmm conformance`).
 //! - [`mmu`]: [`MmuVm`](mmu::MmuVm), a VM whose memslots and exits go
 //!   through a pluggable MMU backend (`backends` + `integration`), chosen
-//!   by name at creation; [`run`] is `mmu-vmm run` on top of it.
+//!   by name at creation; [`run`] is `mmu-vmm run` on top of it, with the
+//!   guest workloads of [`workload`] in address spaces built by [`space`];
+//!   [`diff`] runs a workload under two backends and compares what the
+//!   guest observed ([`observe`]).
 //!
 //! # The guest ABI in brief
 //!
 //! | from | mechanism | what |
 //! | --- | --- | --- |
-//! | CPL3 program | `int3` (DPL3 gate, vector 3), number in EAX, args RDI, RSI, result RAX | EXIT, REPORT, LOAD_CR3, INVLPG, FLUSH_TLB, STORE, LOAD, CALL, SWAP_ENTRIES, READ_CR0/CR3, WRITE_CR0, RDMSR, WRMSR ([`kit::abi::syscall`]) |
+//! | CPL3 program | `int3` (DPL3 gate, vector 3), number in EAX, args RDI, RSI, result RAX | EXIT, REPORT, LOAD_CR3, INVLPG, FLUSH_TLB, STORE, LOAD, CALL, SWAP_ENTRIES, READ_CR0/CR3, WRITE_CR0, RDMSR, WRMSR, SET_FAULT_HANDLER ([`kit::abi::syscall`]) |
 //! | CPL0 kernel | `in eax, dx` on port 0x500 + n, args RDI, RSI, answer EAX | DONE 0x500, REPORT 0x501, EXCEPTION 0x502, LOAD_CR3 0x503, INVLPG 0x504, FLUSH_TLB 0x505, BAD_SYSCALL 0x506 ([`kit::abi::hypercall`]) |
-//! | IDT stub | pushes vector (and a zero error code if none), saves RAX/RDX, EXCEPTION hypercall; the VMM reads the frame at RSP and CR2 | answer bits REPLAY, NATIVE, REDIRECT ([`kit::abi::action`]) |
+//! | IDT stub | pushes vector (and a zero error code if none), saves RAX/RDX, EXCEPTION hypercall; the VMM reads the frame at RSP and CR2 | answer bits REPLAY, NATIVE, DELIVER (log the fault, resume the program at its handler), REDIRECT ([`kit::abi::action`]) |
 //!
 //! Under [`PagingOps::Native`] the kernel's LOAD_CR3 / INVLPG / FLUSH_TLB
 //! are `mov cr3` / `invlpg` / a CR3 reload; under [`PagingOps::Paravirt`]
@@ -39,10 +42,13 @@
 //!
 //! `mmu-vmm info` (what KVM offers), `mmu-vmm touch` (the touch workload
 //! on N vCPUs, checksums checked), `mmu-vmm conformance [--cases N]
-//! [--seed S] [--levels 4|5] [--json]`, and `mmu-vmm run --mmu shadow|ept
-//! --workload touch [--vcpus N] [--mem SIZE] [--json]` (the workload under
-//! an MMU backend, with its checks and the backend's stats; the shadow
-//! backend cannot be hosted on KVM yet and is refused with a typed error).
+//! [--seed S] [--levels 4|5] [--json]`, `mmu-vmm run --mmu shadow|ept
+//! --workload W [--vcpus N] [--mem SIZE] [--json]` (a workload under an
+//! MMU backend, with its checks against the host's model and the backend's
+//! stats), and `mmu-vmm diff --workload W [--a K] [--b K] [--json]` (the
+//! workload under two backends, and every difference the guest could
+//! observe). The shadow backend cannot be hosted on KVM yet and is refused
+//! with a typed error.
 //!
 //! A guest that triple-faults, runs past its time limit, touches a port or
 //! address nothing serves, or takes an exception nothing resolves ends its
@@ -84,17 +90,22 @@
 #![deny(missing_docs)]
 
 pub mod conformance;
+pub mod diff;
 mod error;
 pub mod insn;
+mod json;
 mod kick;
 pub mod kit;
 pub mod layout;
 pub mod mmu;
+pub mod observe;
 pub mod run;
 pub mod shadow_host;
+pub mod space;
 pub mod tables;
 mod vcpu;
 mod vm;
+pub mod workload;
 pub mod x86;
 
 pub use error::{GuestException, IoDirection, KitError, KvmError, RunError, SetupError, VcpuError};

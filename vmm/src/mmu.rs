@@ -176,8 +176,10 @@ impl ExitHandler for MmuHandler {
     }
 
     /// A #PF the kit's stub reported goes to the vCPU's MMU. A fault the
-    /// MMU gives back to the guest ends the run (the kit's kernel has no
-    /// handler of its own), as every other exception does.
+    /// MMU gives back to the guest is delivered to it with the MMU's error
+    /// code and CR2 ([`VcpuContext::deliver_page_fault`]: logged, and the
+    /// program resumes at its fault handler); without a handler it ends
+    /// the run, as every other exception does.
     fn exception(
         &mut self,
         vcpu: &mut VcpuContext<'_>,
@@ -205,9 +207,10 @@ impl ExitHandler for MmuHandler {
                 apply_action(vcpu.fd(), Action::LoadRoot(load), self.delivery)?;
                 Ok(ExceptionAction::Resume(0))
             }
-            Action::InjectPageFault { .. } | Action::InjectGeneralProtection => {
-                Ok(ExceptionAction::Fail)
+            Action::InjectPageFault { error_code, cr2 } => {
+                vcpu.deliver_page_fault(exception, u64::from(error_code.bits()), cr2.raw())
             }
+            Action::InjectGeneralProtection => Ok(ExceptionAction::Fail),
             other => Err(integration::kvm::ApplyError::NeedsEmulation { action: other }.into()),
         }
     }
@@ -452,6 +455,14 @@ impl MmuVm {
     /// vCPU `index`'s handler (its MMU and exit counters).
     pub fn handler(&mut self, index: usize) -> Option<&mut MmuHandler> {
         self.handlers.get_mut(index)
+    }
+
+    /// The VM, every vCPU's handler and the memslot glue at once: a host
+    /// thread can change memslots while the vCPUs run
+    /// ([`Vm::run_with`] with the handlers), as a VMM's memory-management
+    /// thread does.
+    pub fn parts(&mut self) -> (&mut Vm, &mut [MmuHandler], &Memslots) {
+        (&mut self.vm, &mut self.handlers, self.mmu.memslots())
     }
 
     /// Every vCPU's exit counters, by vCPU index.

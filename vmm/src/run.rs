@@ -3,69 +3,56 @@
 //!
 //! The VM is an [`MmuVm`]: the backend owns its memslots (on KVM the EPT
 //! backend mirrors them with `KVM_SET_USER_MEMORY_REGION`) and every exit
-//! goes through `integration`'s handler. After the run the VMM checks, for
-//! `touch`:
+//! goes through `integration`'s handler. The guest kernel uses the
+//! paravirtual paging calls ([`PagingOps::Paravirt`]), so the same guest
+//! binary runs under every backend. The workload ([`workload`]) builds
+//! its address spaces and data, and predicts what each vCPU must report.
+//! After the run the VMM checks, per vCPU:
 //!
-//! - each vCPU's checksum against the host's model of the workload;
+//! - the reports (checksums, counts) against the host's model;
+//! - the fault log against the faults the model predicts (vector, error
+//!   code, CR2);
+//! - guest memory the workload wrote, word by word;
 //! - the backend's dirty log of the data area (KVM's log merged with the
 //!   VMM's own writes): every page the guest wrote must be in it;
-//! - every page each vCPU touched, translated guest-virtual to
-//!   guest-physical by the backend (the reference walker over the guest's
-//!   own page tables, as a debugger would) and read back: the address and
-//!   the value must be what the guest used.
+//! - the backend's guest-virtual translations of the workload's window
+//!   (the reference walker over the guest's own tables, as a debugger
+//!   would);
+//! - and the workload's own host-side checks (device counters, churn).
 //!
-//! The `shadow` backend is refused before anything is created: hosting it
-//! on KVM is not available yet.
+//! It also collects what the guest can observe ([`Observation`]) for
+//! [`diff`](crate::diff).
+//!
+//! The `shadow` backend is refused before anything is created while its
+//! KVM hosting is not available.
 
 use std::fmt::Write as _;
-use std::str::FromStr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use backends::{BackendConfig, BackendKind};
 use integration::ExitStats;
 use integration::kvm::{KvmHostError, check_hostable};
 use mmu_api::paging::WalkOptions;
-use mmu_api::{Access, AccessKind, Gva, MmuStats};
+use mmu_api::{Access, AccessKind, Gva, MemslotFlags, MmuStats, VcpuId};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::error::{KitError, RunError, SetupError};
+use crate::json::{self, Object};
+use crate::kit::FaultLog;
 use crate::kit::abi::tag;
-use crate::kit::workloads::{self, TouchKind};
-use crate::layout::PAGE_SIZE;
-use crate::mmu::{DATA_SLOT, MmuVm, MmuVmConfig};
-use crate::vcpu::VcpuOutcome;
-use crate::vm::{VcpuArgs, VmConfig};
-use crate::{PagingOps, VcpuReport};
+use crate::layout::{MAX_VCPUS, PAGE_SIZE};
+use crate::mmu::{DATA_SLOT, Devices, MmuVm, MmuVmConfig, NoDevices};
+use crate::observe::{Observation, VcpuObservation, observe};
+use crate::vcpu::{Report, VcpuOutcome};
+use crate::vm::{RunReport, VcpuArgs, VmConfig};
+use crate::workload::{
+    self, CHURN_GPA, CHURN_SIZE, CHURN_SLOT, MAX_MEM_SIZE, Params, PlanError, RrCounters, RrDevice,
+};
+use crate::{PagingOps, Program};
 
-/// A workload `run` knows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Workload {
-    /// Every vCPU touches each 4 KiB page of its slice of the data area
-    /// from CPL3 ([`workloads::touch`]).
-    Touch,
-}
-
-impl Workload {
-    /// Every workload, in the order `--help` lists them.
-    pub const ALL: [Workload; 1] = [Workload::Touch];
-
-    /// Its name on the command line.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Workload::Touch => "touch",
-        }
-    }
-}
-
-impl FromStr for Workload {
-    type Err = RunCommandError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Workload::ALL
-            .into_iter()
-            .find(|w| w.name() == s)
-            .ok_or_else(|| RunCommandError::UnknownWorkload(s.to_string()))
-    }
-}
+pub use crate::workload::{UnknownWorkload, Workload};
 
 /// What `run` does.
 #[derive(Clone, Debug)]
@@ -76,15 +63,13 @@ pub struct RunOptions {
     pub backend: BackendConfig,
     /// The workload.
     pub workload: Workload,
-    /// vCPUs (each on its own thread).
+    /// vCPUs (each on its own thread, on its own slice of the data area).
     pub vcpus: usize,
     /// Guest memory in bytes (a multiple of 2 MiB).
     pub mem_size: u64,
-    /// Read or write each page.
-    pub touch: TouchKind,
-    /// Passes over the pages.
-    pub passes: u64,
-    /// Hang protection.
+    /// The workload's knobs.
+    pub params: Params,
+    /// Hang protection, per round of the workload.
     pub time_limit: Duration,
 }
 
@@ -96,8 +81,7 @@ impl Default for RunOptions {
             workload: Workload::Touch,
             vcpus: 2,
             mem_size: 64 << 20,
-            touch: TouchKind::Write,
-            passes: 1,
+            params: Params::default(),
             time_limit: Duration::from_secs(60),
         }
     }
@@ -109,8 +93,11 @@ impl Default for RunOptions {
 #[non_exhaustive]
 pub enum RunCommandError {
     /// Not a workload `run` knows.
-    #[error("unknown workload {0:?}: this build has touch")]
-    UnknownWorkload(String),
+    #[error(transparent)]
+    UnknownWorkload(#[from] UnknownWorkload),
+    /// The options do not describe a run this VMM can make.
+    #[error("invalid run options: {0}")]
+    Options(String),
     /// The backend cannot be hosted on KVM (the shadow backend, for now).
     #[error("the {mmu} MMU backend cannot run guests here")]
     NotHostable {
@@ -123,43 +110,85 @@ pub enum RunCommandError {
     /// Building the VM failed.
     #[error("cannot build the VM")]
     Setup(#[from] SetupError),
+    /// Setting up the workload failed.
+    #[error("cannot set up the workload")]
+    Plan(#[from] PlanError),
     /// Assembling the workload failed.
     #[error("cannot assemble the workload")]
     Kit(#[from] KitError),
     /// The guest run failed.
     #[error("the guest run failed")]
     Run(#[from] RunError),
+    /// A memslot change of the host failed.
+    #[error("a memslot change failed")]
+    Memslot(#[from] mmu_api::MemslotError),
     /// Reading guest memory or the backend's state after the run failed.
     #[error("cannot inspect the guest after the run: {0}")]
     Inspect(String),
 }
 
-/// One vCPU's part of a run.
+/// One check of the host against the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Check {
+    /// What was checked (`vCPU 0 reports`).
+    pub what: String,
+    /// Whether it held.
+    pub ok: bool,
+    /// What was found, when it did not hold (or a count when it did).
+    pub detail: String,
+}
+
+impl Check {
+    fn new(what: String, ok: bool, detail: String) -> Check {
+        Check { what, ok, detail }
+    }
+}
+
+/// One vCPU's part of a run, over every round.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VcpuSummary {
-    /// The vCPU's report (outcome, reports, exit counters, time).
-    pub report: VcpuReport,
-    /// First page it touched.
-    pub base: u64,
-    /// Pages it touched per pass.
-    pub pages: u64,
-    /// The checksum the host's model expects.
-    pub expected: u64,
-    /// Pages whose translation by the backend, or whose value read back
-    /// through it, differed from what the guest used.
-    pub translation_mismatches: u64,
+    /// Which vCPU.
+    pub id: VcpuId,
+    /// How its last round ended.
+    pub outcome: VcpuOutcome,
+    /// Every REPORT, in order.
+    pub reports: Vec<Report>,
+    /// Every fault delivered to it.
+    pub faults: FaultLog,
+    /// Exit counters, summed over the rounds.
+    pub stats: crate::ExitStats,
+    /// Time in the guest, summed over the rounds.
+    pub elapsed: Duration,
 }
 
 impl VcpuSummary {
-    /// The checksum the guest reported.
-    pub fn checksum(&self) -> Option<u64> {
-        self.report.last(tag::CHECKSUM)
+    /// The wrapping sum of the values reported with `tag` (over rounds).
+    pub fn total(&self, tag: u32) -> Option<u64> {
+        self.reports
+            .iter()
+            .filter(|r| r.tag == u64::from(tag))
+            .map(|r| r.value)
+            .reduce(u64::wrapping_add)
     }
 
-    /// True if the guest finished and its checksum is the expected one.
-    pub fn checksum_ok(&self) -> bool {
-        matches!(self.report.outcome, VcpuOutcome::Done { exit_code: 0 })
-            && self.checksum() == Some(self.expected)
+    /// The checksum the guest reported (summed over rounds).
+    pub fn checksum(&self) -> Option<u64> {
+        self.total(tag::CHECKSUM)
+    }
+
+    fn absorb(&mut self, report: crate::VcpuReport, faults: FaultLog) {
+        self.outcome = report.outcome;
+        self.reports.extend(report.reports);
+        self.faults.append(faults);
+        let (s, r) = (&mut self.stats, report.stats);
+        s.exits += r.exits;
+        s.hypercalls += r.hypercalls;
+        s.exceptions += r.exceptions;
+        s.paging_ops += r.paging_ops;
+        s.device_io += r.device_io;
+        s.interrupted += r.interrupted;
+        s.routed += r.routed;
+        self.elapsed += report.elapsed;
     }
 }
 
@@ -168,14 +197,13 @@ impl VcpuSummary {
 /// Completeness is what is checked: every page the guest wrote must be
 /// logged. The log may hold more: KVM logs a page when it maps it
 /// writable, and on the PVM host here a read-only `touch` run logs every
-/// page it read (the identity tables preset the D bit, so a read fault can
-/// map the page writable).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// page it read (a read fault can map a page writable when its D bit is
+/// already set).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DirtySummary {
     /// Pages in the log.
     pub dirty_pages: u64,
-    /// Pages the guest wrote (all the touched pages of a write run; none
-    /// of a read run).
+    /// Pages the guest wrote, by the model.
     pub written_pages: u64,
     /// Pages the guest wrote that the log lacks (must be 0).
     pub missing: u64,
@@ -186,32 +214,46 @@ pub struct DirtySummary {
 pub struct RunSummary {
     /// What was run.
     pub options: RunOptions,
+    /// The sizes the workload chose (pages per vCPU, edits, spaces).
+    pub parameters: Vec<(&'static str, u64)>,
+    /// Rounds the workload ran in (see [`workload`]).
+    pub rounds: usize,
     /// Per vCPU.
     pub vcpus: Vec<VcpuSummary>,
+    /// Every check, passed or not.
+    pub checks: Vec<Check>,
     /// The data area's dirty log.
     pub dirty: DirtySummary,
+    /// The host's own figures (device counters, memslot churn).
+    pub host: Vec<(&'static str, u64)>,
     /// The backend's counters.
     pub backend: MmuStats,
     /// The exit handler's counters, summed over the vCPUs.
     pub exits: ExitStats,
-    /// Wall time of the guest run.
+    /// Wall time of the guest runs.
     pub elapsed: Duration,
+    /// What the guest can observe, for [`diff`](crate::diff).
+    pub observation: Observation,
 }
 
 impl RunSummary {
-    /// True if every check held: checksums, dirty-log completeness,
-    /// translations.
+    /// True if every check held (each vCPU finished, and everything it
+    /// reported and left behind is what the host's model says).
     pub fn ok(&self) -> bool {
-        self.dirty.missing == 0
-            && self
-                .vcpus
-                .iter()
-                .all(|v| v.checksum_ok() && v.translation_mismatches == 0)
+        self.checks.iter().all(|c| c.ok)
     }
 
-    /// Pages translated through the backend after the run.
-    pub fn translated_pages(&self) -> u64 {
-        self.vcpus.iter().map(|v| v.pages).sum()
+    /// The checks that did not hold.
+    pub fn failed_checks(&self) -> impl Iterator<Item = &Check> {
+        self.checks.iter().filter(|c| !c.ok)
+    }
+
+    fn parameters_text(&self) -> String {
+        self.parameters
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// The summary as lines of text.
@@ -220,29 +262,35 @@ impl RunSummary {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "run: {} under the {} MMU backend, {} vCPUs, {} MiB, {:?}, {} passes, in {:?}",
-            o.workload.name(),
+            "run: {} under the {} MMU backend, {} vCPUs, {} MiB, {} ({} rounds), in {:?}",
+            o.workload,
             o.mmu,
             o.vcpus,
             o.mem_size >> 20,
-            o.touch,
-            o.passes,
+            self.parameters_text(),
+            self.rounds,
             self.elapsed
         );
         for v in &self.vcpus {
-            let r = &v.report;
             let _ = writeln!(
                 out,
-                "  {}: {:?}, touched {} pages from {:#x}, checksum {:#x} ({}), {} exits, {:?}",
-                r.id,
-                r.outcome,
-                v.pages,
-                v.base,
-                v.checksum().unwrap_or(0),
-                if v.checksum_ok() { "ok" } else { "MISMATCH" },
-                r.stats.exits,
-                r.elapsed
+                "  {}: {:?}, {}, {} faults delivered, {} exits, {:?}",
+                v.id,
+                v.outcome,
+                reports_text(&v.reports),
+                v.faults.count,
+                v.stats.exits,
+                v.elapsed
             );
+        }
+        let passed = self.checks.iter().filter(|c| c.ok).count();
+        let _ = writeln!(
+            out,
+            "checks: {passed} passed, {} failed",
+            self.checks.len() - passed
+        );
+        for c in self.failed_checks() {
+            let _ = writeln!(out, "  FAILED {}: {}", c.what, c.detail);
         }
         let d = &self.dirty;
         let _ = writeln!(
@@ -250,12 +298,19 @@ impl RunSummary {
             "dirty log of the data area: {} pages; {} written by the guest, {} of them missing",
             d.dirty_pages, d.written_pages, d.missing
         );
-        let mismatches: u64 = self.vcpus.iter().map(|v| v.translation_mismatches).sum();
+        if !self.host.is_empty() {
+            let host: Vec<String> = self.host.iter().map(|(n, v)| format!("{n}={v}")).collect();
+            let _ = writeln!(out, "host: {}", host.join(" "));
+        }
+        let obs = &self.observation;
         let _ = writeln!(
             out,
-            "translated through the backend: {} guest-virtual pages, {} mismatches",
-            self.translated_pages(),
-            mismatches
+            "observed: data {:#018x}, tables {:#018x} ({} frames from {} roots), A/D of {} entries",
+            obs.data_hash(),
+            obs.tables_hash(),
+            obs.tables.len(),
+            obs.roots.len(),
+            obs.ad.len()
         );
         let _ = writeln!(out, "backend stats: {}", self.backend);
         let _ = writeln!(out, "exit handler: {}", self.exits);
@@ -265,69 +320,208 @@ impl RunSummary {
 
     /// The summary as one JSON object.
     pub fn json(&self) -> String {
+        self.json_object().finish()
+    }
+
+    pub(crate) fn json_object(&self) -> Object {
         let o = &self.options;
-        let vcpus: Vec<String> = self
-            .vcpus
-            .iter()
-            .map(|v| {
-                let r = &v.report;
-                let (outcome, exit_code) = match r.outcome {
-                    VcpuOutcome::Done { exit_code } => ("done", exit_code),
-                    VcpuOutcome::Stopped => ("stopped", 0),
-                };
-                format!(
-                    "{{\"id\": {}, \"outcome\": \"{outcome}\", \"exit_code\": {exit_code}, \"base\": {}, \"pages\": {}, \"checksum\": {}, \"expected\": {}, \"checksum_ok\": {}, \"translation_mismatches\": {}, \"exits\": {}, \"hypercalls\": {}, \"routed_exits\": {}, \"elapsed_s\": {:.6}}}",
-                    r.id.0,
-                    v.base,
-                    v.pages,
-                    v.checksum().map_or("null".to_string(), |c| c.to_string()),
-                    v.expected,
-                    v.checksum_ok(),
-                    v.translation_mismatches,
-                    r.stats.exits,
-                    r.stats.hypercalls,
-                    r.stats.routed,
-                    r.elapsed.as_secs_f64()
-                )
-            })
-            .collect();
-        let counters = |pairs: &[(&str, u64)]| {
-            pairs
-                .iter()
-                .map(|(name, value)| format!("\"{name}\": {value}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let vcpus = self.vcpus.iter().map(|v| {
+            let (outcome, exit_code) = match v.outcome {
+                VcpuOutcome::Done { exit_code } => ("done", exit_code),
+                VcpuOutcome::Stopped => ("stopped", 0),
+            };
+            let log = v.faults.entries.iter().take(JSON_FAULTS).map(|f| {
+                Object::new()
+                    .num("vector", u64::from(f.vector))
+                    .num("error_code", f.error_code)
+                    .num("cr2", f.cr2)
+                    .finish()
+            });
+            Object::new()
+                .num("id", u64::from(v.id.0))
+                .str("outcome", outcome)
+                .num("exit_code", exit_code)
+                .raw("reports", reports_json(&v.reports))
+                .num("faults", v.faults.count)
+                .raw("fault_log", json::array(log))
+                .num("exits", v.stats.exits)
+                .num("hypercalls", v.stats.hypercalls)
+                .num("exceptions", v.stats.exceptions)
+                .num("paging_ops", v.stats.paging_ops)
+                .num("routed_exits", v.stats.routed)
+                .float("elapsed_s", v.elapsed.as_secs_f64())
+                .finish()
+        });
+        let failed = self.failed_checks().map(|c| {
+            Object::new()
+                .str("what", &c.what)
+                .str("detail", &c.detail)
+                .finish()
+        });
         let d = &self.dirty;
-        format!(
-            "{{\"mmu\": \"{}\", \"workload\": \"{}\", \"touch\": \"{}\", \"vcpus\": {}, \"mem_bytes\": {}, \"passes\": {}, \"elapsed_s\": {:.6}, \"ok\": {}, \"guest\": [{}], \"dirty_log\": {{\"slot\": {}, \"dirty_pages\": {}, \"written_pages\": {}, \"missing\": {}}}, \"translated_pages\": {}, \"backend\": {{\"name\": \"{}\", \"counters\": {{{}}}}}, \"exit_handler\": {{{}}}}}",
-            o.mmu,
-            o.workload.name(),
-            match o.touch {
-                TouchKind::Read => "read",
-                TouchKind::Write => "write",
-            },
-            o.vcpus,
-            o.mem_size,
-            o.passes,
-            self.elapsed.as_secs_f64(),
-            self.ok(),
-            vcpus.join(", "),
-            DATA_SLOT.0,
-            d.dirty_pages,
-            d.written_pages,
-            d.missing,
-            self.translated_pages(),
-            self.backend.backend,
-            counters(&self.backend.counters),
-            counters(&self.exits.counters()),
-        )
+        let obs = &self.observation;
+        Object::new()
+            .str("mmu", &o.mmu.to_string())
+            .str("workload", o.workload.name())
+            .num("vcpus", o.vcpus as u64)
+            .num("mem_bytes", o.mem_size)
+            .num("seed", o.params.seed)
+            .counters("parameters", self.parameters.iter().copied())
+            .num("rounds", self.rounds as u64)
+            .float("elapsed_s", self.elapsed.as_secs_f64())
+            .bool("ok", self.ok())
+            .raw("guest", json::array(vcpus))
+            .raw(
+                "checks",
+                Object::new()
+                    .num("passed", self.checks.iter().filter(|c| c.ok).count() as u64)
+                    .raw("failed", json::array(failed))
+                    .finish(),
+            )
+            .raw(
+                "dirty_log",
+                Object::new()
+                    .num("slot", u64::from(DATA_SLOT.0))
+                    .num("dirty_pages", d.dirty_pages)
+                    .num("written_pages", d.written_pages)
+                    .num("missing", d.missing)
+                    .finish(),
+            )
+            .counters("host", self.host.iter().copied())
+            .raw(
+                "observed",
+                Object::new()
+                    .str("data_hash", &format!("{:#018x}", obs.data_hash()))
+                    .str("tables_hash", &format!("{:#018x}", obs.tables_hash()))
+                    .num("table_frames", obs.tables.len() as u64)
+                    .num("roots", obs.roots.len() as u64)
+                    .num("ad_entries", obs.ad.len() as u64)
+                    .num(
+                        "accessed",
+                        obs.ad.iter().filter(|e| e.bits & 1 != 0).count() as u64,
+                    )
+                    .num(
+                        "dirty",
+                        obs.ad.iter().filter(|e| e.bits & 2 != 0).count() as u64,
+                    )
+                    .finish(),
+            )
+            .raw(
+                "backend",
+                Object::new()
+                    .str("name", self.backend.backend)
+                    .counters("counters", self.backend.counters.iter().copied())
+                    .finish(),
+            )
+            .counters("exit_handler", self.exits.counters())
     }
 }
 
-/// The value of the first quadword of a data page before a read run.
-fn preset(address: u64) -> u64 {
-    address.rotate_left(17)
+/// Fault-log entries per vCPU the JSON output lists (the count is always
+/// there).
+const JSON_FAULTS: usize = 32;
+
+/// How long the churn thread waits between two cycles, so the vCPUs make
+/// progress on a small host.
+const CHURN_PAUSE: Duration = Duration::from_millis(1);
+
+fn tag_name(tag: u64) -> String {
+    tag::name(tag).map_or_else(|| format!("tag{tag}"), str::to_string)
+}
+
+/// Reports as `name=value` pairs (hexadecimal checksums).
+pub(crate) fn reports_text(reports: &[Report]) -> String {
+    if reports.is_empty() {
+        return "no reports".to_string();
+    }
+    reports
+        .iter()
+        .map(|r| {
+            if r.tag == u64::from(tag::CHECKSUM) {
+                format!("{}={:#x}", tag_name(r.tag), r.value)
+            } else {
+                format!("{}={}", tag_name(r.tag), r.value)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn reports_json(reports: &[Report]) -> String {
+    json::array(reports.iter().map(|r| {
+        Object::new()
+            .str("tag", &tag_name(r.tag))
+            .num("value", r.value)
+            .finish()
+    }))
+}
+
+/// The churn thread's figures.
+#[derive(Clone, Debug, Default)]
+struct ChurnStats {
+    cycles: u64,
+    during_run: u64,
+    times: Vec<Duration>,
+}
+
+/// Deletes and re-adds [`CHURN_SLOT`] until `done`, at least once.
+fn churn_loop(
+    memslots: &integration::Memslots,
+    memory: &GuestMemoryMmap,
+    done: &AtomicBool,
+) -> Result<ChurnStats, RunCommandError> {
+    let region = memory
+        .iter()
+        .next()
+        .ok_or_else(|| RunCommandError::Inspect("the churn memory has no region".to_string()))?;
+    let mut stats = ChurnStats::default();
+    loop {
+        let during = !done.load(Ordering::Acquire);
+        let started = Instant::now();
+        memslots.delete(CHURN_SLOT)?;
+        memslots.add_region(CHURN_SLOT, region, MemslotFlags::empty())?;
+        stats.times.push(started.elapsed());
+        stats.cycles += 1;
+        stats.during_run += u64::from(during);
+        if done.load(Ordering::Acquire) {
+            return Ok(stats);
+        }
+        std::thread::sleep(CHURN_PAUSE);
+    }
+}
+
+/// One round on every vCPU, with the churn thread running beside it.
+fn run_churning(
+    vm: &mut MmuVm,
+    program: &Program,
+    args: &[VcpuArgs],
+    limit: Duration,
+    churn_memory: &GuestMemoryMmap,
+) -> Result<(RunReport, ChurnStats), RunCommandError> {
+    let (vm, handlers, memslots) = vm.parts();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let churner = scope.spawn(|| churn_loop(memslots, churn_memory, &done));
+        let report = vm.run_with(
+            program,
+            args,
+            limit,
+            handlers.iter_mut().take(args.len()).collect(),
+        );
+        done.store(true, Ordering::Release);
+        let churn = churner
+            .join()
+            .map_err(|_| RunCommandError::Inspect("the churn thread panicked".to_string()))?;
+        Ok((report?, churn?))
+    })
+}
+
+fn options_error(message: String) -> RunCommandError {
+    RunCommandError::Options(message)
+}
+
+fn inspect(e: impl std::fmt::Display) -> RunCommandError {
+    RunCommandError::Inspect(e.to_string())
 }
 
 /// Runs `options.workload` under `options.mmu` on KVM and checks it.
@@ -336,8 +530,23 @@ pub fn run(options: RunOptions) -> Result<RunSummary, RunCommandError> {
         mmu: options.mmu,
         source,
     })?;
-    let Workload::Touch = options.workload;
-    let mut vm = MmuVm::new(MmuVmConfig {
+    if options.vcpus == 0 || options.vcpus > MAX_VCPUS {
+        return Err(options_error(format!(
+            "{} vCPUs requested; 1..={MAX_VCPUS} are supported",
+            options.vcpus
+        )));
+    }
+    if options.mem_size > MAX_MEM_SIZE {
+        return Err(options_error(format!(
+            "{} bytes of memory requested; the workloads support up to {MAX_MEM_SIZE}",
+            options.mem_size
+        )));
+    }
+    let workload = options.workload;
+    let counters: Vec<Arc<RrCounters>> = (0..options.vcpus)
+        .map(|_| Arc::new(RrCounters::default()))
+        .collect();
+    let config = MmuVmConfig {
         kind: options.mmu,
         backend: options.backend.clone(),
         vm: VmConfig {
@@ -348,106 +557,263 @@ pub fn run(options: RunOptions) -> Result<RunSummary, RunCommandError> {
         },
         log_dirty_data: true,
         coherence: integration::kvm::HostCoherence::Detect,
-    })?;
-    let vcpus = options.vcpus;
-    let seed = 0x5eed_0000_0000u64;
-    let mut args = Vec::with_capacity(vcpus);
-    for i in 0..vcpus {
-        let slice = vm.vm().layout().data_slice(i, vcpus);
-        let pages = (slice.end - slice.start) / PAGE_SIZE;
-        if options.touch == TouchKind::Read {
-            for p in 0..pages {
-                let address = slice.start + p * PAGE_SIZE;
-                vm.vm()
-                    .write_u64(address, preset(address))
-                    .map_err(|e| RunCommandError::Inspect(e.to_string()))?;
+    };
+    let mut vm = MmuVm::with_devices(config, |id| -> Box<dyn Devices> {
+        let index = id.0 as usize;
+        match (workload, counters.get(index)) {
+            (Workload::MmioRr, Some(c)) => {
+                Box::new(RrDevice::new(workload::mmio_page(index), Arc::clone(c)))
             }
+            _ => Box::new(NoDevices),
         }
-        args.push(VcpuArgs([
-            slice.start,
-            pages,
-            options.passes,
-            seed + i as u64,
-            0,
-            0,
-        ]));
+    })?;
+    let plan = workload::plan(vm.vm(), workload, &options.params)?;
+
+    let churn_memory = if workload == Workload::Churn {
+        let memory =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(CHURN_GPA), CHURN_SIZE as usize)])
+                .map_err(|source| SetupError::AllocateMemory {
+                size: CHURN_SIZE,
+                source,
+            })?;
+        let region = memory
+            .iter()
+            .next()
+            .ok_or_else(|| inspect("the churn memory has no region"))?;
+        vm.memslots()
+            .add_region(CHURN_SLOT, region, MemslotFlags::empty())?;
+        Some(memory)
+    } else {
+        None
+    };
+    // The VMM's own writes are not guest writes: start the log now.
+    vm.memslots().dirty_log(DATA_SLOT)?;
+
+    let mut vcpus: Vec<VcpuSummary> = (0..options.vcpus)
+        .map(|i| VcpuSummary {
+            id: VcpuId(i as u32),
+            outcome: VcpuOutcome::Stopped,
+            reports: Vec::new(),
+            faults: FaultLog::default(),
+            stats: crate::ExitStats::default(),
+            elapsed: Duration::ZERO,
+        })
+        .collect();
+    let mut churn = None;
+    let mut elapsed = Duration::ZERO;
+    for args in &plan.rounds {
+        let report = match &churn_memory {
+            Some(memory) => {
+                let (report, stats) =
+                    run_churning(&mut vm, &plan.program, args, options.time_limit, memory)?;
+                churn = Some(stats);
+                report
+            }
+            None => vm.run(&plan.program, args, options.time_limit)?,
+        };
+        elapsed += report.elapsed;
+        for (i, (summary, report)) in vcpus.iter_mut().zip(report.vcpus).enumerate() {
+            let faults = vm.vm().fault_log(i).map_err(inspect)?;
+            summary.absorb(report, faults);
+        }
     }
-    // The VMM's own writes above are not guest writes: start the log now.
-    vm.memslots()
-        .dirty_log(DATA_SLOT)
-        .map_err(|e| RunCommandError::Inspect(e.to_string()))?;
 
-    let program = workloads::touch(options.touch)?;
-    let report = vm.run(&program, &args, options.time_limit)?;
-
-    let log = vm
-        .memslots()
-        .dirty_log(DATA_SLOT)
-        .map_err(|e| RunCommandError::Inspect(e.to_string()))?;
+    let log = vm.memslots().dirty_log(DATA_SLOT)?;
     let data_base = vm.vm().layout().data().start;
     let mut dirty = DirtySummary {
         dirty_pages: log.count(),
-        written_pages: 0,
-        missing: 0,
+        ..DirtySummary::default()
     };
-    let mut summaries = Vec::with_capacity(vcpus);
-    for (i, (vcpu_report, arg)) in report.vcpus.into_iter().zip(&args).enumerate() {
-        let [base, pages, passes, seed, ..] = arg.0;
-        let expected = workloads::touch_checksum(options.touch, base, pages, passes, seed, preset);
-        let wrote = options.touch == TouchKind::Write && passes > 0;
-        let mut mismatches = 0;
-        let handler = vm
-            .handler(i)
-            .ok_or_else(|| RunCommandError::Inspect(format!("no handler for vCPU {i}")))?;
-        let mut translated = Vec::with_capacity(pages as usize);
-        for p in 0..pages {
-            let gva = base + p * PAGE_SIZE;
-            let segments = handler.exits().mmu().translate(
-                Gva(gva),
-                8,
-                Access::user(AccessKind::Read),
-                WalkOptions {
-                    set_accessed_dirty: false,
-                },
-            );
-            translated.push((gva, segments.ok().and_then(|s| s.first().map(|s| s.gpa))));
-        }
-        for (gva, gpa) in translated {
-            let want = if wrote { gva ^ seed } else { preset(gva) };
-            let got = match gpa {
-                Some(gpa) if gpa.raw() == gva => vm.vm().read_u64(gpa.raw()).ok(),
-                _ => None,
-            };
-            if got != Some(want) {
-                mismatches += 1;
+    let mut checks = Vec::new();
+    for (i, (summary, expect)) in vcpus.iter().zip(&plan.expect).enumerate() {
+        let name = |what: &str| format!("vCPU {i} {what}");
+        checks.push(Check::new(
+            name("finished"),
+            summary.outcome == VcpuOutcome::Done { exit_code: 0 },
+            format!("{:?}", summary.outcome),
+        ));
+        checks.push(Check::new(
+            name("reports"),
+            summary.reports == expect.reports,
+            format!(
+                "expected {}, got {}",
+                reports_text(&expect.reports),
+                reports_text(&summary.reports)
+            ),
+        ));
+        checks.push(fault_check(
+            name("fault log"),
+            &summary.faults,
+            &expect.faults,
+        ));
+        let mut wrong = Vec::new();
+        for word in &expect.memory {
+            let got = vm.vm().read_u64(word.gpa).map_err(inspect)?;
+            if got & word.mask != word.value & word.mask {
+                wrong.push((word.gpa, word.value, got));
             }
-            if wrote {
-                dirty.written_pages += 1;
-                if !log.is_dirty((gva - data_base) / PAGE_SIZE) {
-                    dirty.missing += 1;
+        }
+        checks.push(Check::new(
+            name("memory"),
+            wrong.is_empty(),
+            match wrong.first() {
+                Some((gpa, want, got)) => format!(
+                    "{} of {} words differ; first at {gpa:#x}: expected {want:#x}, got {got:#x}",
+                    wrong.len(),
+                    expect.memory.len()
+                ),
+                None => format!("{} words as expected", expect.memory.len()),
+            },
+        ));
+        let mut missing = 0;
+        for page in &expect.written {
+            let logged = page
+                .checked_sub(data_base)
+                .is_some_and(|offset| log.is_dirty(offset / PAGE_SIZE));
+            missing += u64::from(!logged);
+        }
+        dirty.written_pages += expect.written.len() as u64;
+        dirty.missing += missing;
+        checks.push(Check::new(
+            name("dirty log"),
+            missing == 0,
+            format!(
+                "{missing} of {} written pages missing",
+                expect.written.len()
+            ),
+        ));
+        if !expect.translations.is_empty() {
+            let handler = vm
+                .handler(i)
+                .ok_or_else(|| inspect(format!("no handler for vCPU {i}")))?;
+            let mut bad = Vec::new();
+            for &(gva, gpa) in &expect.translations {
+                let segments = handler.exits().mmu().translate(
+                    Gva(gva),
+                    8,
+                    Access::user(AccessKind::Read),
+                    WalkOptions {
+                        set_accessed_dirty: false,
+                    },
+                );
+                let got = segments.ok().and_then(|s| s.first().map(|s| s.gpa.raw()));
+                if got != Some(gpa) {
+                    bad.push((gva, gpa, got));
                 }
             }
+            checks.push(Check::new(
+                name("translations"),
+                bad.is_empty(),
+                match bad.first() {
+                    Some((gva, want, got)) => format!(
+                        "{} of {} differ; first {gva:#x}: expected {want:#x}, got {got:x?}",
+                        bad.len(),
+                        expect.translations.len()
+                    ),
+                    None => format!("{} pages", expect.translations.len()),
+                },
+            ));
         }
-        summaries.push(VcpuSummary {
-            report: vcpu_report,
-            base,
-            pages,
-            expected,
-            translation_mismatches: mismatches,
-        });
     }
+    let mut host = Vec::new();
+    if workload == Workload::MmioRr {
+        let (mut doorbells, mut reads, mut idle) = (0, 0, 0);
+        for (i, (c, expect)) in counters.iter().zip(&plan.expect).enumerate() {
+            let (d, r, n) = c.snapshot();
+            let find = |t: u32| {
+                expect
+                    .reports
+                    .iter()
+                    .find(|r| r.tag == u64::from(t))
+                    .map_or(0, |r| r.value)
+            };
+            let want = (find(tag::TRANSACTIONS), find(tag::POLLS), 0);
+            checks.push(Check::new(
+                format!("vCPU {i} device"),
+                (d, r, n) == want,
+                format!(
+                    "expected (doorbells, status reads, idle reads) {want:?}, the device counted {:?}",
+                    (d, r, n)
+                ),
+            ));
+            doorbells += d;
+            reads += r;
+            idle += n;
+        }
+        host.extend([
+            ("doorbells", doorbells),
+            ("status_reads", reads),
+            ("idle_reads", idle),
+        ]);
+    }
+    if let Some(stats) = &churn {
+        let mut times = stats.times.clone();
+        times.sort_unstable();
+        let micros = |d: Option<&Duration>| d.map_or(0, |d| d.as_micros() as u64);
+        host.extend([
+            ("churn_cycles", stats.cycles),
+            ("churn_cycles_during_run", stats.during_run),
+            ("churn_median_us", micros(times.get(times.len() / 2))),
+            ("churn_max_us", micros(times.last())),
+        ]);
+        checks.push(Check::new(
+            "memslot churned while the guest ran".to_string(),
+            stats.during_run > 0,
+            format!(
+                "{} of {} cycles during the run",
+                stats.during_run, stats.cycles
+            ),
+        ));
+    }
+
+    let observation = observe(
+        vm.vm(),
+        &plan.roots,
+        vcpus
+            .iter()
+            .map(|v| VcpuObservation {
+                outcome: v.outcome,
+                reports: v.reports.clone(),
+                faults: v.faults.clone(),
+            })
+            .collect(),
+    );
     let mut exits = ExitStats::default();
     for stats in vm.exit_stats() {
         exits.add(&stats);
     }
     Ok(RunSummary {
         options,
-        vcpus: summaries,
+        parameters: plan.parameters,
+        rounds: plan.rounds.len(),
+        vcpus,
+        checks,
         dirty,
+        host,
         backend: vm.backend().stats(),
         exits,
-        elapsed: report.elapsed,
+        elapsed,
+        observation,
     })
+}
+
+/// Compares a fault log with the faults the model predicts.
+fn fault_check(what: String, got: &FaultLog, expected: &[crate::kit::FaultRecord]) -> Check {
+    let count_ok = got.count == expected.len() as u64;
+    let first_wrong = got.entries.iter().zip(expected).position(|(g, e)| g != e);
+    let detail = match first_wrong {
+        Some(i) => format!(
+            "fault {i}: expected {}, got {}",
+            expected[i], got.entries[i]
+        ),
+        None if !count_ok => format!(
+            "expected {} faults, {} were delivered",
+            expected.len(),
+            got.count
+        ),
+        None => format!("{} faults as expected", got.count),
+    };
+    Check::new(what, count_ok && first_wrong.is_none(), detail)
 }
 
 /// Parses a memory size: bytes, or a number with `K`, `M`, `G` (or
@@ -472,8 +838,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::kit::FaultRecord;
 
     #[test]
     fn sizes_parse_with_units() {
@@ -489,77 +856,160 @@ mod tests {
     }
 
     #[test]
-    fn workloads_parse() {
-        assert_eq!("touch".parse::<Workload>().unwrap(), Workload::Touch);
-        let err = "mmio-rr".parse::<Workload>().unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "unknown workload \"mmio-rr\": this build has touch"
-        );
+    fn bad_sizes_are_refused_before_anything_is_created() {
+        for options in [
+            RunOptions {
+                vcpus: 0,
+                ..RunOptions::default()
+            },
+            RunOptions {
+                vcpus: MAX_VCPUS + 1,
+                ..RunOptions::default()
+            },
+            RunOptions {
+                mem_size: MAX_MEM_SIZE + (2 << 20),
+                ..RunOptions::default()
+            },
+        ] {
+            let err = run(options).unwrap_err();
+            assert!(matches!(err, RunCommandError::Options(_)), "{err:?}");
+        }
+    }
+
+    fn pf(error_code: u64, address: u64) -> FaultRecord {
+        FaultRecord {
+            vector: 14,
+            error_code,
+            cr2: address,
+        }
     }
 
     #[test]
-    fn summaries_render_as_one_json_object() {
-        let report = VcpuReport {
-            id: mmu_api::VcpuId(0),
+    fn fault_checks_name_the_first_difference() {
+        let log = FaultLog {
+            count: 2,
+            entries: vec![pf(4, 0x1000), pf(7, 0x2000)],
+        };
+        assert!(fault_check("f".into(), &log, &[pf(4, 0x1000), pf(7, 0x2000)]).ok);
+        let c = fault_check("f".into(), &log, &[pf(4, 0x1000), pf(6, 0x2000)]);
+        assert!(!c.ok);
+        assert_eq!(
+            c.detail,
+            "fault 1: expected #PF error code 0x6 cr2 0x2000, got #PF error code 0x7 cr2 0x2000"
+        );
+        let c = fault_check("f".into(), &log, &[pf(4, 0x1000)]);
+        assert_eq!(c.detail, "expected 1 faults, 2 were delivered");
+    }
+
+    pub(crate) fn summary() -> RunSummary {
+        let vcpu = VcpuSummary {
+            id: VcpuId(0),
             outcome: VcpuOutcome::Done { exit_code: 0 },
-            reports: vec![crate::Report {
-                tag: u64::from(tag::CHECKSUM),
-                value: 42,
-            }],
+            reports: vec![
+                Report {
+                    tag: u64::from(tag::CHECKSUM),
+                    value: 40,
+                },
+                Report {
+                    tag: u64::from(tag::CHECKSUM),
+                    value: 2,
+                },
+                Report {
+                    tag: u64::from(tag::FAULTS),
+                    value: 1,
+                },
+            ],
+            faults: FaultLog {
+                count: 1,
+                entries: vec![pf(7, 0x8000_0000_1000)],
+            },
             stats: crate::ExitStats::default(),
             elapsed: Duration::from_millis(3),
         };
-        let summary = RunSummary {
+        RunSummary {
             options: RunOptions::default(),
-            vcpus: vec![VcpuSummary {
-                report,
-                base: 0x40_0000,
-                pages: 3,
-                expected: 42,
-                translation_mismatches: 0,
-            }],
+            parameters: vec![("pages", 3), ("passes", 1)],
+            rounds: 2,
+            vcpus: vec![vcpu],
+            checks: vec![Check::new("vCPU 0 reports".into(), true, String::new())],
             dirty: DirtySummary {
                 dirty_pages: 3,
                 written_pages: 3,
                 missing: 0,
             },
+            host: vec![("churn_cycles", 4)],
             backend: MmuStats {
                 backend: "ept",
                 counters: vec![("translations", 3), ("tlb_hits", 0)],
             },
             exits: ExitStats::default(),
             elapsed: Duration::from_millis(5),
-        };
+            observation: Observation {
+                data_base: 0x20_0000,
+                data_pages: vec![1, 2],
+                tables: [(0x1000, 5)].into_iter().collect(),
+                ad: Vec::new(),
+                roots: vec![0x1000],
+                vcpus: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn summaries_render_as_one_json_object() {
+        let summary = summary();
         assert!(summary.ok());
+        assert_eq!(summary.vcpus[0].checksum(), Some(42));
+        assert_eq!(summary.vcpus[0].total(tag::POLLS), None);
         let json = summary.json();
         assert!(
-            json.starts_with("{\"mmu\": \"ept\", \"workload\": \"touch\""),
+            json.starts_with("{\"mmu\": \"ept\", \"workload\": \"touch\", \"vcpus\": 2"),
             "{json}"
         );
         assert!(json.contains("\"ok\": true"), "{json}");
         assert!(
-            json.contains("\"checksum\": 42, \"expected\": 42, \"checksum_ok\": true"),
+            json.contains("\"reports\": [{\"tag\": \"checksum\", \"value\": 40}, {\"tag\": \"checksum\", \"value\": 2}, {\"tag\": \"faults\", \"value\": 1}]"),
+            "{json}"
+        );
+        assert!(
+            json.contains(
+                "\"fault_log\": [{\"vector\": 14, \"error_code\": 7, \"cr2\": 140737488359424}]"
+            ),
             "{json}"
         );
         assert!(
             json.contains("\"counters\": {\"translations\": 3, \"tlb_hits\": 0}"),
             "{json}"
         );
+        assert!(json.contains("\"parameters\": {\"pages\": 3, \"passes\": 1}"));
+        assert!(json.contains("\"host\": {\"churn_cycles\": 4}"), "{json}");
         assert!(
             json.contains("\"exit_handler\": {\"mmio_exits\": 0"),
             "{json}"
         );
+        assert!(json.contains("\"checks\": {\"passed\": 1, \"failed\": []}"));
         assert_eq!(json.matches('{').count(), json.matches('}').count());
         assert!(!json.contains('\n'));
 
         let mut bad = summary.clone();
-        bad.dirty.missing = 1;
+        bad.checks.push(Check::new(
+            "vCPU 0 memory".into(),
+            false,
+            "1 of 3 words differ".into(),
+        ));
         assert!(!bad.ok());
-        assert!(bad.text().ends_with("result: FAILED"));
-        bad = summary;
-        bad.vcpus[0].expected = 41;
-        assert!(!bad.ok());
-        assert!(bad.json().contains("\"checksum_ok\": false"));
+        let text = bad.text();
+        assert!(text.ends_with("result: FAILED"), "{text}");
+        assert!(
+            text.contains("FAILED vCPU 0 memory: 1 of 3 words differ"),
+            "{text}"
+        );
+        assert!(
+            text.contains("checksum=0x28 checksum=0x2 faults=1"),
+            "{text}"
+        );
+        assert!(bad.json().contains(
+            "\"failed\": [{\"what\": \"vCPU 0 memory\", \"detail\": \"1 of 3 words differ\"}]"
+        ));
     }
 }

@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::error::{GuestException, IoDirection, KvmError, VcpuError};
 use crate::kick::{RunPageGuard, VcpuControl, request};
+use crate::kit::Kernel;
 use crate::kit::abi::{REPLAY_CAPACITY, action, hypercall, percpu};
 use crate::layout::Layout;
 
@@ -326,6 +327,7 @@ pub struct VcpuContext<'a> {
     fd: &'a mut VcpuFd,
     memory: &'a GuestMemoryMmap,
     layout: &'a Layout,
+    kernel: &'a Kernel,
     regs: Option<kvm_regs>,
 }
 
@@ -437,7 +439,66 @@ impl<'a> VcpuContext<'a> {
     pub fn set_redirect(&self, rip: u64) -> Result<(), VcpuError> {
         self.write_u64(self.kernel_page() + percpu::REDIRECT_RIP, rip)
     }
+
+    /// The guest kernel this vCPU runs (its fault-return addresses).
+    pub fn kernel(&self) -> &Kernel {
+        self.kernel
+    }
+
+    /// The answer that delivers the #PF the kit's stub reported
+    /// (`exception`) to the guest, as a fault with `error_code` and `cr2`
+    /// ([`action::DELIVER`]): the error code is written into the
+    /// exception frame (and CR2 set, if it differs), so the guest logs
+    /// what the architecture says it sees, not what the hardware under a
+    /// shadow MMU reported.
+    ///
+    /// A CPL3 fault resumes the program at its fault handler; a CPL0 fault
+    /// of a LOAD, STORE or CALL system call returns [`abi::FAULTED`](crate::kit::abi::FAULTED) from
+    /// the call. Any other fault (no handler set, another CPL0 fault) has
+    /// nowhere to go and gets [`ExceptionAction::Fail`], which ends the
+    /// run.
+    pub fn deliver_page_fault(
+        &mut self,
+        exception: &GuestException,
+        error_code: u64,
+        cr2: u64,
+    ) -> Result<ExceptionAction, VcpuError> {
+        let answer = if exception.cpl() == 3 {
+            if self.read_u64(self.kernel_page() + percpu::FAULT_RIP)? == 0 {
+                return Ok(ExceptionAction::Fail);
+            }
+            ExceptionAction::Resume(action::DELIVER)
+        } else {
+            // A CALL's fetch fault has the kernel's return address here;
+            // a stack the VMM cannot read matches nothing.
+            let stack_top = self.read_u64(exception.rsp).unwrap_or(0);
+            match self
+                .kernel
+                .cpl0_fault_resume(exception.rip, exception.cr2, stack_top)
+            {
+                Some(rip) => ExceptionAction::Redirect {
+                    rip,
+                    actions: action::DELIVER,
+                },
+                None => return Ok(ExceptionAction::Fail),
+            }
+        };
+        let rsp = self.regs()?.rsp;
+        self.write_u64(rsp + EXCEPTION_FRAME_ERROR_CODE, error_code)?;
+        if cr2 != exception.cr2 {
+            let mut sregs = self.sregs()?;
+            sregs.cr2 = cr2;
+            self.fd
+                .set_sregs(&sregs)
+                .map_err(|e| KvmError::new("KVM_SET_SREGS", e))?;
+        }
+        Ok(answer)
+    }
 }
+
+/// Offset of the error-code word in the exception frame at RSP (see
+/// [`abi`](crate::kit::abi)).
+const EXCEPTION_FRAME_ERROR_CODE: u64 = 24;
 
 /// What the vCPU thread needs for one run.
 #[derive(Debug)]
@@ -447,6 +508,7 @@ pub(crate) struct VcpuRun<'a> {
     pub(crate) control: Arc<VcpuControl>,
     pub(crate) memory: &'a GuestMemoryMmap,
     pub(crate) layout: &'a Layout,
+    pub(crate) kernel: &'a Kernel,
     pub(crate) sregs: kvm_sregs,
     pub(crate) regs: kvm_regs,
     pub(crate) limit: Duration,
@@ -563,6 +625,7 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
         control,
         memory,
         layout,
+        kernel,
         sregs,
         regs,
         limit,
@@ -578,6 +641,8 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
         (percpu::REDIRECT_RIP, 0),
         (percpu::REPLAY_COUNT, 0),
         (percpu::REPLAY_PENDING, 0),
+        (percpu::FAULT_RIP, 0),
+        (percpu::FAULT_COUNT, 0),
     ] {
         memory
             .write_obj(value, GuestAddress(kernel_page + offset))
@@ -618,6 +683,7 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
             fd: &mut *fd,
             memory,
             layout,
+            kernel,
             regs: None,
         };
         handler.prepare_entry(&mut ctx)?;
@@ -643,6 +709,7 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
             fd: &mut *fd,
             memory,
             layout,
+            kernel,
             regs: None,
         };
         trace!(vcpu = id.0, exit = exit.name(), "exit");

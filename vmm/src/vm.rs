@@ -18,7 +18,7 @@ use vm_memory::{
 
 use crate::error::{KvmError, RunError, SetupError, VcpuError};
 use crate::kick::{Kicker, VcpuControl, install_handler, request};
-use crate::kit::{Kernel, PagingOps, Program, Ring};
+use crate::kit::{FaultLog, Kernel, PagingOps, Program, Ring};
 use crate::layout::{GDT_GPA, IDT_GPA, KERNEL_CODE_GPA, Layout, PAGE_SIZE, PROGRAM_CODE_GPA};
 use crate::tables::TableBuilder;
 use crate::vcpu::{DefaultHandler, ExitHandler, VcpuReport, VcpuRun, run_vcpu};
@@ -456,6 +456,7 @@ impl Vm {
         let started = Instant::now();
         let memory = &self.memory;
         let layout = &self.layout;
+        let kernel = &self.kernel;
         let results = std::thread::scope(|scope| {
             let (done_tx, done_rx) = mpsc::channel::<(usize, bool)>();
             let mut threads = Vec::with_capacity(args.len());
@@ -476,6 +477,7 @@ impl Vm {
                     control: Arc::clone(&slot.control),
                     memory,
                     layout,
+                    kernel,
                     sregs,
                     regs,
                     limit,
@@ -608,6 +610,25 @@ impl Vm {
     /// Reads the u64 at `gpa`.
     pub fn read_u64(&self, gpa: u64) -> Result<u64, vm_memory::GuestMemoryError> {
         self.memory.read_obj(GuestAddress(gpa))
+    }
+
+    /// vCPU `index`'s fault log: the faults delivered to the guest
+    /// ([`action::DELIVER`](crate::kit::abi::action::DELIVER)) since its
+    /// last run started, read from its kernel page.
+    pub fn fault_log(&self, index: usize) -> Result<FaultLog, vm_memory::GuestMemoryError> {
+        let page = self.layout.kernel_page(index);
+        if index >= self.vcpus.len() {
+            return Err(vm_memory::GuestMemoryError::InvalidGuestAddress(
+                GuestAddress(page),
+            ));
+        }
+        let mut bytes = vec![0u8; PAGE_SIZE as usize];
+        self.memory.read_slice(&mut bytes, GuestAddress(page))?;
+        let words: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        Ok(FaultLog::from_kernel_page(&words))
     }
 
     /// Writes the u64 at `gpa`. For guest data only: once the guest has

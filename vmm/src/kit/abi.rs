@@ -27,7 +27,7 @@
 //! [`PagingOps::Paravirt`](super::PagingOps::Paravirt)) and
 //! [`hypercall::EXCEPTION`] answer with [`action`] bits, which the kernel
 //! carries out in this order: replay the queue, execute the native
-//! instruction, resume elsewhere.
+//! instruction, deliver the fault to the program, resume elsewhere.
 //!
 //! # Exceptions
 //!
@@ -50,7 +50,23 @@
 //!
 //! and CR2 still holds the faulting address of a #PF. After the answer the
 //! stub restores RAX and RDX and returns with `iretq`, to the faulting
-//! instruction unless [`action::REDIRECT`] was set.
+//! instruction unless [`action::DELIVER`] or [`action::REDIRECT`] moved it.
+//!
+//! # Faults delivered to the program
+//!
+//! A fault that belongs to the guest (the MMU gives it back) is delivered
+//! to the guest itself when the VMM answers [`action::DELIVER`]: the
+//! kernel appends (vector, error code, CR2) from the frame to the vCPU's
+//! fault log ([`percpu::FAULT_COUNT`], [`percpu::FAULT_LOG`]) and, if the
+//! fault interrupted CPL3 and the program set a handler with
+//! [`syscall::SET_FAULT_HANDLER`], resumes the program there with every
+//! register as it was at the fault (RSP included). The VMM first writes
+//! into the frame's error-code word the error code the guest must see
+//! (under a shadow MMU the hardware's differs from the architectural
+//! one). A CPL0 fault of a LOAD, STORE or CALL system call is answered
+//! DELIVER together with [`action::REDIRECT`] to
+//! [`Kernel::fault_return`](super::Kernel::fault_return): logged, and the
+//! call returns [`FAULTED`].
 //!
 //! # The per-vCPU kernel page
 //!
@@ -117,6 +133,10 @@ pub mod syscall {
     pub const RDMSR: u32 = 12;
     /// Write RSI to the MSR numbered RDI. Returns 0.
     pub const WRMSR: u32 = 13;
+    /// Where faults delivered to the program resume it: RDI = a CPL3
+    /// address, or 0 for none (the run then ends on such a fault). Sets
+    /// [`percpu::FAULT_RIP`](super::percpu::FAULT_RIP). Returns 0.
+    pub const SET_FAULT_HANDLER: u32 = 14;
 }
 
 /// What a CPL0 access made for a system call (LOAD, STORE, CALL) returns
@@ -168,8 +188,14 @@ pub mod action {
     /// [`REDIRECT_RIP`](super::percpu::REDIRECT_RIP) instead of the
     /// faulting instruction.
     pub const REDIRECT: u32 = 1 << 2;
+    /// EXCEPTION only, carried out after NATIVE and before REDIRECT: the
+    /// fault is the guest's. Append (vector, error code, CR2) to the fault
+    /// log; if the fault came from CPL3 and
+    /// [`FAULT_RIP`](super::percpu::FAULT_RIP) is not 0, resume the
+    /// program there instead of at the faulting instruction.
+    pub const DELIVER: u32 = 1 << 3;
     /// Every defined bit.
-    pub const ALL: u32 = REPLAY | NATIVE | REDIRECT;
+    pub const ALL: u32 = REPLAY | NATIVE | REDIRECT | DELIVER;
 }
 
 /// Offsets in the per-vCPU kernel page.
@@ -183,7 +209,24 @@ pub mod percpu {
     /// Non-zero: the VMM has more replay work than the queue holds; the
     /// replay routine asks for it with [`REPLAY_REFILL`](super::hypercall::REPLAY_REFILL).
     pub const REPLAY_PENDING: u64 = 24;
+    /// Where [`DELIVER`](super::action::DELIVER) resumes a CPL3 program
+    /// (0: nowhere). Set by [`SET_FAULT_HANDLER`](super::syscall::SET_FAULT_HANDLER).
+    /// (Offset 24 is reserved.)
+    pub const FAULT_RIP: u64 = 32;
+    /// Faults delivered since the run started; can exceed
+    /// [`FAULT_CAPACITY`](super::FAULT_CAPACITY) (only the count grows then).
+    pub const FAULT_COUNT: u64 = 40;
+    /// The fault log: entries of three words (vector, error code, CR2)
+    /// from here to the end of the page.
+    pub const FAULT_LOG: u64 = 64;
 }
+
+/// Words of one fault-log entry.
+pub const FAULT_ENTRY_WORDS: u64 = 3;
+
+/// Entries the fault log holds (the rest of the kernel page).
+pub const FAULT_CAPACITY: u64 =
+    (crate::layout::PAGE_SIZE - percpu::FAULT_LOG) / (8 * FAULT_ENTRY_WORDS);
 
 /// Entries the replay queue page holds.
 pub const REPLAY_CAPACITY: usize = 256;
@@ -209,4 +252,25 @@ pub mod tag {
     pub const CHECKSUM: u32 = 1;
     /// A value read by an access workload.
     pub const VALUE: u32 = 2;
+    /// Faults the program took (and survived).
+    pub const FAULTS: u32 = 3;
+    /// Request/response transactions completed.
+    pub const TRANSACTIONS: u32 = 4;
+    /// Status-register reads made while waiting for responses.
+    pub const POLLS: u32 = 5;
+
+    /// The tag's name in reports (`checksum`), or None for a tag the kit
+    /// does not define.
+    pub fn name(tag: u64) -> Option<&'static str> {
+        [
+            (CHECKSUM, "checksum"),
+            (VALUE, "value"),
+            (FAULTS, "faults"),
+            (TRANSACTIONS, "transactions"),
+            (POLLS, "polls"),
+        ]
+        .into_iter()
+        .find(|&(t, _)| u64::from(t) == tag)
+        .map(|(_, name)| name)
+    }
 }

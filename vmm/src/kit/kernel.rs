@@ -18,6 +18,9 @@ pub struct Kernel {
     syscall_entry: u64,
     fault_return: u64,
     call_fault_return: u64,
+    load_access: u64,
+    store_access: u64,
+    call_return: u64,
     vectors: Vec<u64>,
     restart: ReplayRestart,
 }
@@ -74,6 +77,9 @@ struct Labels {
     pop: CodeLabel,
     jump: CodeLabel,
     iretq: CodeLabel,
+    load_access: CodeLabel,
+    store_access: CodeLabel,
+    call_return: CodeLabel,
 }
 
 impl Kernel {
@@ -96,6 +102,9 @@ impl Kernel {
             pop: a.create_label(),
             jump: a.create_label(),
             iretq: a.create_label(),
+            load_access: a.create_label(),
+            store_access: a.create_label(),
+            call_return: a.create_label(),
         };
 
         let mut enter_user = a.create_label();
@@ -169,6 +178,9 @@ impl Kernel {
             call_fault_return: result
                 .label_ip(&labels.call_fault_return)
                 .map_err(asm_error)?,
+            load_access: result.label_ip(&labels.load_access).map_err(asm_error)?,
+            store_access: result.label_ip(&labels.store_access).map_err(asm_error)?,
+            call_return: result.label_ip(&labels.call_return).map_err(asm_error)?,
             syscall_entry,
             vectors,
             code,
@@ -216,6 +228,24 @@ impl Kernel {
         self.call_fault_return
     }
 
+    /// Where a #PF taken at CPL0 by the access of a LOAD, STORE or CALL
+    /// system call resumes ([`fault_return`](Self::fault_return) or
+    /// [`call_fault_return`](Self::call_fault_return)), or None if the
+    /// fault is not one of those. `rip` and `fault_address` (CR2) are the fault's,
+    /// `stack_top` the word at the interrupted RSP (a CALL's fetch fault
+    /// has the kernel's return address there). Lets a VMM hand such a fault
+    /// to the program (the call returns [`abi::FAULTED`]) instead of ending
+    /// the run.
+    pub fn cpl0_fault_resume(&self, rip: u64, fault_address: u64, stack_top: u64) -> Option<u64> {
+        if rip == self.load_access || rip == self.store_access {
+            Some(self.fault_return)
+        } else if rip == fault_address && stack_top == self.call_return {
+            Some(self.call_fault_return)
+        } else {
+            None
+        }
+    }
+
     /// The handler address of IDT vector `vector`.
     pub fn vector_handler(&self, vector: u8) -> u64 {
         self.vectors[usize::from(vector)]
@@ -245,8 +275,6 @@ fn emit_syscalls(
     let mut load_cr3 = a.create_label();
     let mut invlpg = a.create_label();
     let mut flush = a.create_label();
-    let mut store = a.create_label();
-    let mut load = a.create_label();
     let mut read_cr3 = a.create_label();
     let mut call = a.create_label();
     let mut swap = a.create_label();
@@ -254,16 +282,17 @@ fn emit_syscalls(
     let mut write_cr0 = a.create_label();
     let mut rdmsr = a.create_label();
     let mut wrmsr = a.create_label();
+    let mut set_fault = a.create_label();
     let mut unknown = a.create_label();
 
     // Most frequent first: REPORT, then the page-table operations.
     let table = [
         (syscall::REPORT, report),
-        (syscall::STORE, store),
+        (syscall::STORE, labels.store_access),
         (syscall::INVLPG, invlpg),
         (syscall::LOAD_CR3, load_cr3),
         (syscall::FLUSH_TLB, flush),
-        (syscall::LOAD, load),
+        (syscall::LOAD, labels.load_access),
         (syscall::SWAP_ENTRIES, swap),
         (syscall::CALL, call),
         (syscall::READ_CR3, read_cr3),
@@ -271,6 +300,7 @@ fn emit_syscalls(
         (syscall::WRITE_CR0, write_cr0),
         (syscall::RDMSR, rdmsr),
         (syscall::WRMSR, wrmsr),
+        (syscall::SET_FAULT_HANDLER, set_fault),
         (syscall::EXIT, exit),
     ];
     for (number, label) in table {
@@ -285,12 +315,14 @@ fn emit_syscalls(
     a.pop(rdx)?;
     a.jmp(labels.ret_user)?;
 
-    a.set_label(&mut store)?;
+    // STORE and LOAD: their first instruction is the access
+    // (`cpl0_fault_resume` knows it by its address).
+    a.set_label(&mut labels.store_access)?;
     a.mov(qword_ptr(rdi), rsi)?;
     a.xor(eax, eax)?;
     a.jmp(labels.ret_user)?;
 
-    a.set_label(&mut load)?;
+    a.set_label(&mut labels.load_access)?;
     a.mov(rax, qword_ptr(rdi))?;
     a.jmp(labels.ret_user)?;
 
@@ -308,6 +340,7 @@ fn emit_syscalls(
 
     a.set_label(&mut call)?;
     a.call(rdi)?;
+    a.set_label(&mut labels.call_return)?;
     a.xor(eax, eax)?;
     a.jmp(labels.ret_user)?;
 
@@ -337,6 +370,15 @@ fn emit_syscalls(
     a.pop(rdx)?;
     a.pop(rcx)?;
     a.jmp(labels.ret_user)?;
+
+    a.set_label(&mut set_fault)?;
+    a.push(rdx)?;
+    a.mov(rdx, rsp)?;
+    a.and(rdx, -(KERNEL_AREA_SIZE as i32))?;
+    a.mov(qword_ptr(rdx + percpu::FAULT_RIP as i32), rdi)?;
+    a.pop(rdx)?;
+    a.xor(eax, eax)?;
+    a.iretq()?;
 
     a.set_label(&mut wrmsr)?;
     a.push(rcx)?;
@@ -437,6 +479,7 @@ fn emit_exception_common(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(
     let mut ret = a.create_label();
     let mut no_replay = a.create_label();
     let mut no_native = a.create_label();
+    let mut no_deliver = a.create_label();
 
     a.set_label(&mut labels.exc_common)?;
     a.push(rax)?;
@@ -460,6 +503,10 @@ fn emit_exception_common(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(
     a.mov(rdx, cr3)?;
     a.mov(cr3, rdx)?;
     a.set_label(&mut no_native)?;
+    a.test(al, action::DELIVER as i32)?;
+    a.jz(no_deliver)?;
+    emit_deliver(a)?;
+    a.set_label(&mut no_deliver)?;
     a.test(al, action::REDIRECT as i32)?;
     a.jz(ret)?;
     a.mov(rdx, rsp)?;
@@ -468,6 +515,45 @@ fn emit_exception_common(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(
     a.mov(qword_ptr(rsp + 32), rdx)?;
     a.jmp(ret)
 }
+
+/// DELIVER, inline in the exception path (RSP at the frame, AL the
+/// answer, RDX free): log (vector, error code, CR2), then resume a CPL3
+/// program at its fault handler if it has one. Preserves RAX and RCX.
+fn emit_deliver(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    // The frame's words, with RCX pushed on top of it.
+    let frame = |word: i32| qword_ptr(rsp + 8 + 8 * word);
+    let mut logged = a.create_label();
+    let mut done = a.create_label();
+    a.push(rcx)?;
+    a.mov(rdx, rsp)?;
+    a.and(rdx, -(KERNEL_AREA_SIZE as i32))?;
+    a.mov(rcx, qword_ptr(rdx + percpu::FAULT_COUNT as i32))?;
+    a.inc(qword_ptr(rdx + percpu::FAULT_COUNT as i32))?;
+    a.cmp(rcx, abi::FAULT_CAPACITY as i32)?;
+    a.jae(logged)?;
+    // RCX = the page + 24 * index; the entry is at RCX + FAULT_LOG.
+    a.lea(rcx, qword_ptr(rcx + rcx * 2))?;
+    a.lea(rcx, qword_ptr(rdx + rcx * 8))?;
+    let entry = |word: i32| qword_ptr(rcx + percpu::FAULT_LOG as i32 + 8 * word);
+    a.mov(rdx, frame(2))?;
+    a.mov(entry(0), rdx)?;
+    a.mov(rdx, frame(3))?;
+    a.mov(entry(1), rdx)?;
+    a.mov(rdx, cr2)?;
+    a.mov(entry(2), rdx)?;
+    a.set_label(&mut logged)?;
+    a.test(byte_ptr(rsp + 8 + 8 * 5), 3)?;
+    a.jz(done)?;
+    a.mov(rdx, rsp)?;
+    a.and(rdx, -(KERNEL_AREA_SIZE as i32))?;
+    a.mov(rcx, qword_ptr(rdx + percpu::FAULT_RIP as i32))?;
+    a.test(rcx, rcx)?;
+    a.jz(done)?;
+    a.mov(frame(4), rcx)?;
+    a.set_label(&mut done)?;
+    a.pop(rcx)
+}
+
 
 /// The one way out of the kernel: run the replay queue if the VMM filled
 /// it or has more ([`percpu::REPLAY_PENDING`]), then `iretq`. The VMM
@@ -622,6 +708,51 @@ mod tests {
         assert_eq!(path[3].mnemonic(), Mnemonic::In);
         assert_eq!(path[3].op0_register(), Register::EAX);
         assert_eq!(path[3].op1_register(), Register::DX);
+    }
+
+    #[test]
+    fn cpl0_faults_of_system_calls_resume_at_their_returns() {
+        let k = Kernel::assemble(PagingOps::Paravirt).unwrap();
+        let load = k.load_access;
+        let store = k.store_access;
+        // The sites are the accesses themselves.
+        let at_load = decode_at(&k, load, 1)[0];
+        assert_eq!(at_load.mnemonic(), Mnemonic::Mov);
+        assert_eq!(at_load.op1_kind(), OpKind::Memory);
+        let at_store = decode_at(&k, store, 1)[0];
+        assert_eq!(at_store.op0_kind(), OpKind::Memory);
+        assert_eq!(k.cpl0_fault_resume(load, 0x5000, 0), Some(k.fault_return()));
+        assert_eq!(
+            k.cpl0_fault_resume(store, 0x5000, 0),
+            Some(k.fault_return())
+        );
+        // A CALL's fetch fault: RIP is the faulting address and the return
+        // address into the kernel is on the stack.
+        assert_eq!(
+            k.cpl0_fault_resume(0x40_0000, 0x40_0000, k.call_return),
+            Some(k.call_fault_return())
+        );
+        assert_eq!(k.cpl0_fault_resume(0x40_0000, 0x40_0000, 0), None);
+        assert_eq!(k.cpl0_fault_resume(k.enter_user(), 0x5000, 0), None);
+    }
+
+    #[test]
+    fn deliver_logs_and_resumes_from_the_kernel_page() {
+        let k = Kernel::assemble(PagingOps::Native).unwrap();
+        let mut d = Decoder::with_ip(64, k.code(), KERNEL_CODE_GPA, DecoderOptions::NONE);
+        let code: Vec<Instruction> = d.iter().collect();
+        let displacements: Vec<u64> = code
+            .iter()
+            .filter(|i| i.memory_base() != Register::None)
+            .map(|i| i.memory_displacement64())
+            .collect();
+        for offset in [percpu::FAULT_COUNT, percpu::FAULT_RIP, percpu::FAULT_LOG] {
+            assert!(displacements.contains(&offset), "{offset}");
+        }
+        assert!(
+            code.iter()
+                .any(|i| i.mnemonic() == Mnemonic::Test && i.immediate8() == action::DELIVER as u8)
+        );
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //!   [`abi::syscall`]);
 //! - has one stub per IDT vector that exits to the VMM by port I/O
 //!   ([`abi::hypercall::EXCEPTION`]) and then does what the VMM answers
-//!   (retry, replay queued page-table writes, flush, resume elsewhere);
+//!   (retry, replay queued page-table writes, flush, deliver the fault to
+//!   the program through its fault log and handler, resume elsewhere);
 //! - implements "load CR3", "invlpg" and "flush TLB" either with the
 //!   native instruction ([`PagingOps::Native`], for hardware paging) or as
 //!   hypercalls the VMM serves in software ([`PagingOps::Paravirt`], for a
@@ -21,9 +22,11 @@
 //! The register and port ABI is in [`abi`].
 
 pub mod abi;
+mod faults;
 mod kernel;
 pub mod workloads;
 
+pub use faults::{FaultLog, FaultRecord};
 pub use kernel::{Kernel, ReplayRestart};
 
 use iced_x86::code_asm::CodeAssembler;

@@ -1,16 +1,44 @@
 //! Ready-made guest programs.
 //!
-//! CPL3 workloads take their arguments in RDI, RSI, RDX, RCX (per vCPU,
-//! from [`VcpuArgs`](crate::VcpuArgs)), report through the REPORT system
-//! call and end with EXIT 0. The CPL0 programs exist to exercise the VMM's
-//! failure paths.
+//! CPL3 workloads take their arguments in RDI, RSI, RDX, RCX, R8 and R9
+//! (per vCPU, from [`VcpuArgs`](crate::VcpuArgs)), report through the
+//! REPORT system call and end with EXIT 0. The CPL0 programs exist to
+//! exercise the VMM's failure paths.
+//!
+//! The workloads of `mmu-vmm run` and `diff` keep their hot loops at CPL3
+//! (on PVM, CPL0 code is emulated) and take a CR3 to load first: their
+//! data lives in an address space of their own
+//! ([`space`](crate::space)), whose A/D bits they set. Next to each
+//! program is the host's model of what it reports, where the model is a
+//! pure function; the rest of each model is in [`workload`](crate::workload).
 
 use iced_x86::code_asm::*;
 
-use super::abi::{syscall, tag};
+use super::abi::{FAULTED, syscall, tag};
 use super::{Program, Ring, emit};
 use crate::error::KitError;
 use crate::layout::PAGE_SIZE;
+
+/// Loads the CR3 in `reg` (if not 0) with the LOAD_CR3 system call;
+/// preserves every register but RAX and R11.
+fn load_cr3_from(a: &mut CodeAssembler, reg: AsmRegister64) -> Result<(), IcedError> {
+    let mut skip = a.create_label();
+    a.test(reg, reg)?;
+    a.jz(skip)?;
+    a.mov(r11, rdi)?;
+    a.mov(rdi, reg)?;
+    emit::syscall(a, syscall::LOAD_CR3)?;
+    a.mov(rdi, r11)?;
+    a.set_label(&mut skip)?;
+    Ok(())
+}
+
+/// Sets the program's fault handler to `label` (SET_FAULT_HANDLER);
+/// clobbers RDI and RAX.
+fn set_fault_handler(a: &mut CodeAssembler, label: CodeLabel) -> Result<(), IcedError> {
+    a.lea(rdi, ptr(label))?;
+    emit::syscall(a, syscall::SET_FAULT_HANDLER)
+}
 
 /// What [`touch`] does to each page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -41,7 +69,8 @@ impl std::str::FromStr for TouchKind {
 /// (tag [`tag::CHECKSUM`]).
 ///
 /// Arguments: RDI = base (page aligned), RSI = pages, RDX = passes,
-/// RCX = seed (used by [`TouchKind::Write`]).
+/// RCX = seed (used by [`TouchKind::Write`]), R8 = a CR3 to load first
+/// (0: keep the identity tables).
 pub fn touch(kind: TouchKind) -> Result<Program, KitError> {
     let name = match kind {
         TouchKind::Read => "touch-read",
@@ -51,6 +80,7 @@ pub fn touch(kind: TouchKind) -> Result<Program, KitError> {
         let mut pass = a.create_label();
         let mut page = a.create_label();
         let mut done = a.create_label();
+        load_cr3_from(a, r8)?;
         a.xor(r12d, r12d)?; // checksum
         a.test(rsi, rsi)?;
         a.jz(done)?;
@@ -101,6 +131,449 @@ pub fn touch_checksum(
         one_pass = one_pass.wrapping_add(value);
     }
     one_pass.wrapping_mul(passes)
+}
+
+/// Words of a [`pt_edit`] record.
+pub const PT_EDIT_RECORD_WORDS: u64 = 5;
+
+/// One step of [`pt_edit`]: the guest's CPL0 code stores `entry` at
+/// `entry_address` (a page-table entry), invalidates `address`, then the
+/// program reads the quadword at `address` or writes `value` there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PtEditRecord {
+    /// Guest-virtual address of the entry to store (the STORE system call).
+    pub entry_address: u64,
+    /// The entry's new value.
+    pub entry: u64,
+    /// The address accessed (and invalidated) after the store.
+    pub address: u64,
+    /// Write `value` there instead of reading it.
+    pub write: bool,
+    /// What a write stores.
+    pub value: u64,
+}
+
+impl PtEditRecord {
+    /// The record as the program reads it.
+    pub fn words(&self) -> [u64; PT_EDIT_RECORD_WORDS as usize] {
+        [
+            self.entry_address,
+            self.entry,
+            self.address,
+            u64::from(self.write),
+            self.value,
+        ]
+    }
+}
+
+/// `pt-edit`: page-table edits made by the guest's own CPL0 code, each
+/// followed by INVLPG and an access from CPL3: map, unmap, remap and
+/// change rights, the way a guest kernel does.
+///
+/// For each [`PtEditRecord`]: STORE the entry, INVLPG the address, then
+/// read (adding the value to the checksum) or write (adding the value
+/// written). An access that faults is delivered to the program, which
+/// counts it and goes on. Reports the checksum ([`tag::CHECKSUM`]) and
+/// the faults ([`tag::FAULTS`]).
+///
+/// Arguments: RDI = CR3 to load, RSI = the records, RDX = their number.
+pub fn pt_edit() -> Result<Program, KitError> {
+    Program::assemble("pt-edit", Ring::User, |a| {
+        let mut next = a.create_label();
+        let mut write = a.create_label();
+        let mut fault = a.create_label();
+        let mut after = a.create_label();
+        let mut done = a.create_label();
+        a.mov(r12, rsi)?;
+        a.mov(r13, rdx)?;
+        a.xor(r14d, r14d)?; // checksum
+        a.xor(r15d, r15d)?; // faults
+        load_cr3_from(a, rdi)?;
+        set_fault_handler(a, fault)?;
+        a.test(r13, r13)?;
+        a.jz(done)?;
+        a.set_label(&mut next)?;
+        a.mov(rdi, qword_ptr(r12))?;
+        a.mov(rsi, qword_ptr(r12 + 8))?;
+        emit::syscall(a, syscall::STORE)?;
+        a.mov(rdi, qword_ptr(r12 + 16))?;
+        emit::syscall(a, syscall::INVLPG)?;
+        a.mov(rbx, qword_ptr(r12 + 16))?;
+        a.cmp(qword_ptr(r12 + 24), 0)?;
+        a.jne(write)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        a.add(r14, rax)?;
+        a.jmp(after)?;
+        a.set_label(&mut write)?;
+        a.mov(rax, qword_ptr(r12 + 32))?;
+        a.mov(qword_ptr(rbx), rax)?;
+        a.add(r14, rax)?;
+        a.jmp(after)?;
+        // Faults resume here, registers as at the fault.
+        a.set_label(&mut fault)?;
+        a.inc(r15)?;
+        a.set_label(&mut after)?;
+        a.add(r12, (8 * PT_EDIT_RECORD_WORDS) as i32)?;
+        a.dec(r13)?;
+        a.jnz(next)?;
+        a.set_label(&mut done)?;
+        a.mov(rdi, r14)?;
+        emit::report_rdi(a, tag::CHECKSUM)?;
+        a.mov(rdi, r15)?;
+        emit::report_rdi(a, tag::FAULTS)?;
+        emit::exit(a, 0)
+    })
+}
+
+/// The value [`multi_as`] writes over `old` in address space `space`,
+/// page `page`, pass `pass`.
+pub fn multi_as_value(old: u64, pass: u64, space: u64, page: u64) -> u64 {
+    old.rotate_left(7)
+        .wrapping_add((((pass << 20) + space) << 20) + page + 1)
+}
+
+/// `multi-as`: many address spaces, switched with LOAD_CR3. Each pass
+/// loads every root in turn and rewrites the first quadword of each page
+/// of the window (the same guest-virtual range in every space, different
+/// frames behind it) with [`multi_as_value`], adding the values to the
+/// checksum ([`tag::CHECKSUM`]).
+///
+/// Arguments: RDI = the roots (an array of CR3 values), RSI = their
+/// number, RDX = passes, RCX = the window's first page, R8 = its pages.
+pub fn multi_as() -> Result<Program, KitError> {
+    Program::assemble("multi-as", Ring::User, |a| {
+        let mut pass = a.create_label();
+        let mut space = a.create_label();
+        let mut page = a.create_label();
+        let mut done = a.create_label();
+        a.mov(r12, rdi)?;
+        a.mov(r13, rsi)?;
+        a.mov(r14, rdx)?;
+        a.mov(r15, rcx)?;
+        a.mov(rbp, r8)?;
+        a.xor(ebx, ebx)?; // checksum
+        a.xor(r9d, r9d)?; // pass
+        for reg in [r13, r14, rbp] {
+            a.test(reg, reg)?;
+            a.jz(done)?;
+        }
+        a.set_label(&mut pass)?;
+        a.xor(r10d, r10d)?; // space
+        a.set_label(&mut space)?;
+        a.mov(rdi, qword_ptr(r12 + r10 * 8))?;
+        emit::syscall(a, syscall::LOAD_CR3)?;
+        a.mov(rcx, r15)?;
+        a.xor(r11d, r11d)?; // page
+        a.set_label(&mut page)?;
+        a.mov(rdx, r9)?;
+        a.shl(rdx, 20)?;
+        a.add(rdx, r10)?;
+        a.shl(rdx, 20)?;
+        a.add(rdx, r11)?;
+        a.inc(rdx)?;
+        a.mov(rax, qword_ptr(rcx))?;
+        a.rol(rax, 7)?;
+        a.add(rax, rdx)?;
+        a.mov(qword_ptr(rcx), rax)?;
+        a.add(rbx, rax)?;
+        a.add(rcx, PAGE_SIZE as i32)?;
+        a.inc(r11)?;
+        a.cmp(r11, rbp)?;
+        a.jb(page)?;
+        a.inc(r10)?;
+        a.cmp(r10, r13)?;
+        a.jb(space)?;
+        a.inc(r9)?;
+        a.cmp(r9, r14)?;
+        a.jb(pass)?;
+        a.set_label(&mut done)?;
+        a.mov(rdi, rbx)?;
+        emit::report_rdi(a, tag::CHECKSUM)?;
+        emit::exit(a, 0)
+    })
+}
+
+/// Words of an [`access_matrix`] record.
+pub const ACCESS_RECORD_WORDS: u64 = 3;
+
+/// One access of [`access_matrix`]: at which privilege and of which kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MatrixOp {
+    /// A CPL3 load.
+    UserRead = 0,
+    /// A CPL3 store.
+    UserWrite = 1,
+    /// A CPL3 call (the page holds a `ret` there).
+    UserFetch = 2,
+    /// A CPL0 load (the LOAD system call).
+    KernelRead = 4,
+    /// A CPL0 store (STORE).
+    KernelWrite = 5,
+    /// A CPL0 call (CALL).
+    KernelFetch = 6,
+}
+
+impl MatrixOp {
+    /// Every access, in the order the matrix makes them on a page.
+    pub const ALL: [MatrixOp; 6] = [
+        MatrixOp::UserRead,
+        MatrixOp::UserWrite,
+        MatrixOp::UserFetch,
+        MatrixOp::KernelRead,
+        MatrixOp::KernelWrite,
+        MatrixOp::KernelFetch,
+    ];
+
+    /// The CPL it is made at.
+    pub fn cpl(self) -> u8 {
+        if (self as u8) & 4 == 0 { 3 } else { 0 }
+    }
+
+    /// Read, write or fetch.
+    pub fn kind(self) -> mmu_api::AccessKind {
+        match (self as u8) & 3 {
+            0 => mmu_api::AccessKind::Read,
+            1 => mmu_api::AccessKind::Write,
+            _ => mmu_api::AccessKind::Fetch,
+        }
+    }
+}
+
+/// `access`: a permission matrix. For each record (address, op, value),
+/// the program sets its result word to [`FAULTED`], makes the access of
+/// the [`MatrixOp`] (a write stores the value), and then stores the
+/// result: the value read, or 0. CPL3 faults are delivered to the
+/// program and CPL0 faults return FAULTED from the system call; both are
+/// counted. Reports the sum of the values read ([`tag::CHECKSUM`]) and
+/// the faults ([`tag::FAULTS`]).
+///
+/// Arguments: RDI = CR3 to load, RSI = the records, RDX = their number,
+/// RCX = the result words (one per record).
+pub fn access_matrix() -> Result<Program, KitError> {
+    Program::assemble("access", Ring::User, |a| {
+        let mut next = a.create_label();
+        let mut fault = a.create_label();
+        let mut kernel_fault = a.create_label();
+        let mut after = a.create_label();
+        let mut done = a.create_label();
+        let mut ops: Vec<CodeLabel> = MatrixOp::ALL.iter().map(|_| a.create_label()).collect();
+        a.mov(rbx, rsi)?;
+        a.mov(r12, rdx)?;
+        a.mov(r13, rcx)?;
+        a.xor(r14d, r14d)?; // faults
+        a.xor(r15d, r15d)?; // checksum
+        load_cr3_from(a, rdi)?;
+        set_fault_handler(a, fault)?;
+        a.mov(rbp, rsp)?;
+        a.test(r12, r12)?;
+        a.jz(done)?;
+        a.set_label(&mut next)?;
+        a.mov(rax, FAULTED)?;
+        a.mov(qword_ptr(r13), rax)?;
+        a.mov(rdi, qword_ptr(rbx))?;
+        a.mov(rsi, qword_ptr(rbx + 16))?;
+        a.mov(rax, qword_ptr(rbx + 8))?;
+        for (op, label) in MatrixOp::ALL.iter().zip(&ops) {
+            a.cmp(eax, *op as u32)?;
+            a.je(*label)?;
+        }
+        a.jmp(after)?;
+        for (op, label) in MatrixOp::ALL.iter().zip(ops.iter_mut()) {
+            a.set_label(label)?;
+            match op {
+                MatrixOp::UserRead => {
+                    a.mov(rax, qword_ptr(rdi))?;
+                    a.mov(qword_ptr(r13), rax)?;
+                    a.add(r15, rax)?;
+                    a.jmp(after)?;
+                }
+                MatrixOp::UserWrite => {
+                    a.mov(qword_ptr(rdi), rsi)?;
+                    a.mov(qword_ptr(r13), 0)?;
+                    a.jmp(after)?;
+                }
+                MatrixOp::UserFetch => {
+                    a.call(rdi)?;
+                    a.mov(qword_ptr(r13), 0)?;
+                    a.jmp(after)?;
+                }
+                MatrixOp::KernelRead | MatrixOp::KernelWrite | MatrixOp::KernelFetch => {
+                    emit::syscall(
+                        a,
+                        match op {
+                            MatrixOp::KernelRead => syscall::LOAD,
+                            MatrixOp::KernelWrite => syscall::STORE,
+                            _ => syscall::CALL,
+                        },
+                    )?;
+                    a.mov(qword_ptr(r13), rax)?;
+                    a.cmp(rax, -1)?;
+                    a.je(kernel_fault)?;
+                    if *op == MatrixOp::KernelRead {
+                        a.add(r15, rax)?;
+                    }
+                    a.jmp(after)?;
+                }
+            }
+        }
+        // CPL3 faults resume here (a faulting call left its return
+        // address on the stack: RBP has the stack as it was).
+        a.set_label(&mut fault)?;
+        a.mov(rsp, rbp)?;
+        a.set_label(&mut kernel_fault)?;
+        a.inc(r14)?;
+        a.set_label(&mut after)?;
+        a.add(rbx, (8 * ACCESS_RECORD_WORDS) as i32)?;
+        a.add(r13, 8)?;
+        a.dec(r12)?;
+        a.jnz(next)?;
+        a.set_label(&mut done)?;
+        a.mov(rdi, r15)?;
+        emit::report_rdi(a, tag::CHECKSUM)?;
+        a.mov(rdi, r14)?;
+        emit::report_rdi(a, tag::FAULTS)?;
+        emit::exit(a, 0)
+    })
+}
+
+/// The registers of the [`mmio_rr`] device, as offsets in its page.
+pub mod rr_reg {
+    /// Write a request id (8 bytes) to start a transaction.
+    pub const DOORBELL: u64 = 0;
+    /// Read (8 bytes): 0 while busy, then [`READY`] | the response, once.
+    pub const STATUS: u64 = 8;
+    /// The status bit that says the response is there.
+    pub const READY: u64 = 1 << 63;
+}
+
+/// The response the [`mmio_rr`] device gives to request `id` (below
+/// [`rr_reg::READY`]).
+pub fn rr_response(id: u64) -> u64 {
+    let mut z = id ^ 0x9e37_79b9_7f4a_7c15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    (z ^ (z >> 27)) & !rr_reg::READY
+}
+
+/// Status reads the [`mmio_rr`] device answers "busy" to before the
+/// response to request `id` is there.
+pub fn rr_busy_reads(id: u64) -> u64 {
+    id % 3
+}
+
+/// `mmio-rr`: request/response over an MMIO device, like netperf's
+/// TCP_RR. Each transaction writes the request id to the doorbell, then
+/// reads the status register until [`rr_reg::READY`] is set, adding the
+/// response to the checksum. Reports the checksum ([`tag::CHECKSUM`]),
+/// the transactions ([`tag::TRANSACTIONS`]) and the status reads
+/// ([`tag::POLLS`]).
+///
+/// Arguments: RDI = CR3 to load, RSI = transactions, RDX = the device
+/// page's guest-virtual address, RCX = the first request id (ids count up).
+pub fn mmio_rr() -> Result<Program, KitError> {
+    Program::assemble("mmio-rr", Ring::User, |a| {
+        let mut next = a.create_label();
+        let mut poll = a.create_label();
+        let mut done = a.create_label();
+        a.mov(r12, rsi)?;
+        a.mov(r13, rdx)?;
+        a.mov(r14, rcx)?;
+        a.xor(r15d, r15d)?; // checksum
+        a.xor(ebx, ebx)?; // polls
+        a.xor(ebp, ebp)?; // transactions
+        load_cr3_from(a, rdi)?;
+        a.test(r12, r12)?;
+        a.jz(done)?;
+        a.set_label(&mut next)?;
+        a.mov(qword_ptr(r13 + rr_reg::DOORBELL as i32), r14)?;
+        a.set_label(&mut poll)?;
+        a.inc(rbx)?;
+        a.mov(rax, qword_ptr(r13 + rr_reg::STATUS as i32))?;
+        // READY is the sign bit.
+        a.test(rax, rax)?;
+        a.jns(poll)?;
+        a.btr(rax, 63)?;
+        a.add(r15, rax)?;
+        a.inc(rbp)?;
+        a.inc(r14)?;
+        a.dec(r12)?;
+        a.jnz(next)?;
+        a.set_label(&mut done)?;
+        a.mov(rdi, r15)?;
+        emit::report_rdi(a, tag::CHECKSUM)?;
+        a.mov(rdi, rbp)?;
+        emit::report_rdi(a, tag::TRANSACTIONS)?;
+        a.mov(rdi, rbx)?;
+        emit::report_rdi(a, tag::POLLS)?;
+        emit::exit(a, 0)
+    })
+}
+
+/// The generator of [`dirty`] (Knuth's MMIX LCG).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// The multiplier.
+    pub const A: u64 = 6_364_136_223_846_793_005;
+    /// The increment.
+    pub const C: u64 = 1_442_695_040_888_963_407;
+
+    /// Steps the state and returns it.
+    pub fn next_value(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(Self::A).wrapping_add(Self::C);
+        self.0
+    }
+}
+
+/// Where [`dirty`] writes the LCG state `x`, as (page index, byte offset)
+/// in a window of `pages` pages.
+pub fn dirty_target(x: u64, pages: u64) -> (u64, u64) {
+    (((x >> 32) * pages) >> 32, (x >> 16) & 0xff8)
+}
+
+/// `dirty`: pseudo-random writes. Steps an [`Lcg`] `writes` times and
+/// stores its state at [`dirty_target`] in the window, adding it to the
+/// checksum ([`tag::CHECKSUM`]).
+///
+/// Arguments: RDI = CR3 to load, RSI = the window's first page, RDX = its
+/// pages (below 2^32), RCX = writes, R8 = the LCG's seed.
+pub fn dirty() -> Result<Program, KitError> {
+    Program::assemble("dirty", Ring::User, |a| {
+        let mut next = a.create_label();
+        let mut done = a.create_label();
+        a.mov(r12, rsi)?;
+        a.mov(r13, rdx)?;
+        a.mov(r14, rcx)?;
+        a.mov(r15, r8)?;
+        a.xor(ebx, ebx)?; // checksum
+        load_cr3_from(a, rdi)?;
+        a.test(r14, r14)?;
+        a.jz(done)?;
+        a.test(r13, r13)?;
+        a.jz(done)?;
+        a.mov(rbp, Lcg::A)?;
+        a.mov(r9, Lcg::C)?;
+        a.set_label(&mut next)?;
+        a.imul_2(r15, rbp)?;
+        a.add(r15, r9)?;
+        a.mov(rax, r15)?;
+        a.shr(rax, 32)?;
+        a.imul_2(rax, r13)?;
+        a.shr(rax, 32)?;
+        a.shl(rax, 12)?;
+        a.add(rax, r12)?;
+        a.mov(rdx, r15)?;
+        a.shr(rdx, 16)?;
+        a.and(edx, 0xff8)?;
+        a.mov(qword_ptr(rax + rdx), r15)?;
+        a.add(rbx, r15)?;
+        a.dec(r14)?;
+        a.jnz(next)?;
+        a.set_label(&mut done)?;
+        a.mov(rdi, rbx)?;
+        emit::report_rdi(a, tag::CHECKSUM)?;
+        emit::exit(a, 0)
+    })
 }
 
 /// `spin`: a CPL3 busy loop that never ends by itself.
@@ -213,6 +686,11 @@ mod tests {
             access(AccessOp::Fetch).unwrap(),
             remap().unwrap(),
             paging_calls().unwrap(),
+            pt_edit().unwrap(),
+            multi_as().unwrap(),
+            access_matrix().unwrap(),
+            mmio_rr().unwrap(),
+            dirty().unwrap(),
         ] {
             assert_eq!(p.ring(), Ring::User, "{}", p.name());
             assert!(!p.code().is_empty());
@@ -228,5 +706,42 @@ mod tests {
         let r = touch_checksum(TouchKind::Read, 0x1000, 2, 1, 0, |a| a * 2);
         assert_eq!(r, 0x2000 + 0x4000);
         assert_eq!(touch_checksum(TouchKind::Read, 0, 0, 5, 0, |_| 1), 0);
+    }
+
+    #[test]
+    fn small_models() {
+        // The LCG and where dirty writes land.
+        let mut lcg = Lcg(1);
+        assert_eq!(lcg.next_value(), Lcg::A.wrapping_add(Lcg::C));
+        for x in [0, u64::MAX, 0x1234_5678_9abc_def0] {
+            let (page, offset) = dirty_target(x, 7);
+            assert!(page < 7);
+            assert!(offset <= PAGE_SIZE - 8 && offset % 8 == 0);
+        }
+        assert_eq!(dirty_target(u64::MAX, 7).0, 6);
+        // Responses never carry READY; busy reads cycle 0, 1, 2.
+        for id in 0..100 {
+            assert_eq!(rr_response(id) & rr_reg::READY, 0);
+        }
+        assert_ne!(rr_response(1), rr_response(2));
+        assert_eq!((rr_busy_reads(3), rr_busy_reads(4)), (0, 1));
+        // multi-as keys differ by pass, space and page.
+        let v = |p, s, g| multi_as_value(0, p, s, g);
+        assert_ne!(v(0, 0, 1), v(0, 1, 0));
+        assert_ne!(v(1, 0, 0), v(0, 1, 0));
+        assert_eq!(v(0, 0, 0), 1);
+        // The matrix ops decode to their CPL and kind.
+        assert_eq!(MatrixOp::UserFetch.cpl(), 3);
+        assert_eq!(MatrixOp::KernelWrite.cpl(), 0);
+        assert_eq!(MatrixOp::KernelWrite.kind(), mmu_api::AccessKind::Write);
+        assert_eq!(MatrixOp::UserFetch.kind(), mmu_api::AccessKind::Fetch);
+        let record = PtEditRecord {
+            entry_address: 1,
+            entry: 2,
+            address: 3,
+            write: true,
+            value: 5,
+        };
+        assert_eq!(record.words(), [1, 2, 3, 1, 5]);
     }
 }
