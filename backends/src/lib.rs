@@ -58,12 +58,12 @@ use mmu_api::MmuBackend;
 
 #[cfg(feature = "ept")]
 pub use mmu_ept::{EptConfig, HypervisorMemory};
-#[cfg(feature = "shadow")]
-pub use mmu_shadow::{PoolError, ShadowConfig};
 /// The shadow backend's crate, for hosts that need its concrete type
 /// (hosting calls such as `ShadowBackend::take_replay`).
 #[cfg(feature = "shadow")]
 pub use mmu_shadow as shadow;
+#[cfg(feature = "shadow")]
+pub use mmu_shadow::{PoolError, ShadowConfig};
 
 /// Which MMU backend a VM uses. Parses from and prints as `"shadow"` /
 /// `"ept"`.

@@ -460,7 +460,10 @@ impl crate::HostMirror for KvmMirror {
 
     fn unmap(&self, slot: &mmu_api::Memslot) -> io::Result<()> {
         let region = Self::region(slot, 0);
-        trace!(slot = region.slot, "KVM_SET_USER_MEMORY_REGION (shadow mirror delete)");
+        trace!(
+            slot = region.slot,
+            "KVM_SET_USER_MEMORY_REGION (shadow mirror delete)"
+        );
         // SAFETY: a zero-sized region deletes the slot; no memory is named.
         unsafe { self.vm.set_user_memory_region(region) }.map_err(os_error)
     }
@@ -496,8 +499,8 @@ impl ShadowHosting {
         } else {
             backends::shadow::Coherence::Direct
         };
-        let backend = backends::shadow::ShadowBackend::new(config)
-            .map_err(KvmHostError::ShadowPool)?;
+        let backend =
+            backends::shadow::ShadowBackend::new(config).map_err(KvmHostError::ShadowPool)?;
         let (host, size, hpa) = backend.pool_region();
         let pool = kvm_bindings::kvm_userspace_memory_region {
             slot: SHADOW_POOL_SLOT,
@@ -512,7 +515,10 @@ impl ShadowHosting {
             what: "registering the shadow page pool with KVM",
             source: os_error(e),
         })?;
-        debug!(hpa = hpa.raw(), size, "shadow page pool registered with KVM");
+        debug!(
+            hpa = hpa.raw(),
+            size, "shadow page pool registered with KVM"
+        );
         Ok(ShadowHosting { backend, vm, pool })
     }
 
@@ -608,8 +614,7 @@ impl KvmMmu {
             _ => {
                 let parts = BackendParts::new();
                 #[cfg(feature = "ept")]
-                let parts =
-                    parts.with_hypervisor_memory(Arc::new(KvmMemory::new(Arc::clone(&vm))));
+                let parts = parts.with_hypervisor_memory(Arc::new(KvmMemory::new(Arc::clone(&vm))));
                 let backend = backends::create(kind, config, &parts)?;
                 let memslots = Memslots::new(Arc::clone(&backend));
                 (backend, memslots)

@@ -234,8 +234,7 @@ impl Memslots {
         if new && let Some(mirror) = &self.mirror {
             // SAFETY: forwarded from our caller; the mirror is removed in
             // `delete` before the slot's memory is released.
-            unsafe { mirror.map(&slot) }
-                .map_err(|e| MemslotError::Hypervisor(e.to_string()))?;
+            unsafe { mirror.map(&slot) }.map_err(|e| MemslotError::Hypervisor(e.to_string()))?;
         }
         // SAFETY: forwarded from our caller.
         let change = match unsafe { self.backend.set_memslot(slot) } {

@@ -404,7 +404,12 @@ fn shadow_pool_is_a_kvm_memslot_outside_guest_memory() {
     }
     let kvm = Kvm::new().unwrap();
     let vm = Arc::new(kvm.create_vm().unwrap());
-    let mmu = KvmMmu::new(BackendKind::Shadow, &BackendConfig::default(), Arc::clone(&vm)).unwrap();
+    let mmu = KvmMmu::new(
+        BackendKind::Shadow,
+        &BackendConfig::default(),
+        Arc::clone(&vm),
+    )
+    .unwrap();
     let hosting = mmu.shadow().expect("shadow hosting");
     let (_, size, hpa) = hosting.backend().pool_region();
     // KVM holds the pool's slot: registering it again at the same place

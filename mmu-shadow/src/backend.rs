@@ -209,9 +209,7 @@ impl ShadowBackend {
             entries: batch
                 .entries
                 .into_iter()
-                .map(|(frame, index)| {
-                    Gva(base + u64::from(frame) * PAGE_SIZE + index as u64 * 8)
-                })
+                .map(|(frame, index)| Gva(base + u64::from(frame) * PAGE_SIZE + index as u64 * 8))
                 .collect(),
             frames: batch
                 .frames

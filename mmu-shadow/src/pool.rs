@@ -232,7 +232,8 @@ impl ShadowPool {
         if needs_record(old, value)
             && let Some(j) = self.journal.as_mut()
         {
-            j.entries.push(frame * ENTRIES_PER_PAGE as u32 + index as u32);
+            j.entries
+                .push(frame * ENTRIES_PER_PAGE as u32 + index as u32);
         }
     }
 

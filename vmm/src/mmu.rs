@@ -28,9 +28,9 @@ use mmu_api::{Gpa, Gva, MemslotFlags, MmuBackend, PagingContext, PfErrorCode, Sl
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::error::{GuestException, RunError, SetupError, VcpuError};
-use crate::shadow_host::{self, Emulation, ReplayHub, ShadowVcpuHost};
 use crate::kit::Program;
 use crate::kit::abi::action;
+use crate::shadow_host::{self, Emulation, ReplayHub, ShadowVcpuHost};
 use crate::vcpu::{ExceptionAction, ExitHandler, PagingOp, VcpuContext};
 use crate::vm::{RunReport, VcpuArgs, Vm, VmConfig};
 use crate::x86;
@@ -97,6 +97,9 @@ pub struct MmuHandler {
     base: PagingContext,
     /// The shadow backend's hosting, when this VM runs it.
     shadow: Option<ShadowVcpuHost>,
+    /// The replay queue was brought up to date since the vCPU last left
+    /// the guest.
+    replay_settled: bool,
 }
 
 impl std::fmt::Debug for MmuHandler {
@@ -146,6 +149,7 @@ impl ExitHandler for MmuHandler {
 
     fn left_guest(&mut self) {
         self.exits.exit_guest();
+        self.replay_settled = false;
     }
 
     fn read_cr3(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<u64, VcpuError> {
@@ -158,7 +162,10 @@ impl ExitHandler for MmuHandler {
     fn replay_refill(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<(), VcpuError> {
         match self.shadow.as_mut() {
             Some(host) => host.refill(vcpu),
-            None => vcpu.write_u64(vcpu.kernel_page() + crate::kit::abi::percpu::REPLAY_PENDING, 0),
+            None => vcpu.write_u64(
+                vcpu.kernel_page() + crate::kit::abi::percpu::REPLAY_PENDING,
+                0,
+            ),
         }
     }
 
@@ -285,7 +292,13 @@ impl MmuHandler {
             .shadow
             .as_mut()
             .expect("only called for a VM that hosts the shadow backend");
-        host.load_root(vcpu, &mut self.exits, &mut sregs, root.raw(), load.flush_tlb)
+        host.load_root(
+            vcpu,
+            &mut self.exits,
+            &mut sregs,
+            root.raw(),
+            load.flush_tlb,
+        )
     }
 
     /// Before an entry under the shadow backend: a new run's CR3 becomes
@@ -299,10 +312,27 @@ impl MmuHandler {
             let ctx = self.current_context(vcpu, Some(sregs.cr3))?;
             self.exits.set_paging_context(&ctx)?;
         }
-        let action = self.exits.prepare_entry()?;
-        self.load_shadow_root(vcpu, action)?;
-        let sregs = vcpu.sregs()?;
-        self.shadow_mut().prepare_replay(vcpu, &sregs)
+        // `prepare_entry` marks the vCPU as in guest mode, where another
+        // thread's remote flush only kicks it and waits: nothing that takes
+        // the MMU lock may run then. So take the requests, leave guest mode
+        // again for the work (root, prefaults, replay queue), and repeat
+        // until an entry finds nothing new.
+        loop {
+            let action = self.exits.prepare_entry()?;
+            let (root, flush) = match action {
+                Action::LoadRoot(load) => (load.root.map(|r| r.raw()), load.flush_tlb),
+                _ => (None, false),
+            };
+            let current = vcpu.sregs()?;
+            if root.is_none_or(|r| r == current.cr3) && !flush && self.replay_settled {
+                return Ok(());
+            }
+            self.exits.exit_guest();
+            self.load_shadow_root(vcpu, action)?;
+            let sregs = vcpu.sregs()?;
+            self.shadow_mut().prepare_replay(vcpu, &sregs)?;
+            self.replay_settled = true;
+        }
     }
 }
 
@@ -421,6 +451,7 @@ impl MmuVm {
                 delivery: mmu.page_fault_delivery(),
                 base,
                 shadow,
+                replay_settled: false,
             });
         }
         Ok(MmuVm { handlers, mmu, vm })

@@ -199,6 +199,11 @@ impl ShadowVcpuHost {
         if sregs.cr3 == root && !direct_flush {
             return Ok(());
         }
+        // The exit may be a hypercall KVM has yet to complete; changing the
+        // special registers under a pending port read goes wrong under PVM.
+        crate::vcpu::complete_pending_io(vcpu.fd())?;
+        vcpu.forget_regs();
+        *sregs = vcpu.sregs()?;
         sregs.cr3 = root;
         vcpu.fd()
             .set_sregs(sregs)
@@ -446,7 +451,10 @@ fn fetch_instruction(
             },
         )
         .map_err(|e| {
-            VcpuError::Handler(format!("cannot fetch the instruction at {:#x}: {e}", exception.rip))
+            VcpuError::Handler(format!(
+                "cannot fetch the instruction at {:#x}: {e}",
+                exception.rip
+            ))
         })?;
     let mut bytes = Vec::with_capacity(15);
     for s in segments {

@@ -350,6 +350,12 @@ impl<'a> VcpuContext<'a> {
         Ok(regs)
     }
 
+    /// Drops the cached registers (KVM changed them: a pending port read
+    /// was completed).
+    pub(crate) fn forget_regs(&mut self) {
+        self.regs = None;
+    }
+
     /// Replaces the general registers.
     pub fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), VcpuError> {
         self.fd
@@ -825,7 +831,7 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
 /// one): KVM completes it on the next `KVM_RUN`, and would otherwise do so
 /// on top of the registers the new run sets. With `immediate_exit` set,
 /// `KVM_RUN` completes it and returns without running guest code.
-fn complete_pending_io(fd: &mut VcpuFd) -> Result<(), VcpuError> {
+pub(crate) fn complete_pending_io(fd: &mut VcpuFd) -> Result<(), VcpuError> {
     fd.set_kvm_immediate_exit(1);
     let result = fd.run().map(|_| ());
     fd.set_kvm_immediate_exit(0);

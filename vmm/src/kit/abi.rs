@@ -81,8 +81,8 @@
 //! instead: the kernel reads the entry and writes the value it read back
 //! with `lock cmpxchg`, retrying until no concurrent change came in
 //! between, so KVM learns the entry's current value and no newer value is
-//! ever overwritten; [`REASSERT_BYTE`] (bit 1) does the same with one
-//! byte, which makes KVM drop its shadow of the whole page. This is how a
+//! ever overwritten; [`REASSERT_BYTE`] (bit 1) does the same for every
+//! entry of the page (a zapped shadow page). This is how a
 //! VMM-side shadow MMU on a host whose KVM shadows guest tables (PVM)
 //! makes its table writes visible to KVM: KVM tracks guest CPL0 writes,
 //! not host writes.
@@ -235,9 +235,9 @@ pub const REPLAY_CAPACITY: usize = 256;
 /// instead of storing a value. See the module docs.
 pub const REASSERT: u64 = 1;
 
-/// Bit 1 of a replay-queue address: re-assert the byte there, which tells a
-/// host that shadows the page as a page table to drop its shadow of the
-/// whole page (a write narrower than an entry). See the module docs.
+/// Bit 1 of a replay-queue address: re-assert every entry of the page
+/// there (a zapped shadow page), so a host that shadows the page as a page
+/// table holds nothing of its old contents. See the module docs.
 pub const REASSERT_BYTE: u64 = 2;
 
 /// The vector the VMM injects to make a vCPU at CPL3 run its replay queue:

@@ -6,7 +6,9 @@ use iced_x86::{BlockEncoderOptions, IcedError};
 use super::PagingOps;
 use super::abi::{self, action, hypercall, percpu, syscall};
 use crate::error::KitError;
-use crate::layout::{KERNEL_AREA_SIZE, KERNEL_CODE_GPA, KERNEL_CODE_SIZE, REPLAY_QUEUE_OFFSET};
+use crate::layout::{
+    KERNEL_AREA_SIZE, KERNEL_CODE_GPA, KERNEL_CODE_SIZE, PAGE_SIZE, REPLAY_QUEUE_OFFSET,
+};
 use crate::x86::{RFLAGS_FIXED, SEL_USER_CODE, SEL_USER_DATA, vector_has_error_code};
 
 /// The assembled kernel and the addresses the VMM needs.
@@ -554,7 +556,6 @@ fn emit_deliver(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.pop(rcx)
 }
 
-
 /// The one way out of the kernel: run the replay queue if the VMM filled
 /// it or has more ([`percpu::REPLAY_PENDING`]), then `iretq`. The VMM
 /// restarts the check when it queues work after the words were read
@@ -630,13 +631,23 @@ fn emit_replay(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedErr
     a.lock().cmpxchg(qword_ptr(r10), rdx)?;
     a.jne(reassert_retry)?;
     a.jmp(stored)?;
+    // A zapped frame: every entry re-asserted (all zero by now), so KVM's
+    // shadow of the page holds nothing the frame's next use could find.
     a.set_label(&mut byte)?;
-    a.and(r10, -4)?;
-    a.mov(al, byte_ptr(r10))?;
+    a.and(r10, -(PAGE_SIZE as i32))?;
+    a.push(rcx)?;
+    a.mov(ecx, (PAGE_SIZE / 8) as u32)?;
     a.set_label(&mut byte_retry)?;
-    a.mov(dl, al)?;
-    a.lock().cmpxchg(byte_ptr(r10), dl)?;
-    a.jne(byte_retry)?;
+    a.mov(rax, qword_ptr(r10))?;
+    let mut entry_retry = a.create_label();
+    a.set_label(&mut entry_retry)?;
+    a.mov(rdx, rax)?;
+    a.lock().cmpxchg(qword_ptr(r10), rdx)?;
+    a.jne(entry_retry)?;
+    a.add(r10, 8)?;
+    a.dec(ecx)?;
+    a.jnz(byte_retry)?;
+    a.pop(rcx)?;
     a.set_label(&mut stored)?;
     a.add(r8, 16)?;
     a.dec(rcx)?;
