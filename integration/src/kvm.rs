@@ -359,7 +359,7 @@ pub fn check_hostable(kind: BackendKind) -> Result<(), KvmHostError> {
 /// walking them in hardware: PVM (`/sys/module/kvm_pvm`), or VMX/SVM with
 /// EPT/NPT switched off. Then KVM does not see page-table writes the VMM
 /// makes from the host, and a shadow backend hosted here needs
-/// [`mmu_shadow::Coherence::Replay`].
+/// `Coherence::Replay`.
 pub fn host_shadows_page_tables() -> bool {
     let param_off = |path: &str| {
         std::fs::read_to_string(path)
@@ -392,7 +392,7 @@ pub enum HostCoherence {
 pub const SHADOW_POOL_SLOT: u32 = 0x7000;
 
 /// Where the shadow backend's host window sits in every root under
-/// [`mmu_shadow::Coherence::Replay`]: the first 512 GiB of the upper half.
+/// `Coherence::Replay`: the first 512 GiB of the upper half.
 #[cfg(feature = "shadow")]
 pub const SHADOW_HOST_WINDOW: mmu_api::Gva = mmu_api::Gva(0xffff_8000_0000_0000);
 

@@ -13,7 +13,7 @@
 //! which logs dirty pages when [`MmuVmConfig::log_dirty_data`] is set.
 //!
 //! Under the `shadow` backend the hardware walks the MMU's tables: see
-//! [`shadow_host`](crate::shadow_host) for the roots, the host-coherence
+//! [`crate::shadow_host`] for the roots, the host-coherence
 //! replay and the instruction emulation that takes.
 
 use std::sync::Arc;
