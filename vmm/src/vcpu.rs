@@ -278,6 +278,14 @@ impl<H: ExitHandler + ?Sized> ExitHandler for &mut H {
         (**self).paging_op(vcpu, op)
     }
 
+    fn read_cr3(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<u64, VcpuError> {
+        (**self).read_cr3(vcpu)
+    }
+
+    fn replay_refill(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<(), VcpuError> {
+        (**self).replay_refill(vcpu)
+    }
+
     fn report(&mut self, vcpu: &mut VcpuContext<'_>, report: Report) -> Result<(), VcpuError> {
         (**self).report(vcpu, report)
     }
