@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use mmu_api::paging::{RangeSegment, WalkError, WalkOptions, translate_range};
 use mmu_api::{
-    Access, FaultOutcome, Gpa, Gva, MemslotFlags, MmioClass, MmuVcpu, PagingContext, PfErrorCode,
-    RootLoad, VcpuError, VcpuId, VcpuKick,
+    Access, FaultOutcome, Gpa, Gva, Hpa, MemslotFlags, MmioClass, MmuVcpu, PAGE_SIZE,
+    PagingContext, PfErrorCode, RootLoad, VcpuError, VcpuId, VcpuKick,
 };
 
 use crate::backend::Inner;
@@ -96,9 +96,14 @@ impl ShadowVcpu {
         }
     }
 
+    /// What to load. Called by `prepare_entry` after the vCPU is marked in
+    /// guest mode, where taking the MMU lock could deadlock with a thread
+    /// that holds it and waits for this vCPU: the root's address comes from
+    /// the configuration, not the pool.
     fn root_load(&mut self, flush: bool) -> RootLoad {
         let flush_tlb = flush || std::mem::take(&mut self.pending_flush);
-        let root = self.root.map(|f| self.inner.lock().pool.hpa(f));
+        let base = self.inner.config.pool_hpa.raw();
+        let root = self.root.map(|f| Hpa(base + u64::from(f) * PAGE_SIZE));
         RootLoad { root, flush_tlb }
     }
 }

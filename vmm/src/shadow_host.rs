@@ -75,19 +75,20 @@ impl ReplayHub {
         self.vcpus.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes the backend's journal and hands it to every vCPU.
-    fn collect(&self) {
+    /// Takes the backend's journal and hands it to every vCPU, under the
+    /// hub's lock (`vcpus`), so no vCPU can find the journal taken and its
+    /// own set not yet filled.
+    fn collect(&self, vcpus: &mut [VcpuReplay]) {
         let batch = self.backend.take_replay();
         if batch.is_empty() {
             return;
         }
-        let records = batch
+        let records: Vec<u64> = batch
             .entries
             .iter()
             .map(|g| g.raw() | abi::REASSERT)
-            .chain(batch.frames.iter().map(|g| g.raw() | abi::REASSERT_BYTE));
-        let mut vcpus = self.lock();
-        let records: Vec<u64> = records.collect();
+            .chain(batch.frames.iter().map(|g| g.raw() | abi::REASSERT_BYTE))
+            .collect();
         for v in vcpus.iter_mut() {
             v.set.extend(records.iter().copied());
             v.through = batch.epoch;
@@ -226,10 +227,10 @@ impl ShadowVcpuHost {
         let Some(hub) = self.hub.clone() else {
             return Ok(());
         };
-        hub.collect();
+        let mut vcpus = hub.lock();
+        hub.collect(&mut vcpus);
         let count = vcpu.read_u64(self.kernel_page + percpu::REPLAY_COUNT)?;
         let pending = vcpu.read_u64(self.kernel_page + percpu::REPLAY_PENDING)?;
-        let mut vcpus = hub.lock();
         let me = &mut vcpus[self.index];
         if count == 0 && pending == 0 && !me.inflight.is_empty() {
             me.inflight.clear();
@@ -284,8 +285,8 @@ impl ShadowVcpuHost {
         let Some(hub) = self.hub.clone() else {
             return Ok(());
         };
-        hub.collect();
         let mut vcpus = hub.lock();
+        hub.collect(&mut vcpus);
         let me = &mut vcpus[self.index];
         let count = vcpu.read_u64(self.kernel_page + percpu::REPLAY_COUNT)?;
         self.fill_queue(vcpu, me, count)

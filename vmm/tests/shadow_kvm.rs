@@ -181,7 +181,6 @@ fn without_replay_cpl3_runs_on_stale_entries_here() {
 /// obsolete pages as a VMM's background reclaimer would. Every delete is a
 /// fast zap; the guest's results stay exact and the MMU passes its audit.
 #[test]
-#[ignore = "known bug: with the reclaimer reusing zapped obsolete frames under Replay coherence the guest stops making progress (times out); the churn workload without on-demand reclaim passes"]
 fn memslot_churn_under_running_vcpus_fast_zaps_and_frees_obsolete_pages() {
     if !kvm_or_skip("memslot_churn_under_running_vcpus_fast_zaps_and_frees_obsolete_pages") {
         return;
