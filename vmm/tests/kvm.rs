@@ -1,6 +1,9 @@
 //! Guests on real KVM. Each test skips (and passes) where /dev/kvm cannot
 //! be opened.
 
+mod common;
+use common::kvm_or_skip;
+
 use std::time::Duration;
 
 use vmm::kit::abi::tag;
@@ -9,15 +12,6 @@ use vmm::{PagingOps, RunError, VcpuArgs, VcpuError, VcpuOutcome, Vm, VmConfig};
 
 /// Hang protection only: no test asserts on time.
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn kvm_or_skip(name: &str) -> bool {
-    if std::fs::File::open("/dev/kvm").is_err() || !vmm::kvm_available() {
-        println!("SKIPPED (no /dev/kvm): {name}");
-        return false;
-    }
-    eprintln!("KVM test ran: {name}");
-    true
-}
 
 fn vm(vcpus: usize, ops: PagingOps) -> Vm {
     Vm::new(VmConfig {

@@ -2,6 +2,9 @@
 //! `mmu-vmm run`), and MMU actions applied to kit guests. Each test skips
 //! (and passes) where /dev/kvm cannot be opened.
 
+mod common;
+use common::kvm_or_skip;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,15 +24,6 @@ use vmm::{
 
 /// Hang protection only: no test asserts on time.
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn kvm_or_skip(name: &str) -> bool {
-    if std::fs::File::open("/dev/kvm").is_err() || !vmm::kvm_available() {
-        println!("SKIPPED (no /dev/kvm): {name}");
-        return false;
-    }
-    println!("KVM test ran: {name}");
-    true
-}
 
 fn ept_vm(vcpus: usize, log_dirty_data: bool) -> MmuVmConfig {
     MmuVmConfig {

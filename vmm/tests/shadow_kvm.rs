@@ -2,6 +2,9 @@
 //! coherence, seen by guest CPL3 code. Each test skips (and passes) where
 //! /dev/kvm cannot be opened.
 
+mod common;
+use common::kvm_or_skip;
+
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -17,15 +20,6 @@ use vmm::{PagingOps, Program, VcpuArgs, VmConfig};
 
 /// Hang protection only: no test asserts on time.
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn kvm_or_skip(name: &str) -> bool {
-    if std::fs::File::open("/dev/kvm").is_err() || !vmm::kvm_available() {
-        println!("SKIPPED (no /dev/kvm): {name}");
-        return false;
-    }
-    println!("KVM test ran: {name}");
-    true
-}
 
 fn shadow_vm(vcpus: usize, coherence: HostCoherence) -> MmuVm {
     MmuVm::new(MmuVmConfig {

@@ -2,6 +2,9 @@
 //! backend with two vCPUs, and `diff` of EPT against EPT. Each test skips
 //! (and passes) where /dev/kvm cannot be opened.
 
+mod common;
+use common::kvm_or_skip;
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -11,15 +14,6 @@ use vmm::kit::abi::tag;
 use vmm::kit::workloads::TouchKind;
 use vmm::run::{RunOptions, RunSummary, run};
 use vmm::workload::{Params, Workload};
-
-fn kvm_or_skip(name: &str) -> bool {
-    if std::fs::File::open("/dev/kvm").is_err() || !vmm::kvm_available() {
-        println!("SKIPPED (no /dev/kvm): {name}");
-        return false;
-    }
-    println!("KVM test ran: {name}");
-    true
-}
 
 /// Small sizes: the tests check behaviour, not throughput.
 fn options(workload: Workload) -> RunOptions {
