@@ -193,10 +193,12 @@ impl ShadowBackend {
     /// retargeted, and every zapped frame, since the last call, as
     /// addresses in the host window. The guest kit's CPL0 code re-asserts
     /// each entry's current value (a compare-and-exchange of the value with
-    /// itself) and rewrites one byte of each frame, which makes the host
-    /// drop what it derived from them, before CPL3 code runs again. A
-    /// zapped frame is not reused until [`replay_done`](Self::replay_done)
-    /// confirms a batch carrying it. Empty under [`Coherence::Direct`].
+    /// itself) and rewrites the first two bytes of each frame (a write KVM
+    /// takes as misaligned, so it drops its whole shadow of the page),
+    /// before CPL3 code runs again. A zapped frame is not reused until
+    /// [`replay_done`](Self::replay_done) confirms a batch carrying it; a
+    /// host with several vCPUs that each replay confirms the oldest batch
+    /// all of them finished. Empty under [`Coherence::Direct`].
     pub fn take_replay(&self) -> ReplayBatch {
         let mut st = self.inner.lock();
         let Some(window) = st.window else {

@@ -330,7 +330,11 @@ impl MmuHandler {
             self.exits.exit_guest();
             self.load_shadow_root(vcpu, action)?;
             let sregs = vcpu.sregs()?;
-            self.shadow_mut().prepare_replay(vcpu, &sregs)?;
+            let host = self
+                .shadow
+                .as_mut()
+                .expect("only called for a VM that hosts the shadow backend");
+            host.prepare_replay(vcpu, &mut self.exits, &sregs)?;
             self.replay_settled = true;
         }
     }

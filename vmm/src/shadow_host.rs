@@ -12,7 +12,10 @@
 //!   journaled records it has not replayed ([`ReplayHub`]); before its CPL3
 //!   code runs again it replays them from its queue at CPL0 (the kit's
 //!   return path does so whenever the queue is not empty, and a vCPU
-//!   kicked at CPL3 is sent there with [`abi::REPLAY_VECTOR`]). Each
+//!   kicked at CPL3 is sent there with [`abi::REPLAY_VECTOR`], unless it
+//!   stopped between a system call's `int3` and the kernel entry, which
+//!   PVM then holds where the VMM cannot see it:
+//!   [`abi::syscall_entry_pending`]). Each
 //!   journaled change also posted a remote flush, which kicked every vCPU,
 //!   so no vCPU runs CPL3 code on a stale KVM entry. When a vCPU has
 //!   replayed everything up to a batch, the frames that batch carried leave
@@ -42,13 +45,14 @@ use crate::vcpu::VcpuContext;
 #[derive(Debug, Default)]
 struct VcpuReplay {
     /// Records (window address with [`abi::REASSERT`] or
-    /// [`abi::REASSERT_BYTE`]) not yet put in the queue.
+    /// [`abi::REASSERT_FRAME`]) not yet put in the queue.
     set: HashSet<u64>,
     /// The newest batch whose records are in `set` or `inflight`.
     through: u64,
     /// Records put in the queue and not yet seen replayed.
     inflight: Vec<u64>,
-    /// The newest batch this vCPU finished replaying.
+    /// The newest batch this vCPU finished replaying. Frames leave
+    /// quarantine at the oldest of these over the VM's vCPUs.
     confirmed: u64,
 }
 
@@ -87,7 +91,7 @@ impl ReplayHub {
             .entries
             .iter()
             .map(|g| g.raw() | abi::REASSERT)
-            .chain(batch.frames.iter().map(|g| g.raw() | abi::REASSERT_BYTE))
+            .chain(batch.frames.iter().map(|g| g.raw() | abi::REASSERT_FRAME))
             .collect();
         for v in vcpus.iter_mut() {
             v.set.extend(records.iter().copied());
@@ -209,6 +213,15 @@ impl ShadowVcpuHost {
         vcpu.fd()
             .set_sregs(sregs)
             .map_err(|e| crate::error::KvmError::new("KVM_SET_SREGS", e))?;
+        if sregs.cs.selector & 3 == 0 {
+            // Stopped between a CR3 read and its write back: the write
+            // would load the old root again. Read the new one first.
+            let mut regs = vcpu.regs()?;
+            if let Some(rip) = self.restart.cr3_reload_restart(regs.rip) {
+                regs.rip = rip;
+                vcpu.set_regs(&regs)?;
+            }
+        }
         for &(gva, code) in &self.prefault {
             // Only the fault's side effect matters: a page the guest's
             // tables do not map stays unmapped, as on hardware.
@@ -222,6 +235,7 @@ impl ShadowVcpuHost {
     pub fn prepare_replay(
         &mut self,
         vcpu: &mut VcpuContext<'_>,
+        exits: &mut VcpuExits,
         sregs: &kvm_sregs,
     ) -> Result<(), VcpuError> {
         let Some(hub) = self.hub.clone() else {
@@ -236,9 +250,15 @@ impl ShadowVcpuHost {
             me.inflight.clear();
             if me.set.is_empty() && me.through > me.confirmed {
                 me.confirmed = me.through;
-                self.backend.replay_done(me.through);
+                // A frame leaves quarantine only when every vCPU has
+                // replayed its record: a record replayed late, after the
+                // frame began a new life (as this vCPU's root, say), would
+                // make KVM drop a live page under a running vCPU.
+                let all = vcpus.iter().map(|v| v.confirmed).min().unwrap_or(0);
+                self.backend.replay_done(all);
             }
         }
+        let me = &mut vcpus[self.index];
         if me.set.is_empty() {
             return Ok(());
         }
@@ -258,7 +278,7 @@ impl ShadowVcpuHost {
                 || events.exception.pending != 0
                 || events.interrupt.injected != 0
                 || events.nmi.injected != 0;
-            if !busy {
+            if !busy && !syscall_entry_pending(vcpu, exits, &regs) {
                 events.exception.injected = 1;
                 events.exception.pending = 0;
                 events.exception.nr = abi::REPLAY_VECTOR;
@@ -318,6 +338,41 @@ impl ShadowVcpuHost {
         }
         Ok(())
     }
+}
+
+/// True if the vCPU, stopped at CPL3, has executed a system call's `int3`
+/// and owes the kernel entry ([`abi::syscall_entry_pending`]). The bytes
+/// before RIP are read through the guest's own tables; where they cannot
+/// be, the answer is no (an injection is always safe then).
+fn syscall_entry_pending(
+    vcpu: &mut VcpuContext<'_>,
+    exits: &mut VcpuExits,
+    regs: &kvm_bindings::kvm_regs,
+) -> bool {
+    let len = abi::syscall_bytes(0).len() as u64;
+    let Some(start) = regs.rip.checked_sub(len) else {
+        return false;
+    };
+    let access = Access {
+        kind: AccessKind::Fetch,
+        mode: AccessMode::User,
+    };
+    let options = WalkOptions {
+        set_accessed_dirty: false,
+    };
+    let Ok(segments) = exits.mmu().translate(Gva(start), len, access, options) else {
+        return false;
+    };
+    let mut bytes = Vec::with_capacity(len as usize);
+    for s in segments {
+        for i in 0..s.len {
+            match vcpu.memory_byte(s.gpa.raw() + i) {
+                Ok(b) => bytes.push(b),
+                Err(_) => return false,
+            }
+        }
+    }
+    abi::syscall_entry_pending(&bytes, regs.rax, regs.rflags)
 }
 
 /// What an emulated instruction accesses.

@@ -42,6 +42,8 @@ pub const EFER_NXE: u64 = 1 << 11;
 
 /// RFLAGS bit 1, which always reads as 1.
 pub const RFLAGS_FIXED: u64 = 1 << 1;
+/// RFLAGS.CF, the carry flag.
+pub const RFLAGS_CF: u64 = 1 << 0;
 /// RFLAGS.IF: maskable interrupts enabled.
 pub const RFLAGS_IF: u64 = 1 << 9;
 /// RFLAGS.AC: alignment check / SMAP override.

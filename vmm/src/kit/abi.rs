@@ -3,9 +3,10 @@
 //!
 //! # System calls
 //!
-//! A CPL3 program calls the kernel with `int3` ([`SYSCALL_VECTOR`], a DPL3
-//! interrupt gate): the number in EAX, arguments in RDI and RSI, the result
-//! in RAX. Every other register is preserved. See [`syscall`].
+//! A CPL3 program calls the kernel with `stc; int3` ([`SYSCALL_VECTOR`], a
+//! DPL3 interrupt gate): the number in EAX, arguments in RDI and RSI, the
+//! result in RAX, CF clear on return. Every other register is preserved.
+//! See [`syscall`] and [`syscall_entry_pending`].
 //!
 //! Why `int3` and not `int 0x80`: under PVM, a two-byte `int n` executed
 //! at CPL3 raises #UD in the guest instead of going through the IDT; the
@@ -81,8 +82,9 @@
 //! instead: the kernel reads the entry and writes the value it read back
 //! with `lock cmpxchg`, retrying until no concurrent change came in
 //! between, so KVM learns the entry's current value and no newer value is
-//! ever overwritten; [`REASSERT_BYTE`] (bit 1) does the same for every
-//! entry of the page (a zapped shadow page). This is how a
+//! ever overwritten; [`REASSERT_FRAME`] (bit 1) re-asserts the first two
+//! bytes of a zapped shadow page, which makes KVM drop its whole shadow
+//! of the page. This is how a
 //! VMM-side shadow MMU on a host whose KVM shadows guest tables (PVM)
 //! makes its table writes visible to KVM: KVM tracks guest CPL0 writes,
 //! not host writes.
@@ -97,6 +99,29 @@ pub use crate::layout::KERNEL_AREA_SIZE;
 
 /// The vector of the system-call gate (#BP, entered with `int3`).
 pub const SYSCALL_VECTOR: u8 = 3;
+
+/// The bytes of a system call of number `number` as
+/// [`emit::syscall`](super::emit::syscall) writes them: `mov eax, number`,
+/// `stc`, `int3`.
+pub fn syscall_bytes(number: u32) -> [u8; 7] {
+    let n = number.to_le_bytes();
+    [0xb8, n[0], n[1], n[2], n[3], 0xf9, 0xcc]
+}
+
+/// True if a vCPU stopped at CPL3 has executed a system call's `int3`
+/// but not yet entered the kernel: `before_rip` (the 7 bytes before RIP)
+/// are a system call, RAX still holds its number and CF is still set (the
+/// kernel clears CF in the frame it returns through).
+///
+/// PVM can stop a vCPU there with the #BP it owes the guest held where
+/// `KVM_GET_VCPU_EVENTS` does not show it, and an exception the VMM
+/// injects then replaces it: the system call would be lost. A pending
+/// entry needs no injection anyway, since the kernel runs before CPL3
+/// code does.
+pub fn syscall_entry_pending(before_rip: &[u8], rax: u64, rflags: u64) -> bool {
+    rflags & crate::x86::RFLAGS_CF != 0
+        && u32::try_from(rax).is_ok_and(|n| before_rip == syscall_bytes(n))
+}
 
 /// System-call numbers (in EAX).
 pub mod syscall {
@@ -235,10 +260,13 @@ pub const REPLAY_CAPACITY: usize = 256;
 /// instead of storing a value. See the module docs.
 pub const REASSERT: u64 = 1;
 
-/// Bit 1 of a replay-queue address: re-assert every entry of the page
-/// there (a zapped shadow page), so a host that shadows the page as a page
-/// table holds nothing of its old contents. See the module docs.
-pub const REASSERT_BYTE: u64 = 2;
+/// Bit 1 of a replay-queue address: the page there is a zapped shadow
+/// page; re-assert its first two bytes. KVM takes a write of fewer than
+/// 4 bytes to a page it shadows as a page table as misaligned and drops
+/// its whole shadow of the page, so nothing of the old contents survives
+/// into the frame's next use (one emulated write instead of one per
+/// entry). See the module docs.
+pub const REASSERT_FRAME: u64 = 2;
 
 /// The vector the VMM injects to make a vCPU at CPL3 run its replay queue:
 /// its gate goes straight to the kernel's return path, which replays the

@@ -44,6 +44,8 @@ pub struct ReplayRestart {
     pub iretq: u64,
     /// The replay routine: `[start, end)`.
     pub routine: std::ops::Range<u64>,
+    /// Every CR3 reload in the kernel: (the read of CR3, its write back).
+    pub cr3_reloads: Vec<(u64, u64)>,
 }
 
 impl ReplayRestart {
@@ -58,6 +60,16 @@ impl ReplayRestart {
         } else {
             rip
         }
+    }
+
+    /// Where a vCPU at CPL0 with RIP `rip` must resume after the VMM gave
+    /// it a new CR3: the read of CR3 again if it is about to write back
+    /// the value it read before, which is the old root. `None` elsewhere.
+    pub fn cr3_reload_restart(&self, rip: u64) -> Option<u64> {
+        self.cr3_reloads
+            .iter()
+            .find(|&&(_, write)| write == rip)
+            .map(|&(read, _)| read)
     }
 
     /// True if `rip` is inside the replay routine, which is reading the
@@ -82,6 +94,9 @@ struct Labels {
     load_access: CodeLabel,
     store_access: CodeLabel,
     call_return: CodeLabel,
+    /// The `mov cr3, rdx` of each CR3 reload (the 3-byte `mov rdx, cr3`
+    /// is right before it).
+    cr3_writes: Vec<CodeLabel>,
 }
 
 impl Kernel {
@@ -107,6 +122,7 @@ impl Kernel {
             load_access: a.create_label(),
             store_access: a.create_label(),
             call_return: a.create_label(),
+            cr3_writes: Vec::new(),
         };
 
         let mut enter_user = a.create_label();
@@ -165,6 +181,11 @@ impl Kernel {
             jump: ip(&labels.jump)?,
             iretq: ip(&labels.iretq)?,
             routine: ip(&labels.replay)?..ip(&labels.replay_end)?,
+            cr3_reloads: labels
+                .cr3_writes
+                .iter()
+                .map(|write| Ok((ip(write)? - MOV_RDX_CR3_LEN, ip(write)?)))
+                .collect::<Result<_, KitError>>()?,
         };
         let mut vectors = Vec::with_capacity(256);
         for stub in &stubs {
@@ -287,6 +308,10 @@ fn emit_syscalls(
     let mut set_fault = a.create_label();
     let mut unknown = a.create_label();
 
+    // CF set in the frame says "entry not made yet" to the VMM
+    // (`abi::syscall_entry_pending`); every return clears it.
+    a.and(qword_ptr(rsp + 16), -2)?;
+
     // Most frequent first: REPORT, then the page-table operations.
     let table = [
         (syscall::REPORT, report),
@@ -380,7 +405,7 @@ fn emit_syscalls(
     a.mov(qword_ptr(rdx + percpu::FAULT_RIP as i32), rdi)?;
     a.pop(rdx)?;
     a.xor(eax, eax)?;
-    a.iretq()?;
+    a.jmp(labels.ret_user)?;
 
     a.set_label(&mut wrmsr)?;
     a.push(rcx)?;
@@ -420,18 +445,15 @@ fn emit_syscalls(
     a.jmp(flush)?;
 
     a.set_label(&mut load_cr3)?;
-    paging_op(a, ops, hypercall::LOAD_CR3, labels, |a| a.mov(cr3, rdi))?;
+    paging_op(a, ops, hypercall::LOAD_CR3, labels, |a, _| a.mov(cr3, rdi))?;
 
     a.set_label(&mut invlpg)?;
-    paging_op(a, ops, hypercall::INVLPG, labels, |a| {
+    paging_op(a, ops, hypercall::INVLPG, labels, |a, _| {
         a.invlpg(byte_ptr(rdi))
     })?;
 
     a.set_label(&mut flush)?;
-    paging_op(a, ops, hypercall::FLUSH_TLB, labels, |a| {
-        a.mov(rdx, cr3)?;
-        a.mov(cr3, rdx)
-    })?;
+    paging_op(a, ops, hypercall::FLUSH_TLB, labels, reload_cr3)?;
 
     a.set_label(&mut exit)?;
     super::emit::hypercall(a, hypercall::DONE)?;
@@ -443,6 +465,22 @@ fn emit_syscalls(
     a.jmp(unknown)
 }
 
+/// `mov rdx, cr3; mov cr3, rdx`: a TLB flush. Recorded in the labels,
+/// because a VMM that gives the vCPU a new CR3 between the two must move
+/// it back to the read ([`ReplayRestart::cr3_reload_restart`]), or the
+/// write would put the old root back.
+fn reload_cr3(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedError> {
+    let mut write = a.create_label();
+    a.mov(rdx, cr3)?;
+    a.set_label(&mut write)?;
+    a.mov(cr3, rdx)?;
+    labels.cr3_writes.push(write);
+    Ok(())
+}
+
+/// The length of `mov rdx, cr3` (0F 20 DA).
+const MOV_RDX_CR3_LEN: u64 = 3;
+
 /// One page-table system call: the native instruction, or the hypercall
 /// followed by what the VMM answers. Preserves every register but RAX
 /// (which returns 0).
@@ -450,12 +488,12 @@ fn paging_op(
     a: &mut CodeAssembler,
     ops: PagingOps,
     port: u16,
-    labels: &Labels,
-    native: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>,
+    labels: &mut Labels,
+    native: impl Fn(&mut CodeAssembler, &mut Labels) -> Result<(), IcedError>,
 ) -> Result<(), IcedError> {
     a.push(rdx)?;
     match ops {
-        PagingOps::Native => native(a)?,
+        PagingOps::Native => native(a, labels)?,
         PagingOps::Paravirt => {
             super::emit::hypercall(a, port)?;
             let mut no_replay = a.create_label();
@@ -466,7 +504,7 @@ fn paging_op(
             a.set_label(&mut no_replay)?;
             a.test(al, action::NATIVE as i32)?;
             a.jz(done)?;
-            native(a)?;
+            native(a, labels)?;
             a.set_label(&mut done)?;
         }
     }
@@ -502,8 +540,7 @@ fn emit_exception_common(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(
     a.set_label(&mut no_replay)?;
     a.test(al, action::NATIVE as i32)?;
     a.jz(no_native)?;
-    a.mov(rdx, cr3)?;
-    a.mov(cr3, rdx)?;
+    reload_cr3(a, labels)?;
     a.set_label(&mut no_native)?;
     a.test(al, action::DELIVER as i32)?;
     a.jz(no_deliver)?;
@@ -588,16 +625,16 @@ fn emit_return(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedErr
 /// while [`percpu::REPLAY_PENDING`] is set; then reload CR3. A plain
 /// address gets the queued value stored; an address with
 /// [`abi::REASSERT`] gets its current 64-bit value written back, and one
-/// with [`abi::REASSERT_BYTE`] its current byte, each with `lock cmpxchg`
-/// retried until it succeeds. Preserves every register.
+/// with [`abi::REASSERT_FRAME`] the current first two bytes of its page,
+/// each with `lock cmpxchg` retried until it succeeds. Preserves every register.
 fn emit_replay(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedError> {
     let mut again = a.create_label();
     let mut next = a.create_label();
     let mut drained = a.create_label();
     let mut reassert = a.create_label();
     let mut reassert_retry = a.create_label();
-    let mut byte = a.create_label();
-    let mut byte_retry = a.create_label();
+    let mut frame_reassert = a.create_label();
+    let mut frame_retry = a.create_label();
     let mut stored = a.create_label();
     let mut finish = a.create_label();
     a.set_label(&mut labels.replay)?;
@@ -618,8 +655,8 @@ fn emit_replay(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedErr
     a.mov(r10, qword_ptr(r8))?;
     a.test(r10, abi::REASSERT as i32)?;
     a.jnz(reassert)?;
-    a.test(r10, abi::REASSERT_BYTE as i32)?;
-    a.jnz(byte)?;
+    a.test(r10, abi::REASSERT_FRAME as i32)?;
+    a.jnz(frame_reassert)?;
     a.mov(rdx, qword_ptr(r8 + 8))?;
     a.mov(qword_ptr(r10), rdx)?;
     a.jmp(stored)?;
@@ -631,23 +668,16 @@ fn emit_replay(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedErr
     a.lock().cmpxchg(qword_ptr(r10), rdx)?;
     a.jne(reassert_retry)?;
     a.jmp(stored)?;
-    // A zapped frame: every entry re-asserted (all zero by now), so KVM's
-    // shadow of the page holds nothing the frame's next use could find.
-    a.set_label(&mut byte)?;
+    // A zapped frame: its first two bytes re-asserted. A write of fewer
+    // than 4 bytes is misaligned for KVM, which then drops its whole
+    // shadow of the page: nothing of it survives into the frame's next use.
+    a.set_label(&mut frame_reassert)?;
     a.and(r10, -(PAGE_SIZE as i32))?;
-    a.push(rcx)?;
-    a.mov(ecx, (PAGE_SIZE / 8) as u32)?;
-    a.set_label(&mut byte_retry)?;
-    a.mov(rax, qword_ptr(r10))?;
-    let mut entry_retry = a.create_label();
-    a.set_label(&mut entry_retry)?;
-    a.mov(rdx, rax)?;
-    a.lock().cmpxchg(qword_ptr(r10), rdx)?;
-    a.jne(entry_retry)?;
-    a.add(r10, 8)?;
-    a.dec(ecx)?;
-    a.jnz(byte_retry)?;
-    a.pop(rcx)?;
+    a.mov(ax, word_ptr(r10))?;
+    a.set_label(&mut frame_retry)?;
+    a.mov(dx, ax)?;
+    a.lock().cmpxchg(word_ptr(r10), dx)?;
+    a.jne(frame_retry)?;
     a.set_label(&mut stored)?;
     a.add(r8, 16)?;
     a.dec(rcx)?;
@@ -659,8 +689,7 @@ fn emit_replay(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedErr
     super::emit::hypercall(a, hypercall::REPLAY_REFILL)?;
     a.jmp(again)?;
     a.set_label(&mut finish)?;
-    a.mov(rdx, cr3)?;
-    a.mov(cr3, rdx)?;
+    reload_cr3(a, labels)?;
     a.pop(r10)?;
     a.pop(r9)?;
     a.pop(r8)?;
@@ -675,7 +704,7 @@ fn emit_replay(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+    use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 
     fn decode_at(kernel: &Kernel, ip: u64, count: usize) -> Vec<Instruction> {
         let offset = (ip - KERNEL_CODE_GPA) as usize;
@@ -797,5 +826,40 @@ mod tests {
         }
         assert_eq!(native.enter_user(), KERNEL_CODE_GPA);
         assert!(native.code().len() < KERNEL_CODE_SIZE as usize);
+    }
+
+    #[test]
+    fn every_cr3_reload_restarts_at_its_read() {
+        let k = Kernel::assemble(PagingOps::Paravirt).unwrap();
+        let restart = k.replay_restart();
+        // The flush hypercall's native step, the exception path's and the
+        // end of the replay routine.
+        assert_eq!(restart.cr3_reloads.len(), 3);
+        for &(read, write) in &restart.cr3_reloads {
+            let pair = decode_at(&k, read, 2);
+            assert_eq!(pair[0].code(), Code::Mov_r64_cr, "at {read:#x}");
+            assert_eq!(pair[0].op0_register(), Register::RDX);
+            assert_eq!(pair[1].ip(), write);
+            assert_eq!(pair[1].code(), Code::Mov_cr_r64, "at {write:#x}");
+            assert_eq!(pair[1].op1_register(), Register::RDX);
+            assert_eq!(restart.cr3_reload_restart(write), Some(read));
+            assert_eq!(restart.cr3_reload_restart(read), None);
+        }
+        assert!(
+            restart
+                .cr3_reloads
+                .iter()
+                .any(|&(_, w)| restart.routine.contains(&w))
+        );
+    }
+
+    #[test]
+    fn system_calls_clear_cf_on_entry() {
+        let k = Kernel::assemble(PagingOps::Paravirt).unwrap();
+        let first = decode_at(&k, k.syscall_entry(), 1)[0];
+        assert_eq!(first.mnemonic(), Mnemonic::And);
+        assert_eq!(first.memory_base(), Register::RSP);
+        assert_eq!(first.memory_displacement64(), 16);
+        assert_eq!(first.immediate(1) as i64, -2);
     }
 }

@@ -151,11 +151,13 @@ pub mod emit {
 
     use super::abi;
 
-    /// A system call from CPL3: `mov eax, number; int3` (the gate of
+    /// A system call from CPL3: `mov eax, number; stc; int3` (the gate of
     /// [`abi::SYSCALL_VECTOR`]). Arguments go in RDI and RSI; the result
-    /// comes back in RAX.
+    /// comes back in RAX, with CF clear. The set CF marks the kernel entry
+    /// as not yet made: see [`abi::syscall_entry_pending`].
     pub fn syscall(a: &mut CodeAssembler, number: u32) -> Result<(), IcedError> {
         a.mov(eax, number)?;
+        a.stc()?;
         a.int3()
     }
 
@@ -197,7 +199,13 @@ mod tests {
         let mnemonics: Vec<Mnemonic> = d.iter().map(|i| i.mnemonic()).collect();
         assert_eq!(
             mnemonics,
-            [Mnemonic::Mov, Mnemonic::Mov, Mnemonic::Mov, Mnemonic::Int3]
+            [
+                Mnemonic::Mov,
+                Mnemonic::Mov,
+                Mnemonic::Mov,
+                Mnemonic::Stc,
+                Mnemonic::Int3
+            ]
         );
     }
 
@@ -206,5 +214,30 @@ mod tests {
         assert_eq!("native".parse::<PagingOps>(), Ok(PagingOps::Native));
         assert_eq!("paravirt".parse::<PagingOps>(), Ok(PagingOps::Paravirt));
         assert!("shadow".parse::<PagingOps>().is_err());
+    }
+
+    #[test]
+    fn a_pending_system_call_is_recognised_exactly() {
+        use crate::x86::RFLAGS_CF;
+        for number in [abi::syscall::STORE, abi::syscall::REPORT, 0x1234_5678] {
+            let p = Program::assemble("t", Ring::User, |a| emit::syscall(a, number)).unwrap();
+            let bytes = abi::syscall_bytes(number);
+            assert_eq!(
+                &p.code()[..bytes.len()],
+                bytes,
+                "emit::syscall and syscall_bytes agree"
+            );
+            let n = u64::from(number);
+            assert!(abi::syscall_entry_pending(&bytes, n, RFLAGS_CF | 2));
+            // Returned: CF clear, or RAX holds a result.
+            assert!(!abi::syscall_entry_pending(&bytes, n, 2));
+            assert!(!abi::syscall_entry_pending(&bytes, n + 1, RFLAGS_CF));
+            assert!(!abi::syscall_entry_pending(&bytes, n | 1 << 32, RFLAGS_CF));
+            // Other code before RIP.
+            let mut other = bytes;
+            other[5] = 0x90;
+            assert!(!abi::syscall_entry_pending(&other, n, RFLAGS_CF));
+            assert!(!abi::syscall_entry_pending(&bytes[1..], n, RFLAGS_CF));
+        }
     }
 }
