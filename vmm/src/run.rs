@@ -35,7 +35,7 @@ use backends::{BackendConfig, BackendKind};
 use integration::ExitStats;
 use integration::kvm::{KvmHostError, check_hostable};
 use mmu_api::paging::WalkOptions;
-use mmu_api::{Access, AccessKind, Gva, MemslotFlags, MmuStats, VcpuId};
+use mmu_api::{Access, AccessKind, Gva, MemslotFlags, MmuBackend, MmuStats, VcpuId};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::error::{KitError, RunError, SetupError};
@@ -462,12 +462,15 @@ struct ChurnStats {
     cycles: u64,
     during_run: u64,
     times: Vec<Duration>,
+    /// Obsolete shadow pages the reclaimer freed (shadow backend only).
+    reclaimed: u64,
 }
 
 /// Deletes and re-adds [`CHURN_SLOT`] until `done`, at least once.
 fn churn_loop(
     memslots: &integration::Memslots,
     memory: &GuestMemoryMmap,
+    reclaimer: Option<&backends::shadow::ShadowBackend>,
     done: &AtomicBool,
 ) -> Result<ChurnStats, RunCommandError> {
     let region = memory
@@ -482,6 +485,12 @@ fn churn_loop(
         memslots.add_region(CHURN_SLOT, region, MemslotFlags::empty())?;
         stats.times.push(started.elapsed());
         stats.cycles += 1;
+        // The on-demand reclaimer: the delete left the old generation's
+        // pages on the obsolete list; free them in lock-breaking batches,
+        // off the memslot update's critical path.
+        if let Some(shadow) = reclaimer {
+            stats.reclaimed += shadow.reclaim_obsolete();
+        }
         stats.during_run += u64::from(during);
         if done.load(Ordering::Acquire) {
             return Ok(stats);
@@ -498,10 +507,11 @@ fn run_churning(
     limit: Duration,
     churn_memory: &GuestMemoryMmap,
 ) -> Result<(RunReport, ChurnStats), RunCommandError> {
+    let reclaimer = vm.shadow_backend().cloned();
     let (vm, handlers, memslots) = vm.parts();
     let done = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let churner = scope.spawn(|| churn_loop(memslots, churn_memory, &done));
+        let churner = scope.spawn(|| churn_loop(memslots, churn_memory, reclaimer.as_ref(), &done));
         let report = vm.run_with(
             program,
             args,
@@ -755,6 +765,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary, RunCommandError> {
             ("churn_cycles_during_run", stats.during_run),
             ("churn_median_us", micros(times.get(times.len() / 2))),
             ("churn_max_us", micros(times.last())),
+            ("churn_obsolete_reclaimed", stats.reclaimed),
         ]);
         checks.push(Check::new(
             "memslot churned while the guest ran".to_string(),
@@ -766,6 +777,26 @@ pub fn run(options: RunOptions) -> Result<RunSummary, RunCommandError> {
         ));
     }
 
+    if let Some(shadow) = vm.shadow_backend() {
+        let audit = shadow.audit();
+        checks.push(Check::new(
+            "shadow MMU audit".to_string(),
+            audit.is_ok(),
+            match audit {
+                Ok(()) => "every shadow page, rmap and counter consistent".to_string(),
+                Err(e) => e.to_string(),
+            },
+        ));
+        let stats = shadow.stats();
+        let early = stats
+            .get("valid_reclaimed_with_obsolete_pending")
+            .unwrap_or(0);
+        checks.push(Check::new(
+            "no valid page reclaimed while obsolete pages wait".to_string(),
+            early == 0,
+            format!("{early} valid pages reclaimed with obsolete pages pending"),
+        ));
+    }
     let observation = observe(
         vm.vm(),
         &plan.roots,
