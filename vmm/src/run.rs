@@ -46,15 +46,13 @@ use crate::kit::workloads;
 use crate::layout::{MAX_VCPUS, PAGE_SIZE};
 use crate::mmu::{DATA_SLOT, Devices, MmuVm, MmuVmConfig, NoDevices};
 use crate::observe::{Observation, VcpuObservation, observe};
-use crate::stress::{StressDevice, StressHost, StressShared, StressStats};
+use crate::stress::{Audit, StressDevice, StressHost, StressShared, StressStats};
 use crate::vcpu::{Report, VcpuOutcome};
 use crate::vm::{RunReport, VcpuArgs, VmConfig};
 use crate::workload::{
     self, CHURN_GPA, CHURN_SIZE, CHURN_SLOT, MAX_MEM_SIZE, Params, PlanError, RrCounters, RrDevice,
+    STRESS_CYCLES,
 };
-
-/// Host cycles of `stress` unless `--passes` says otherwise.
-pub const STRESS_CYCLES: u64 = 12;
 
 /// The tags `stress` reports, in order.
 const STRESS_TAGS: [u32; 5] = [
@@ -542,6 +540,11 @@ fn run_stressing(
     stress: (&[u64], u64, u64, &Arc<StressShared>),
 ) -> Result<(RunReport, StressStats), RunCommandError> {
     let (controls, pages, cycles, shared) = stress;
+    // Under the shadow backend: its audit, while the vCPUs run.
+    let audit: Option<Audit<'_>> = vm
+        .shadow_backend()
+        .cloned()
+        .map(|shadow| Box::new(move || shadow.audit().map_err(|e| e.to_string())) as Audit<'_>);
     let (vm, handlers, memslots) = vm.parts();
     let guest = vm.memory().clone();
     let host = StressHost::start(
@@ -550,6 +553,7 @@ fn run_stressing(
         controls.to_vec(),
         pages,
         Arc::clone(shared),
+        audit,
     )?;
     let done = AtomicBool::new(false);
     std::thread::scope(|scope| {
@@ -925,6 +929,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary, RunCommandError> {
             ("mmio_absent_writes", stats.absent_writes),
             ("mmio_raced_reads", stats.raced_reads),
             ("max_memslot_change_us", stats.max_change_us),
+            ("backend_audits", stats.audits),
         ]);
     }
 

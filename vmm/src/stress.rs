@@ -63,6 +63,14 @@ const STEP: Duration = Duration::from_millis(2);
 /// slot before it re-adds it.
 const ABSENT_WAIT: Duration = Duration::from_secs(2);
 
+/// Cycles whose harvests, deletes and moves are followed by the
+/// backend's audit.
+/// An audit walks every shadow page, obsolete ones included, under the
+/// MMU lock; obsolete pages pile up with every zap (reclaiming them costs
+/// an emulated replay of each zapped frame on this host), so later audits
+/// would cost more and more.
+pub const AUDITED_CYCLES: u64 = 10;
+
 /// Why the host loop stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum StressError {
@@ -75,7 +83,22 @@ pub enum StressError {
     /// A deleted slot's backing was still referenced after the delete.
     #[error("the backing of the deleted stress slot is still referenced {0} more times")]
     StillMapped(usize),
+    /// The backend's own audit failed right after a harvest or memslot
+    /// change.
+    #[error("the backend's audit failed after a {after}: {detail}")]
+    Audit {
+        /// After what (`harvest`, `memslot delete`, `memslot move`).
+        after: &'static str,
+        /// What the audit found.
+        detail: String,
+    },
 }
+
+/// The backend's consistency audit (the shadow backend's
+/// [`audit`](backends::shadow::ShadowBackend::audit)), run by the host
+/// loop right after each harvest, delete and move of the first [`AUDITED_CYCLES`]
+/// cycles while the vCPUs keep running.
+pub(crate) type Audit<'a> = Box<dyn Fn() -> Result<(), String> + Send + Sync + 'a>;
 
 fn memory_error(e: impl std::fmt::Display) -> StressError {
     StressError::Memory(e.to_string())
@@ -222,6 +245,9 @@ pub(crate) struct StressStats {
     pub(crate) raced_reads: u64,
     /// Longest memslot change (add, move or delete), in microseconds.
     pub(crate) max_change_us: u64,
+    /// Backend audits passed (after each harvest, delete and move of the first
+    /// [`AUDITED_CYCLES`] cycles).
+    pub(crate) audits: u64,
 }
 
 /// One step of the host loop.
@@ -262,18 +288,21 @@ pub(crate) struct StressHost<'a> {
     epoch: u64,
     tags: Vec<u64>,
     previous: Option<DirtyBitmap>,
+    audit: Option<Audit<'a>>,
     stats: StressStats,
 }
 
 impl<'a> StressHost<'a> {
     /// The host of a plan whose vCPUs have `controls` and use
-    /// `pages_per_vcpu` pages each; adds the slot at location A.
+    /// `pages_per_vcpu` pages each; adds the slot at location A. `audit`,
+    /// if any, runs after every delete and move.
     pub(crate) fn start(
         memslots: &'a Memslots,
         guest: &'a GuestMemoryMmap,
         controls: Vec<u64>,
         pages_per_vcpu: u64,
         shared: Arc<StressShared>,
+        audit: Option<Audit<'a>>,
     ) -> Result<Self, StressError> {
         let pages = pages_per_vcpu * controls.len() as u64;
         let mut host = StressHost {
@@ -288,6 +317,7 @@ impl<'a> StressHost<'a> {
             epoch: 1,
             tags: vec![0; pages as usize],
             previous: None,
+            audit,
             stats: StressStats::default(),
         };
         host.add()?;
@@ -327,6 +357,17 @@ impl<'a> StressHost<'a> {
                     Ordering::SeqCst,
                 )
                 .map_err(memory_error)?;
+        }
+        Ok(())
+    }
+
+    fn audit(&mut self, after: &'static str) -> Result<(), StressError> {
+        if self.stats.cycles >= AUDITED_CYCLES {
+            return Ok(());
+        }
+        if let Some(audit) = &self.audit {
+            audit().map_err(|detail| StressError::Audit { after, detail })?;
+            self.stats.audits += 1;
         }
         Ok(())
     }
@@ -376,6 +417,7 @@ impl<'a> StressHost<'a> {
         self.publish_state(State::Changing)?;
         self.timed(|m| m.move_slot(STRESS_SLOT, Gpa(base)))?;
         self.stats.moves += 1;
+        self.audit("memslot move")?;
         self.placement += 1;
         self.write_identity(to)?;
         let backing = self.backing()?.clone();
@@ -407,6 +449,7 @@ impl<'a> StressHost<'a> {
         // The last reference: this unmaps the backing.
         drop(mapping);
         self.stats.unmapped += 1;
+        self.audit("memslot delete")?;
         self.placement += 1;
         let before = self.shared.absent_reads();
         self.publish_state(State::Absent)?;
@@ -436,6 +479,7 @@ impl<'a> StressHost<'a> {
         }
         let log = self.memslots.dirty_log(STRESS_SLOT)?;
         self.stats.harvests += 1;
+        self.audit("harvest")?;
         for (page, (&tag, old)) in tags.iter().zip(&self.tags).enumerate() {
             if tag == *old {
                 continue;

@@ -159,11 +159,11 @@ pub struct Params {
     pub touch: TouchKind,
     /// Passes (`touch` 1, `multi-as` 4, `churn` 10 by default); `stress`:
     /// host cycles (each: harvests, a move there and back, a delete and a
-    /// re-add; 12 by default).
+    /// re-add; 50 by default).
     pub passes: Option<u64>,
     /// Operations per vCPU: edits (`pt-edit`, 480), address spaces
     /// (`multi-as`, 16), transactions (`mmio-rr`, 1000), writes (`dirty`,
-    /// 65536); `stress`: pages per vCPU (64).
+    /// 65536); `stress`: pages per vCPU (16).
     pub ops: Option<u64>,
     /// Seed of the generated inputs.
     pub seed: u64,
@@ -213,6 +213,9 @@ pub const STRESS_GPA_A: u64 = CHURN_GPA;
 
 /// Where `stress` moves its memslot (location B).
 pub const STRESS_GPA_B: u64 = CHURN_GPA + 2 * STRESS_SIZE;
+
+/// Host cycles of `stress` unless [`Params::passes`] says otherwise.
+pub const STRESS_CYCLES: u64 = 50;
 
 /// The size of [`STRESS_SLOT`].
 pub const STRESS_SIZE: u64 = MIB2;
@@ -1087,7 +1090,7 @@ fn plan_dirty(vm: &Vm, params: &Params) -> Result<Plan, PlanError> {
 
 fn plan_stress(vm: &Vm, params: &Params) -> Result<Plan, PlanError> {
     let workload = Workload::Stress;
-    let pages = params.ops.unwrap_or(64);
+    let pages = params.ops.unwrap_or(16);
     let vcpus = vm.vcpu_count() as u64;
     let slot_pages = STRESS_SIZE / PAGE_SIZE;
     if pages == 0 || pages * vcpus > slot_pages {
@@ -1107,7 +1110,10 @@ fn plan_stress(vm: &Vm, params: &Params) -> Result<Plan, PlanError> {
         rounds: Vec::new(),
         expect: Vec::new(),
         roots: vec![vm.root()],
-        parameters: vec![("pages", pages), ("cycles", params.passes.unwrap_or(12))],
+        parameters: vec![
+            ("pages", pages),
+            ("cycles", params.passes.unwrap_or(STRESS_CYCLES)),
+        ],
         stress: None,
     };
     let mut args = Vec::new();

@@ -36,9 +36,9 @@ const USAGE: &str = "usage:
       serving exits (SIZE: bytes or K/M/G, a multiple of 2 MiB; default 64M);
       checks the guest's reports, faults and memory against the host's model,
       the backend's dirty log and translations; prints the backend's stats.
-      --passes: touch 1, multi-as 4, churn 10, stress host cycles (12);
+      --passes: touch 1, multi-as 4, churn 10, stress host cycles (50);
       --ops: pt-edit edits (480), multi-as address spaces (16), mmio-rr
-      transactions (1000), dirty writes (65536), stress pages per vCPU (64);
+      transactions (1000), dirty writes (65536), stress pages per vCPU (16);
       --read: touch reads instead of writing
   mmu-vmm diff --workload W [--a shadow|ept] [--b shadow|ept] [run's options]
       runs W (not stress, which depends on timing) under backends a (default
