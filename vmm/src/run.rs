@@ -882,9 +882,10 @@ pub fn run(options: RunOptions) -> Result<RunSummary, RunCommandError> {
             stats.lost == 0,
             match &stats.first_lost {
                 Some(first) => format!(
-                    "{} of {} checked writes missing; first: {first}",
+                    "{} of {} checked writes missing ({} of them in the next harvest); first: {first}",
                     stats.lost,
-                    stats.verified_exact + stats.verified_late
+                    stats.verified_exact + stats.verified_late,
+                    stats.lost_logged_next
                 ),
                 None => format!(
                     "{} checked writes logged",
@@ -921,6 +922,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary, RunCommandError> {
             ("verified_in_own_interval", stats.verified_exact),
             ("verified_late", stats.verified_late),
             ("lost", stats.lost),
+            ("lost_but_in_next_harvest", stats.lost_logged_next),
             ("reads_checked", total(tag::READS_CHECKED)),
             ("absent_reads_checked", total(tag::ABSENT)),
             ("stale", total(tag::STALE)),

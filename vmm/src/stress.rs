@@ -230,6 +230,9 @@ pub(crate) struct StressStats {
     pub(crate) lost: u64,
     /// The first lost page, described.
     pub(crate) first_lost: Option<String>,
+    /// Lost pages that the next harvest of the same slot did report (the
+    /// write was logged one harvest late rather than never).
+    pub(crate) lost_logged_next: u64,
     /// Memslot adds (the first included), moves, deletes.
     pub(crate) adds: u64,
     pub(crate) moves: u64,
@@ -288,6 +291,8 @@ pub(crate) struct StressHost<'a> {
     epoch: u64,
     tags: Vec<u64>,
     previous: Option<DirtyBitmap>,
+    /// Pages found lost at the last harvest, to see if the next has them.
+    lost_pages: Vec<u64>,
     audit: Option<Audit<'a>>,
     stats: StressStats,
 }
@@ -317,6 +322,7 @@ impl<'a> StressHost<'a> {
             epoch: 1,
             tags: vec![0; pages as usize],
             previous: None,
+            lost_pages: Vec::new(),
             audit,
             stats: StressStats::default(),
         };
@@ -405,6 +411,7 @@ impl<'a> StressHost<'a> {
         // A new slot starts a new log.
         self.tags.iter_mut().for_each(|t| *t = 0);
         self.previous = None;
+        self.lost_pages.clear();
         self.publish_state(State::AtA)
     }
 
@@ -480,6 +487,9 @@ impl<'a> StressHost<'a> {
         let log = self.memslots.dirty_log(STRESS_SLOT)?;
         self.stats.harvests += 1;
         self.audit("harvest")?;
+        for page in std::mem::take(&mut self.lost_pages) {
+            self.stats.lost_logged_next += u64::from(log.is_dirty(page));
+        }
         for (page, (&tag, old)) in tags.iter().zip(&self.tags).enumerate() {
             if tag == *old {
                 continue;
@@ -495,6 +505,7 @@ impl<'a> StressHost<'a> {
             };
             if !logged {
                 self.stats.lost += 1;
+                self.lost_pages.push(page);
                 if self.stats.first_lost.is_none() {
                     self.stats.first_lost = Some(format!(
                         "slot page {page} (tag {tag:#x}, epoch {tag_epoch}) missing from harvest {} at {:?}",
