@@ -1,7 +1,8 @@
 //! The host half of the `stress` workload: a thread that harvests the
 //! dirty log of a memslot and deletes, re-adds and moves it while every
-//! vCPU writes to it and reads it ([`workloads::stress`]), and the
-//! device that answers the guest's accesses where the memslot is not.
+//! vCPU writes to it and reads it (the guest program
+//! [`stress()`](crate::kit::workloads::stress())), and the device that
+//! answers the guest's accesses where the memslot is not.
 //!
 //! # What is checked, exactly
 //!

@@ -19,7 +19,7 @@ use backends::BackendKind;
 use vmm::run::{RunOptions, RunSummary, run};
 use vmm::workload::{Params, Workload};
 
-/// Host cycles per backend (each: five harvests, two moves, a delete and
+/// Host cycles per backend (each: four harvests, two moves, a delete and
 /// a re-add), a few seconds on the 2-core development machine.
 const CYCLES: u64 = 150;
 

@@ -576,7 +576,7 @@ pub fn dirty() -> Result<Program, KitError> {
     })
 }
 
-/// The words the host and the [`stress`] program share.
+/// The words the host and the [`stress()`] program share.
 ///
 /// The host publishes a control word (one per vCPU, one atomic store
 /// each): the harvest epoch, the placement generation of the stress
