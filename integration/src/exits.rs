@@ -292,7 +292,22 @@ impl VcpuExits {
             MmioClass::Memory { slot } => {
                 self.stats.memory_races += 1;
                 debug!(vcpu = self.id().0, gpa = gpa.raw(), %slot, "MMIO write raced a memslot change; writing memory");
-                self.write_guest(gpa, data)?;
+                match self.write_guest(gpa, data) {
+                    Ok(()) => {}
+                    // The memory went away again between the classification
+                    // and the write (a delete or move on another thread):
+                    // nothing backs the address, so the write is MMIO after
+                    // all, as it was when the guest made it.
+                    Err(ExitError::Mmu(mmu_api::VcpuError::Unbacked(_))) => {
+                        debug!(vcpu = self.id().0, gpa = gpa.raw(), %slot, "the raced memory is gone again; the write goes to the bus");
+                        self.stats.device_writes += 1;
+                        bus.mmio_write(gpa, data).map_err(|source| {
+                            bus_error(gpa, Direction::Write, data.len(), source)
+                        })?;
+                        return Ok(MmioClass::Mmio);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             MmioClass::ReadOnlyWrite { slot } => {
                 self.stats.rom_writes += 1;
@@ -486,6 +501,92 @@ mod tests {
         assert_eq!(data, [0x11, 0x11]);
         assert_eq!(bus.calls, [Call::MemoryRead(Gpa(0x10_0000), 2)]);
         assert_eq!(exits.stats().memory_races, 2);
+    }
+
+    /// An MMU whose memslot is deleted right after it classifies an
+    /// access, as a VMM thread's delete can land between the two calls.
+    #[derive(Debug)]
+    struct DeletedAfterClassify {
+        inner: Box<dyn MmuVcpu>,
+        backend: std::sync::Arc<dyn mmu_api::MmuBackend>,
+        slot: SlotId,
+    }
+
+    impl MmuVcpu for DeletedAfterClassify {
+        fn id(&self) -> VcpuId {
+            self.inner.id()
+        }
+        fn set_paging_context(
+            &mut self,
+            ctx: &PagingContext,
+        ) -> Result<RootLoad, mmu_api::VcpuError> {
+            self.inner.set_paging_context(ctx)
+        }
+        fn paging_context(&self) -> &PagingContext {
+            self.inner.paging_context()
+        }
+        fn handle_page_fault(
+            &mut self,
+            gva: Gva,
+            error_code: PfErrorCode,
+        ) -> Result<FaultOutcome, mmu_api::VcpuError> {
+            self.inner.handle_page_fault(gva, error_code)
+        }
+        fn classify_mmio(&mut self, gpa: Gpa, is_write: bool) -> MmioClass {
+            let class = self.inner.classify_mmio(gpa, is_write);
+            let _ = self.backend.delete_memslot(self.slot);
+            class
+        }
+        fn translate(
+            &mut self,
+            gva: Gva,
+            len: u64,
+            access: mmu_api::Access,
+            options: mmu_api::paging::WalkOptions,
+        ) -> Result<Vec<mmu_api::paging::RangeSegment>, mmu_api::paging::WalkError> {
+            self.inner.translate(gva, len, access, options)
+        }
+        fn write_guest(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), mmu_api::VcpuError> {
+            self.inner.write_guest(gpa, data)
+        }
+        fn invlpg(&mut self, gva: Gva) {
+            self.inner.invlpg(gva);
+        }
+        fn flush_tlb(&mut self, include_global: bool) {
+            self.inner.flush_tlb(include_global);
+        }
+        fn prepare_entry(&mut self) -> Result<RootLoad, mmu_api::VcpuError> {
+            self.inner.prepare_entry()
+        }
+        fn exit_guest(&mut self) {
+            self.inner.exit_guest();
+        }
+    }
+
+    /// Found by `vmm/tests/stress.rs` (EPT): a write that exited as MMIO,
+    /// was classified as memory a memslot add had put there, and found the
+    /// memslot deleted again by the time it was written, ended the vCPU
+    /// with `Unbacked`. It goes to the bus instead.
+    #[test]
+    fn a_raced_write_whose_memory_went_away_again_goes_to_the_bus() {
+        let (_port, backend) = ept();
+        let ram = leak_ram(0x4000);
+        add_ram(&*backend, ram, 0, 0x10_0000, MemslotFlags::LOG_DIRTY);
+        let inner = backend
+            .create_vcpu(VcpuId(0), std::sync::Arc::new(crate::test_support::NoKick))
+            .unwrap();
+        let mut exits = VcpuExits::new(Box::new(DeletedAfterClassify {
+            inner,
+            backend: std::sync::Arc::clone(&backend),
+            slot: SlotId(0),
+        }));
+        let mut bus = RecordingBus::default();
+        let class = exits.mmio_write(Gpa(0x10_2008), &[7; 8], &mut bus).unwrap();
+        assert_eq!(class, MmioClass::Mmio);
+        assert_eq!(bus.calls, [Call::MmioWrite(Gpa(0x10_2008), vec![7; 8])]);
+        assert_eq!(ram.read_u64(0x2008), 0, "the deleted memory is untouched");
+        let stats = exits.stats();
+        assert_eq!((stats.memory_races, stats.device_writes), (1, 1));
     }
 
     #[test]

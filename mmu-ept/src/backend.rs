@@ -60,29 +60,36 @@ fn unpoison<G>(result: Result<G, PoisonError<G>>) -> G {
     result.unwrap_or_else(PoisonError::into_inner)
 }
 
-impl Shared {
+impl SlotState {
     /// Marks every page of `[gpa, gpa + len)` that lies in a LOG_DIRTY slot
     /// as written by the VMM.
     pub(crate) fn note_write(&self, gpa: Gpa, len: u64) {
         let end = gpa.raw().saturating_add(len);
-        let state = self.read_slots();
         let mut cur = gpa.raw();
         while cur < end {
-            if let Some(slot) = state.table.find(Gpa(cur)) {
+            if let Some(slot) = self.table.find(Gpa(cur)) {
                 let stop = end.min(slot.end().raw());
-                if let Some(log) = state.host_dirty.get(&slot.id) {
+                if let Some(log) = self.host_dirty.get(&slot.id) {
                     let base = slot.guest_base.raw();
                     log.mark((cur - base) >> PAGE_SHIFT, (stop - 1 - base) >> PAGE_SHIFT);
                 }
                 cur = stop;
             } else {
                 // A hole: skip to the next slot above it, if any.
-                match state.table.iter().find(|s| s.guest_base.raw() > cur) {
+                match self.table.iter().find(|s| s.guest_base.raw() > cur) {
                     Some(next) => cur = next.guest_base.raw(),
                     None => break,
                 }
             }
         }
+    }
+}
+
+impl Shared {
+    /// Marks every page of `[gpa, gpa + len)` that lies in a LOG_DIRTY slot
+    /// as written by the VMM.
+    pub(crate) fn note_write(&self, gpa: Gpa, len: u64) {
+        self.read_slots().note_write(gpa, len);
     }
 
     pub(crate) fn read_slots(&self) -> RwLockReadGuard<'_, SlotState> {

@@ -275,6 +275,14 @@ impl MmuVcpu for EptVcpu {
     /// Writes guest memory for the VMM's instruction emulator and records
     /// the page in the dirty log: KVM's log only sees writes the hardware
     /// made.
+    ///
+    /// The page is logged under the same read lock as the write (a memslot
+    /// move or delete between the two would lose the mark), both before
+    /// the write (a harvest that returns after the data is visible reports
+    /// the page, as the hardware's log does: a write faults and is logged
+    /// before it lands) and after it (a harvest between the first mark and
+    /// the write leaves the page marked again, so whoever copied it after
+    /// that harvest copies it again).
     fn write_guest(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), VcpuError> {
         if gpa.page_offset() + data.len() as u64 > PAGE_SIZE {
             return Err(VcpuError::CrossesPage {
@@ -282,19 +290,19 @@ impl MmuVcpu for EptVcpu {
                 len: data.len(),
             });
         }
-        {
-            let state = self.shared.read_slots();
-            let slot = state.table.find(gpa).ok_or(VcpuError::Unbacked(gpa))?;
-            if !slot.is_writable() {
-                return Err(VcpuError::ReadOnly(gpa));
-            }
-            // SAFETY: as in `translate`: the slots in this table keep their
-            // host ranges valid while we hold the read lock, and their host
-            // addresses are page aligned.
-            let mem = unsafe { SlotMemory::new(&state.table) };
-            write_bytes(&mem, gpa, data).map_err(|_| VcpuError::Unbacked(gpa))?;
+        let state = self.shared.read_slots();
+        let slot = state.table.find(gpa).ok_or(VcpuError::Unbacked(gpa))?;
+        if !slot.is_writable() {
+            return Err(VcpuError::ReadOnly(gpa));
         }
-        self.shared.note_write(gpa, data.len() as u64);
+        let len = data.len() as u64;
+        state.note_write(gpa, len);
+        // SAFETY: as in `translate`: the slots in this table keep their
+        // host ranges valid while we hold the read lock, and their host
+        // addresses are page aligned.
+        let mem = unsafe { SlotMemory::new(&state.table) };
+        write_bytes(&mem, gpa, data).map_err(|_| VcpuError::Unbacked(gpa))?;
+        state.note_write(gpa, len);
         Ok(())
     }
 

@@ -25,6 +25,7 @@ use integration::kvm::check_hostable;
 use crate::json::{self, Object};
 use crate::observe::Observation;
 use crate::run::{RunCommandError, RunOptions, RunSummary, reports_text};
+use crate::workload::Workload;
 
 /// Differences of one kind listed in full; the rest are counted.
 const LISTED_PER_KIND: usize = 16;
@@ -246,6 +247,18 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// running anything if either backend cannot be hosted; a run that fails
 /// later is reported as a difference.
 pub fn diff(options: DiffOptions) -> Result<DiffSummary, RunCommandError> {
+    let workload = options.run.workload;
+    if !workload.deterministic() {
+        return Err(RunCommandError::Options(format!(
+            "{workload} depends on thread timing, so two runs cannot be compared; diff takes {}",
+            Workload::ALL
+                .into_iter()
+                .filter(|w| w.deterministic())
+                .map(Workload::name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     for mmu in [options.a, options.b] {
         check_hostable(mmu).map_err(|source| RunCommandError::NotHostable { mmu, source })?;
     }

@@ -102,6 +102,7 @@ pub mod observe;
 pub mod run;
 pub mod shadow_host;
 pub mod space;
+pub mod stress;
 pub mod tables;
 mod vcpu;
 mod vm;

@@ -47,6 +47,14 @@ pub trait Devices: Send {
     fn mmio_read(&mut self, gpa: Gpa, data: &mut [u8]) -> Result<(), BusError>;
     /// A guest write at `gpa`.
     fn mmio_write(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), BusError>;
+
+    /// A guest read at `gpa` that exited as MMIO but, by the time the MMU
+    /// classified it, hits memory the VMM added outside guest RAM (a
+    /// memslot added or moved there meanwhile): fill `data` from that
+    /// memory. By default no such memory exists.
+    fn memory_read(&mut self, gpa: Gpa, _data: &mut [u8]) -> Result<(), BusError> {
+        Err(BusError::NoDevice(gpa))
+    }
 }
 
 /// No devices: every MMIO access fails with [`BusError::NoDevice`].
@@ -79,7 +87,12 @@ impl MmioBus for VcpuBus {
         self.devices.mmio_write(gpa, data)
     }
 
+    /// Guest RAM, or memory the devices added beyond it.
     fn memory_read(&mut self, gpa: Gpa, data: &mut [u8]) -> Result<(), BusError> {
+        use vm_memory::GuestMemoryBackend;
+        if !self.memory.address_in_range(GuestAddress(gpa.raw())) {
+            return self.devices.memory_read(gpa, data);
+        }
         self.memory
             .read_slice(data, GuestAddress(gpa.raw()))
             .map_err(BusError::failed)

@@ -20,6 +20,7 @@
 //! | `mmio-rr` | `ops` request/response transactions on an MMIO device: doorbell write, status polls | checksum of responses, polls, the device's counters |
 //! | `dirty` | `ops` LCG-random 8-byte writes over its window | checksum, last value of every written word, dirty log |
 //! | `churn` | `touch` (write) for `passes` passes while a host thread deletes and re-adds a memslot | as `touch`, and at least one churn cycle during the run |
+//! | `stress` | tagged writes and checked reads in a memslot of its own until the host stops it, while a host thread harvests the slot's dirty log and deletes, re-adds and moves it (`passes` cycles) | every write the memory shows against the harvest of its interval (no lost dirty page), no stale read, the backing unmapped at each delete ([`crate::stress`]) |
 //!
 //! `churn` churns a memslot of its own ([`CHURN_SLOT`], outside guest RAM
 //! and unmapped by the guest): deleting a memslot zaps every shadow page
@@ -77,11 +78,14 @@ pub enum Workload {
     Dirty,
     /// `touch` while the host deletes and re-adds a memslot.
     Churn,
+    /// Writes and checked reads in a memslot the host deletes, re-adds,
+    /// moves and harvests meanwhile.
+    Stress,
 }
 
 impl Workload {
     /// Every workload, in the order `--help` lists them.
-    pub const ALL: [Workload; 7] = [
+    pub const ALL: [Workload; 8] = [
         Workload::Touch,
         Workload::PtEdit,
         Workload::MultiAs,
@@ -89,6 +93,7 @@ impl Workload {
         Workload::MmioRr,
         Workload::Dirty,
         Workload::Churn,
+        Workload::Stress,
     ];
 
     /// Its name on the command line.
@@ -101,7 +106,16 @@ impl Workload {
             Workload::MmioRr => "mmio-rr",
             Workload::Dirty => "dirty",
             Workload::Churn => "churn",
+            Workload::Stress => "stress",
         }
+    }
+
+    /// True if the same inputs give the same guest-visible results under
+    /// any backend and any thread timing (what `diff` compares). `stress`
+    /// is not: how far each vCPU gets between two memslot changes is
+    /// timing.
+    pub const fn deterministic(self) -> bool {
+        !matches!(self, Workload::Stress)
     }
 
     /// The names of every workload, for messages.
@@ -143,11 +157,13 @@ impl FromStr for Workload {
 pub struct Params {
     /// Read or write (`touch`; `churn` always writes).
     pub touch: TouchKind,
-    /// Passes (`touch` 1, `multi-as` 4, `churn` 10 by default).
+    /// Passes (`touch` 1, `multi-as` 4, `churn` 10 by default); `stress`:
+    /// host cycles (each: harvests, a move there and back, a delete and a
+    /// re-add; 50 by default).
     pub passes: Option<u64>,
     /// Operations per vCPU: edits (`pt-edit`, 480), address spaces
     /// (`multi-as`, 16), transactions (`mmio-rr`, 1000), writes (`dirty`,
-    /// 65536).
+    /// 65536); `stress`: pages per vCPU (16).
     pub ops: Option<u64>,
     /// Seed of the generated inputs.
     pub seed: u64,
@@ -187,6 +203,27 @@ pub const CHURN_GPA: u64 = 1 << 39;
 
 /// The size of [`CHURN_SLOT`].
 pub const CHURN_SIZE: u64 = MIB2;
+
+/// The memslot `stress` deletes, re-adds, moves and harvests (never at
+/// the same time as `churn`'s).
+pub const STRESS_SLOT: SlotId = CHURN_SLOT;
+
+/// Where `stress` adds its memslot (location A).
+pub const STRESS_GPA_A: u64 = CHURN_GPA;
+
+/// Where `stress` moves its memslot (location B).
+pub const STRESS_GPA_B: u64 = CHURN_GPA + 2 * STRESS_SIZE;
+
+/// Host cycles of `stress` unless [`Params::passes`] says otherwise.
+pub const STRESS_CYCLES: u64 = 50;
+
+/// The size of [`STRESS_SLOT`].
+pub const STRESS_SIZE: u64 = MIB2;
+
+/// Where window B of `stress` starts in each vCPU's window.
+const STRESS_WINDOW_B: u64 = 1 << 30;
+/// Where the control page of `stress` is in each vCPU's window.
+const STRESS_CONTROL: u64 = 2 << 30;
 
 /// The largest guest memory the workloads support (their windows start
 /// in PML4 slot 1).
@@ -292,6 +329,9 @@ pub(crate) struct Plan {
     pub(crate) roots: Vec<u64>,
     /// The sizes chosen, for the summary.
     pub(crate) parameters: Vec<(&'static str, u64)>,
+    /// `stress`: each vCPU's control page (guest-physical), and the pages
+    /// each vCPU uses in the stress memslot.
+    pub(crate) stress: Option<(Vec<u64>, u64)>,
 }
 
 /// The value of a data word the host writes before a run.
@@ -493,6 +533,7 @@ pub(crate) fn plan(vm: &Vm, workload: Workload, params: &Params) -> Result<Plan,
         Workload::Access => plan_access(vm),
         Workload::MmioRr => plan_mmio_rr(vm, params),
         Workload::Dirty => plan_dirty(vm, params),
+        Workload::Stress => plan_stress(vm, params),
     }
 }
 
@@ -544,6 +585,7 @@ fn plan_touch(
         expect: Vec::new(),
         roots: vec![vm.root()],
         parameters: vec![("pages", pages), ("passes", passes)],
+        stress: None,
     };
     let mut args = Vec::new();
     for index in 0..vm.vcpu_count() {
@@ -597,6 +639,7 @@ fn plan_pt_edit(vm: &Vm, params: &Params) -> Result<Plan, PlanError> {
         expect: Vec::new(),
         roots: vec![vm.root()],
         parameters: vec![("edits", edits), ("window_pages", PT_EDIT_WINDOW)],
+        stress: None,
     };
     let mut per_vcpu_args = Vec::new();
     for index in 0..vm.vcpu_count() {
@@ -749,6 +792,7 @@ fn plan_multi_as(vm: &Vm, params: &Params) -> Result<Plan, PlanError> {
             ("window_pages", w),
             ("passes", passes),
         ],
+        stress: None,
     };
     let mut args = Vec::new();
     for index in 0..vm.vcpu_count() {
@@ -831,6 +875,7 @@ fn plan_access(vm: &Vm) -> Result<Plan, PlanError> {
         expect: Vec::new(),
         roots: vec![vm.root()],
         parameters: vec![("pages", pages), ("accesses", records)],
+        stress: None,
     };
     let mut per_vcpu_args = Vec::new();
     for index in 0..vm.vcpu_count() {
@@ -950,6 +995,7 @@ fn plan_mmio_rr(vm: &Vm, params: &Params) -> Result<Plan, PlanError> {
         expect: Vec::new(),
         roots: vec![vm.root()],
         parameters: vec![("transactions", transactions)],
+        stress: None,
     };
     let mut args = Vec::new();
     for index in 0..vm.vcpu_count() {
@@ -1005,6 +1051,7 @@ fn plan_dirty(vm: &Vm, params: &Params) -> Result<Plan, PlanError> {
         expect: Vec::new(),
         roots: vec![vm.root()],
         parameters: vec![("pages", pages), ("writes", writes)],
+        stress: None,
     };
     let mut args = Vec::new();
     for index in 0..vm.vcpu_count() {
@@ -1037,6 +1084,80 @@ fn plan_dirty(vm: &Vm, params: &Params) -> Result<Plan, PlanError> {
         plan.roots.push(root);
         args.push(VcpuArgs([root, base, pages, writes, seed, 0]));
     }
+    plan.rounds = one_round(args);
+    Ok(plan)
+}
+
+fn plan_stress(vm: &Vm, params: &Params) -> Result<Plan, PlanError> {
+    let workload = Workload::Stress;
+    let pages = params.ops.unwrap_or(16);
+    let vcpus = vm.vcpu_count() as u64;
+    let slot_pages = STRESS_SIZE / PAGE_SIZE;
+    if pages == 0 || pages * vcpus > slot_pages {
+        return Err(PlanError::Option {
+            workload,
+            what: "--ops (pages per vCPU)",
+            detail: format!(
+                "{pages} x {vcpus} vCPUs is not in 1..={slot_pages} (the stress memslot's pages)"
+            ),
+        });
+    }
+    let levels = vm.layout().levels();
+    // Windows A and B and the control page sit in three 1 GiB regions.
+    let tables = 3 * SpaceBuilder::frames_for(pages, levels);
+    let mut plan = Plan {
+        program: workloads::stress()?,
+        rounds: Vec::new(),
+        expect: Vec::new(),
+        roots: vec![vm.root()],
+        parameters: vec![
+            ("pages", pages),
+            ("cycles", params.passes.unwrap_or(STRESS_CYCLES)),
+        ],
+        stress: None,
+    };
+    let mut args = Vec::new();
+    let mut controls = Vec::new();
+    for index in 0..vm.vcpu_count() {
+        let slice = Slice::new(vm, workload, index, tables, 1)?;
+        let mut space = SpaceBuilder::new(vm, slice.tables.clone())?;
+        let root = space.fork_identity()?;
+        let base = window(index);
+        let first = index as u64 * pages * PAGE_SIZE;
+        for p in 0..pages {
+            let offset = first + p * PAGE_SIZE;
+            space.map_4k(
+                root,
+                base + p * PAGE_SIZE,
+                STRESS_GPA_A + offset,
+                DATA_FLAGS,
+            )?;
+            space.map_4k(
+                root,
+                base + STRESS_WINDOW_B + p * PAGE_SIZE,
+                STRESS_GPA_B + offset,
+                DATA_FLAGS,
+            )?;
+        }
+        let control = slice.frame(0);
+        space.map_4k(root, base + STRESS_CONTROL, control, DATA_FLAGS)?;
+        fill_frame(vm, control, |_| 0)?;
+        plan.expect.push(Expect {
+            translations: vec![(base + STRESS_CONTROL, control)],
+            ..Expect::default()
+        });
+        plan.roots.push(root);
+        controls.push(control);
+        args.push(VcpuArgs([
+            root,
+            base + STRESS_CONTROL,
+            base,
+            base + STRESS_WINDOW_B,
+            pages,
+            0,
+        ]));
+    }
+    plan.stress = Some((controls, pages));
     plan.rounds = one_round(args);
     Ok(plan)
 }
@@ -1142,7 +1263,7 @@ mod tests {
         let err = "netperf".parse::<Workload>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unknown workload \"netperf\": this build has touch, pt-edit, multi-as, access, mmio-rr, dirty, churn"
+            "unknown workload \"netperf\": this build has touch, pt-edit, multi-as, access, mmio-rr, dirty, churn, stress"
         );
     }
 
@@ -1155,6 +1276,8 @@ mod tests {
         assert!(mmio_page(crate::layout::MAX_VCPUS) < 1 << 46);
         const {
             assert!(CHURN_GPA + CHURN_SIZE <= MMIO_BASE);
+            assert!(STRESS_GPA_B >= STRESS_GPA_A + STRESS_SIZE);
+            assert!(STRESS_GPA_B + STRESS_SIZE <= MMIO_BASE);
             assert!(MAX_MEM_SIZE <= CHURN_GPA);
         }
     }

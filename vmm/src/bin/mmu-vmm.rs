@@ -30,17 +30,20 @@ const USAGE: &str = "usage:
       access-matrix test of mmu-api's walker against KVM
   mmu-vmm run --mmu shadow|ept --workload W [--vcpus N] [--mem SIZE] [--read]
               [--passes N] [--ops N] [--seed S] [--time-limit SECS] [--json]
-      runs workload W (touch, pt-edit, multi-as, access, mmio-rr, dirty, churn)
+      runs workload W (touch, pt-edit, multi-as, access, mmio-rr, dirty, churn,
+      stress)
       on N vCPUs (default 2) with the chosen MMU backend owning guest memory and
       serving exits (SIZE: bytes or K/M/G, a multiple of 2 MiB; default 64M);
       checks the guest's reports, faults and memory against the host's model,
       the backend's dirty log and translations; prints the backend's stats.
-      --passes: touch 1, multi-as 4, churn 10; --ops: pt-edit edits (480),
-      multi-as address spaces (16), mmio-rr transactions (1000), dirty writes
-      (65536); --read: touch reads instead of writing
+      --passes: touch 1, multi-as 4, churn 10, stress host cycles (50);
+      --ops: pt-edit edits (480), multi-as address spaces (16), mmio-rr
+      transactions (1000), dirty writes (65536), stress pages per vCPU (16);
+      --read: touch reads instead of writing
   mmu-vmm diff --workload W [--a shadow|ept] [--b shadow|ept] [run's options]
-      runs W under backends a (default shadow) and b (default ept) with the
-      same inputs and compares what the guest observed: memory, page tables
+      runs W (not stress, which depends on timing) under backends a (default
+      shadow) and b (default ept) with the same inputs and compares what the
+      guest observed: memory, page tables
       and their A/D bits, fault logs, reports; exits non-zero on a difference";
 
 fn main() -> ExitCode {

@@ -286,6 +286,18 @@ pub mod tag {
     pub const TRANSACTIONS: u32 = 4;
     /// Status-register reads made while waiting for responses.
     pub const POLLS: u32 = 5;
+    /// Writes a workload made (`stress`: one per iteration).
+    pub const WRITES: u32 = 6;
+    /// Reads a workload checked against what it expected (`stress`).
+    pub const READS_CHECKED: u32 = 7;
+    /// Reads that returned stale or wrong data (`stress`; must be 0).
+    pub const STALE: u32 = 8;
+    /// Checked reads the VMM answered as MMIO because no memslot was
+    /// there (`stress`).
+    pub const ABSENT: u32 = 9;
+    /// Reads a workload could not judge because the host changed the
+    /// memory map meanwhile (`stress`).
+    pub const UNCHECKED: u32 = 10;
 
     /// The tag's name in reports (`checksum`), or None for a tag the kit
     /// does not define.
@@ -296,6 +308,11 @@ pub mod tag {
             (FAULTS, "faults"),
             (TRANSACTIONS, "transactions"),
             (POLLS, "polls"),
+            (WRITES, "writes"),
+            (READS_CHECKED, "reads_checked"),
+            (STALE, "stale"),
+            (ABSENT, "absent"),
+            (UNCHECKED, "unchecked"),
         ]
         .into_iter()
         .find(|&(t, _)| u64::from(t) == tag)

@@ -576,6 +576,214 @@ pub fn dirty() -> Result<Program, KitError> {
     })
 }
 
+/// The words the host and the [`stress()`] program share.
+///
+/// The host publishes a control word (one per vCPU, one atomic store
+/// each): the harvest epoch, the placement generation of the stress
+/// memslot (bumped by every add, move and delete) and where the slot is.
+/// Every page of the slot holds, at byte 8, an identity word the host
+/// writes before it publishes a placement: [`identity`](stress::identity)
+/// of that placement. A guest read that the host must answer as MMIO (no
+/// memslot there) returns [`ABSENT`](stress::ABSENT).
+pub mod stress {
+    /// Bit of the control word that ends the program.
+    pub const STOP: u64 = 1 << 63;
+    /// Bits of the control word that hold the epoch.
+    pub const EPOCH_MASK: u64 = 0xff_ffff;
+    /// Bits of the control word (and of an identity word) that hold the
+    /// placement generation.
+    pub const PLACEMENT_MASK: u64 = 0xff_ffff << 24;
+    /// The high bits of every identity word.
+    pub const IDENTITY_MAGIC: u64 = 0x1de7 << 48;
+    /// What the VMM answers to a read where no memslot is.
+    pub const ABSENT: u64 = 0xab5e_0000_ab5e_0000;
+    /// The program probes the other location every this many iterations
+    /// (plus one).
+    pub const PROBE_MASK: u32 = 63;
+    /// Bit 63 of the page word of a bad-read record: it was a probe of
+    /// the other location.
+    pub const PROBE_BIT: u64 = 1 << 63;
+
+    /// Where the stress memslot is, as the control word says.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum State {
+        /// At its first location (window A).
+        AtA = 0,
+        /// At its second location (window B).
+        AtB = 1,
+        /// Deleted: every access is MMIO.
+        Absent = 2,
+        /// The host is changing it: reads are not judged.
+        Changing = 3,
+    }
+
+    /// The control word.
+    pub const fn control(epoch: u64, placement: u64, state: State) -> u64 {
+        (epoch & EPOCH_MASK) | ((placement << 24) & PLACEMENT_MASK) | ((state as u64) << 48)
+    }
+
+    /// The identity word of every page of the slot while placement
+    /// `placement` has it at `state` ([`State::AtA`] or [`State::AtB`]).
+    pub const fn identity(placement: u64, state: State) -> u64 {
+        IDENTITY_MAGIC | ((placement << 24) & PLACEMENT_MASK) | state as u64
+    }
+
+    /// The epoch of a tag the program wrote (0: never written).
+    pub const fn tag_epoch(tag: u64) -> u64 {
+        tag >> 40
+    }
+}
+
+/// `stress`: writes and checked reads while the host deletes, re-adds
+/// and moves the memslot underneath and harvests its dirty log.
+///
+/// Each iteration reads the control word (stopping at
+/// [`stress::STOP`]), picks the window of the slot's current location (A
+/// unless the word says B), and in page `i` of it (round robin) reads the
+/// identity word at byte 8 and writes the tag `(epoch << 40) + iteration`
+/// at byte 0. It then reads the control word again: if it changed, the
+/// read is not judged (counted as unchecked). Otherwise the read must be
+/// exactly the identity of the published placement (slot present) or
+/// [`stress::ABSENT`] (slot deleted); anything else is a stale or wrong
+/// read. Every [`stress::PROBE_MASK`] + 1 iterations, with the slot
+/// present, it also reads the same page through the other window, which
+/// must be [`stress::ABSENT`]. A bad read is counted and recorded at
+/// words 1 to 3 of the control page (control word, value read, page
+/// index with [`stress::PROBE_BIT`] for a probe).
+///
+/// Reports [`tag::WRITES`], [`tag::READS_CHECKED`], [`tag::STALE`],
+/// [`tag::ABSENT`] and [`tag::UNCHECKED`].
+///
+/// Arguments: RDI = CR3 to load, RSI = the control page, RDX = window A,
+/// RCX = window B, R8 = pages.
+pub fn stress() -> Result<Program, KitError> {
+    Program::assemble("stress", Ring::User, |a| {
+        let mut top = a.create_label();
+        let mut absent = a.create_label();
+        let mut bad = a.create_label();
+        let mut unchecked = a.create_label();
+        let mut probe = a.create_label();
+        let mut other_a = a.create_label();
+        let mut bad_probe = a.create_label();
+        let mut next = a.create_label();
+        let mut done = a.create_label();
+        a.mov(r12, rsi)?;
+        a.mov(r13, rdx)?;
+        a.mov(r14, rcx)?;
+        a.mov(r15, r8)?;
+        load_cr3_from(a, rdi)?;
+        a.xor(ebx, ebx)?; // page
+        a.xor(ebp, ebp)?; // iteration
+        a.xor(r8d, r8d)?; // checked reads
+        a.xor(r9d, r9d)?; // bad reads
+        a.xor(r10d, r10d)?; // absent reads
+        a.xor(r11d, r11d)?; // unchecked reads
+        a.test(r15, r15)?;
+        a.jz(done)?;
+        a.set_label(&mut top)?;
+        a.mov(rsi, qword_ptr(r12))?;
+        a.bt(rsi, 63)?;
+        a.jc(done)?;
+        a.mov(rax, rsi)?;
+        a.shr(rax, 48)?;
+        a.and(eax, 3)?; // state
+        a.mov(rcx, r13)?;
+        a.cmp(eax, stress::State::AtB as u32)?;
+        a.cmove(rcx, r14)?;
+        a.mov(rdx, rbx)?;
+        a.shl(rdx, 12)?;
+        a.add(rcx, rdx)?;
+        a.mov(rdx, qword_ptr(rcx + 8))?; // identity
+        a.mov(rdi, rsi)?;
+        a.shl(rdi, 40)?;
+        a.add(rdi, rbp)?;
+        a.mov(qword_ptr(rcx), rdi)?; // tag
+        a.cmp(rsi, qword_ptr(r12))?;
+        a.jne(unchecked)?;
+        a.cmp(eax, stress::State::Absent as u32)?;
+        a.je(absent)?;
+        a.ja(unchecked)?;
+        a.mov(rdi, stress::PLACEMENT_MASK)?;
+        a.and(rdi, rsi)?;
+        a.or(rdi, rax)?;
+        a.mov(rcx, stress::IDENTITY_MAGIC)?;
+        a.or(rdi, rcx)?;
+        a.cmp(rdx, rdi)?;
+        a.jne(bad)?;
+        a.inc(r8)?;
+        a.jmp(probe)?;
+        a.set_label(&mut absent)?;
+        a.mov(rcx, stress::ABSENT)?;
+        a.cmp(rdx, rcx)?;
+        a.jne(bad)?;
+        a.inc(r8)?;
+        a.inc(r10)?;
+        a.jmp(next)?;
+        a.set_label(&mut bad)?;
+        a.inc(r9)?;
+        a.mov(qword_ptr(r12 + 8), rsi)?;
+        a.mov(qword_ptr(r12 + 16), rdx)?;
+        a.mov(qword_ptr(r12 + 24), rbx)?;
+        a.jmp(next)?;
+        a.set_label(&mut unchecked)?;
+        a.inc(r11)?;
+        a.jmp(next)?;
+        // The slot is present (state A or B in EAX): the other window
+        // must be MMIO.
+        a.set_label(&mut probe)?;
+        a.test(ebp, stress::PROBE_MASK)?;
+        a.jnz(next)?;
+        a.mov(rcx, r14)?;
+        a.test(eax, eax)?;
+        a.jz(other_a)?;
+        a.mov(rcx, r13)?;
+        a.set_label(&mut other_a)?;
+        a.mov(rdx, rbx)?;
+        a.shl(rdx, 12)?;
+        a.add(rcx, rdx)?;
+        a.mov(rdx, qword_ptr(rcx + 8))?;
+        a.cmp(rsi, qword_ptr(r12))?;
+        a.jne(unchecked)?;
+        a.mov(rcx, stress::ABSENT)?;
+        a.cmp(rdx, rcx)?;
+        a.jne(bad_probe)?;
+        a.inc(r8)?;
+        a.inc(r10)?;
+        a.jmp(next)?;
+        a.set_label(&mut bad_probe)?;
+        a.inc(r9)?;
+        a.mov(qword_ptr(r12 + 8), rsi)?;
+        a.mov(qword_ptr(r12 + 16), rdx)?;
+        a.mov(rdi, stress::PROBE_BIT)?;
+        a.or(rdi, rbx)?;
+        a.mov(qword_ptr(r12 + 24), rdi)?;
+        a.set_label(&mut next)?;
+        a.inc(rbp)?;
+        a.inc(rbx)?;
+        a.cmp(rbx, r15)?;
+        a.jb(top)?;
+        a.xor(ebx, ebx)?;
+        a.jmp(top)?;
+        a.set_label(&mut done)?;
+        // Counters out of the registers a system call may use.
+        a.mov(r13, r11)?;
+        a.mov(r14, r10)?;
+        a.mov(r15, r9)?;
+        a.mov(r12, r8)?;
+        a.mov(rdi, rbp)?;
+        emit::report_rdi(a, tag::WRITES)?;
+        a.mov(rdi, r12)?;
+        emit::report_rdi(a, tag::READS_CHECKED)?;
+        a.mov(rdi, r15)?;
+        emit::report_rdi(a, tag::STALE)?;
+        a.mov(rdi, r14)?;
+        emit::report_rdi(a, tag::ABSENT)?;
+        a.mov(rdi, r13)?;
+        emit::report_rdi(a, tag::UNCHECKED)?;
+        emit::exit(a, 0)
+    })
+}
+
 /// `spin`: a CPL3 busy loop that never ends by itself.
 pub fn spin() -> Result<Program, KitError> {
     Program::assemble("spin", Ring::User, |a| {
@@ -691,6 +899,7 @@ mod tests {
             access_matrix().unwrap(),
             mmio_rr().unwrap(),
             dirty().unwrap(),
+            stress().unwrap(),
         ] {
             assert_eq!(p.ring(), Ring::User, "{}", p.name());
             assert!(!p.code().is_empty());
@@ -743,5 +952,28 @@ mod tests {
             value: 5,
         };
         assert_eq!(record.words(), [1, 2, 3, 1, 5]);
+        // Stress words: the identity the program expects is the one the
+        // host writes; the absent marker is no identity and no tag.
+        use stress::State;
+        let c = stress::control(7, 3, State::AtB);
+        assert_eq!(c & stress::EPOCH_MASK, 7);
+        assert_eq!(
+            stress::IDENTITY_MAGIC | (c & stress::PLACEMENT_MASK) | ((c >> 48) & 3),
+            stress::identity(3, State::AtB)
+        );
+        assert_ne!(
+            stress::identity(3, State::AtA),
+            stress::identity(3, State::AtB)
+        );
+        assert_ne!(
+            stress::identity(3, State::AtA),
+            stress::identity(4, State::AtA)
+        );
+        assert_ne!(
+            stress::ABSENT & stress::IDENTITY_MAGIC,
+            stress::IDENTITY_MAGIC
+        );
+        assert_eq!(stress::tag_epoch((c << 40) + 12345), 7);
+        assert_eq!(stress::control(1, 1, State::AtA) & stress::STOP, 0);
     }
 }
