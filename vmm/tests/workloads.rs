@@ -37,7 +37,10 @@ fn options(workload: Workload) -> RunOptions {
             ops,
             ..Params::default()
         },
-        time_limit: Duration::from_secs(30),
+        // Hang protection only. Churn under shadow in a debug build takes 5
+        // to 18 s here: every memslot update (one a millisecond) sends each
+        // vCPU back through its root reload, replay and faults.
+        time_limit: Duration::from_secs(120),
         ..RunOptions::default()
     }
 }
@@ -275,7 +278,9 @@ fn every_workload_under_shadow_matches_ept_and_passes_audit() {
     if !kvm_or_skip("every_workload_under_shadow_matches_ept_and_passes_audit") {
         return;
     }
-    for workload in Workload::ALL {
+    // `stress` depends on thread timing; `diff` refuses it (its own test
+    // runs it under both backends).
+    for workload in Workload::ALL.into_iter().filter(|&w| w != Workload::Stress) {
         let summary = diff(DiffOptions {
             a: BackendKind::Shadow,
             b: BackendKind::Ept,
