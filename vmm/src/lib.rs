@@ -23,6 +23,10 @@
 //!   guest workloads of [`workload`] in address spaces built by [`space`];
 //!   [`diff`] runs a workload under two backends and compares what the
 //!   guest observed ([`observe`]).
+//! - [`bench`]: the measurements of `mmu-vmm bench` / `compare` and the
+//!   criterion benches on KVM guests (memslot churn, MMIO request/response,
+//!   faults) and on the soft vCPU (reclaim), with medians, ratios, JSON and
+//!   SVG plots.
 //!
 //! # The guest ABI in brief
 //!
@@ -89,6 +93,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod conformance;
 pub mod diff;
 mod error;
