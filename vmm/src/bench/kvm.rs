@@ -102,7 +102,6 @@ fn touch_wait() -> Result<Program, crate::KitError> {
         emit::report_rdi(a, tag::VALUE)?;
         emit::exit(a, 0)
     })
-    .map_err(Into::into)
 }
 
 /// The report tag of a `touch-wait` vCPU that waits for news in the host.

@@ -42,6 +42,9 @@ pub fn write_svg(report: &BenchReport, path: &str) -> Result<(), BenchError> {
 
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
+/// A polyline of (x, y) points.
+type Line = Vec<(f64, f64)>;
+
 fn mib(param: &str) -> Option<f64> {
     param.strip_suffix("MiB")?.parse().ok()
 }
@@ -49,7 +52,7 @@ fn mib(param: &str) -> Option<f64> {
 fn churn(report: &BenchReport, path: &str) -> PlotResult {
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut points: Vec<(String, &str, Vec<(f64, f64)>)> = Vec::new();
+    let mut points: Vec<(String, &str, Line)> = Vec::new();
     for config in &report.configs {
         for metric in ["call_ms", "resume_ms"] {
             let mut line: Vec<(f64, f64)> = report
@@ -146,7 +149,7 @@ fn reclaim(report: &BenchReport, path: &str) -> PlotResult {
         .draw()?;
     for (i, t) in report.timelines.iter().enumerate() {
         let c = color(i);
-        let series: [(&str, u32, Vec<(f64, f64)>); 3] = [
+        let series: [(&str, u32, Line); 3] = [
             (
                 "faults (pages referenced again)",
                 2,
