@@ -19,9 +19,9 @@ pub struct BenchOptions {
     /// 128 MiB).
     pub sizes: Option<Vec<u64>>,
     /// Runs of each configuration (churn 10, mmio-rr 10, faults 3,
-    /// reclaim 5 seeds; quick: 3, 3, 2, 3).
+    /// reclaim 5 seeds; quick: 5, 5, 3, 5).
     pub runs: Option<usize>,
-    /// mmio-rr transactions per vCPU and run (2000; quick 300); reclaim
+    /// mmio-rr transactions per vCPU and run (2000; quick 1000); reclaim
     /// rounds (20; quick 10).
     pub ops: Option<u64>,
     /// mmio-rr memslot counts (1 and 512).
@@ -72,10 +72,9 @@ impl BenchOptions {
     fn runs(&self, bench: BenchKind) -> usize {
         self.runs
             .unwrap_or(match (bench, self.quick) {
-                (BenchKind::Faults, true) => 2,
-                (BenchKind::Faults, false) => 3,
-                (BenchKind::Reclaim, false) => 5,
-                (_, true) => 3,
+                (BenchKind::Faults, _) => 3,
+                (BenchKind::Reclaim, _) => 5,
+                (_, true) => 5,
                 _ => 10,
             })
             .max(1)
@@ -85,7 +84,7 @@ impl BenchOptions {
         self.ops.unwrap_or(match (bench, self.quick) {
             (BenchKind::Reclaim, true) => 10,
             (BenchKind::Reclaim, false) => 20,
-            (_, true) => 300,
+            (_, true) => 1000,
             _ => 2000,
         })
     }
@@ -384,7 +383,7 @@ mod tests {
         };
         assert_eq!(q.vcpus(BenchKind::Churn), 2);
         assert_eq!(q.sizes(BenchKind::Churn), [64 << 20, 256 << 20]);
-        assert_eq!(q.runs(BenchKind::Faults), 2);
+        assert_eq!(q.runs(BenchKind::Faults), 3);
         let set = BenchOptions {
             vcpus: Some(3),
             runs: Some(0),
