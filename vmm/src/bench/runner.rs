@@ -336,7 +336,8 @@ fn reclaim(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     report.configs = policies.iter().map(|p| p.0.to_string()).collect();
     let param = "limit64";
     for run in 0..runs {
-        let seed = 0x9e37_79b9_7f4a_7c15 ^ run as u64;
+        // Distinct odd seeds (xorshift needs a non-zero state).
+        let seed = 0x9e37_79b9_7f4a_7c15u64.wrapping_add(0x2545_f491_4f6c_dd1e * run as u64);
         for &(name, policy) in &policies {
             let t = reclaim_timeline(name, policy, rounds as usize, seed)?;
             let last = t.last();
