@@ -11,10 +11,11 @@
 #![deny(missing_docs)]
 
 pub mod ept;
-pub mod guest;
-pub mod memory;
 pub mod shadow;
-pub mod slots;
+
+/// Guests, guest RAM and memslot layouts for the soft vCPU; they live in
+/// `vmm::bench` because `mmu-vmm bench reclaim` uses them too.
+pub use vmm::bench::{guest, memory, slots};
 
 pub use guest::{Guest, GuestBuilder};
 pub use memory::GuestMemory;

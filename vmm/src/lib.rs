@@ -23,6 +23,10 @@
 //!   guest workloads of [`workload`] in address spaces built by [`space`];
 //!   [`diff`] runs a workload under two backends and compares what the
 //!   guest observed ([`observe`]).
+//! - [`bench`](mod@bench): the measurements of `mmu-vmm bench` / `compare` and the
+//!   criterion benches on KVM guests (memslot churn, MMIO request/response,
+//!   faults) and on the soft vCPU (reclaim), with medians, ratios, JSON and
+//!   SVG plots.
 //!
 //! # The guest ABI in brief
 //!
@@ -47,7 +51,9 @@
 //! MMU backend, with its checks against the host's model and the backend's
 //! stats), and `mmu-vmm diff --workload W [--a K] [--b K] [--json]` (the
 //! workload under two backends, and every difference the guest could
-//! observe). The shadow backend cannot be hosted on KVM yet and is refused
+//! observe), `mmu-vmm bench churn|mmio-rr|faults|reclaim` and
+//! `mmu-vmm compare [--quick]` (the backends measured side by side:
+//! [`bench`](mod@bench)). The shadow backend cannot be hosted on KVM yet and is refused
 //! with a typed error.
 //!
 //! A guest that triple-faults, runs past its time limit, touches a port or
@@ -89,6 +95,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod conformance;
 pub mod diff;
 mod error;

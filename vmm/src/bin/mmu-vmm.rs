@@ -8,6 +8,10 @@
 //! mmu-vmm run --mmu shadow|ept --workload W [--vcpus N] [--mem SIZE]
 //!             [--read] [--passes N] [--ops N] [--seed S] [--time-limit SECS] [--json]
 //! mmu-vmm diff --workload W [--a shadow|ept] [--b shadow|ept] [same options]
+//! mmu-vmm bench churn|mmio-rr|faults|reclaim [--vcpus N] [--mem SIZE[,SIZE...]]
+//!               [--runs N] [--ops N] [--slots N[,N...]] [--wait halt|spin]
+//!               [--quick] [--json] [--plot FILE.svg]
+//! mmu-vmm compare [--quick] [--out DIR] [--json]
 //! ```
 //!
 //! W is one of touch, pt-edit, multi-as, access, mmio-rr, dirty, churn.
@@ -42,9 +46,28 @@ const USAGE: &str = "usage:
       --read: touch reads instead of writing
   mmu-vmm diff --workload W [--a shadow|ept] [--b shadow|ept] [run's options]
       runs W (not stress, which depends on timing) under backends a (default
-      shadow) and b (default ept) with the same inputs and compares what the
-      guest observed: memory, page tables
-      and their A/D bits, fault logs, reports; exits non-zero on a difference";
+      shadow) and b (default ept) with the same inputs and compares what the guest observed: memory, page tables
+      and their A/D bits, fault logs, reports; exits non-zero on a difference
+  mmu-vmm bench churn|mmio-rr|faults|reclaim [--vcpus N] [--mem SIZE[,SIZE...]]
+                [--runs N] [--ops N] [--slots N[,N...]] [--wait halt|spin]
+                [--quick] [--json] [--plot FILE.svg]
+      measures the backends side by side, every configuration alternated
+      within the run, and prints each one's median and the ratios:
+      churn: memslot delete + add with every vCPU waiting at CPL3 (shadow fast
+        zap, shadow naive zap, ept; default 6 vCPUs, 2G, 10 runs);
+      mmio-rr: MMIO request/response transactions per second (MMIO caching
+        on/off in both backends; --slots 1,512; --ops transactions, 2000);
+      faults: first touch and re-touch after a churn (shadow prefetch on/off,
+        ept; 6 vCPUs, 2G, 3 runs);
+      reclaim: faults and pages zapped at a 64-page limit, FIFO against
+        parent-aware, on the soft vCPU (--ops rounds, 20);
+      --wait: between commands the vCPUs of churn and faults sleep in the host
+        after each turn of their CPL3 wait loop (halt, the default: idle
+        vCPUs) or spin at CPL3 (spin); --quick: small sizes and few runs;
+        --plot: an SVG plot
+  mmu-vmm compare [--quick] [--out DIR] [--json]
+      every bench in one run (--quick: under 3 minutes here); --out writes
+      each bench's table, JSON and SVG plot into DIR";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -54,6 +77,8 @@ fn main() -> ExitCode {
         Some("conformance") => conformance(&args[1..]),
         Some("run") => run(&args[1..]),
         Some("diff") => diff(&args[1..]),
+        Some("bench") => bench(&args[1..]),
+        Some("compare") => compare(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -349,6 +374,114 @@ fn diff(args: &[String]) -> Result<(), String> {
     }
     if !summary.ok() {
         return Err("a check failed (see above)".to_string());
+    }
+    Ok(())
+}
+
+/// The options of `bench` (and the sizes `compare` takes from them).
+fn bench_options(opts: &Options<'_>) -> Result<vmm::bench::BenchOptions, String> {
+    let optional = |name: &str| -> Result<Option<u64>, String> {
+        opts.raw(name)
+            .map(|v| v.parse().map_err(|e| format!("{name} {v}: {e}")))
+            .transpose()
+    };
+    Ok(vmm::bench::BenchOptions {
+        vcpus: optional("--vcpus")?.map(|v| v as usize),
+        sizes: opts.raw("--mem").map(vmm::bench::parse_sizes).transpose()?,
+        runs: optional("--runs")?.map(|v| v as usize),
+        ops: optional("--ops")?,
+        slots: opts
+            .raw("--slots")
+            .map(vmm::bench::parse_slots)
+            .transpose()?,
+        wait: opts.value("--wait", vmm::bench::WaitMode::Halt)?,
+        quick: opts.flag("--quick"),
+        progress: true,
+        ..vmm::bench::BenchOptions::default()
+    })
+}
+
+fn bench(args: &[String]) -> Result<(), String> {
+    let Some(which) = args.first() else {
+        return Err(format!(
+            "bench needs churn, mmio-rr, faults or reclaim\n{USAGE}"
+        ));
+    };
+    let kind: vmm::bench::BenchKind = which.parse().map_err(|e| error_chain(&e))?;
+    let opts = Options::new(
+        &args[1..],
+        &[
+            "--vcpus", "--mem", "--runs", "--ops", "--slots", "--wait", "--plot",
+        ],
+        &["--json", "--quick"],
+    )?;
+    let options = bench_options(&opts)?;
+    if kind != vmm::bench::BenchKind::Reclaim && !vmm::kvm_available() {
+        return Err(format!(
+            "bench {kind} needs /dev/kvm, which cannot be opened"
+        ));
+    }
+    let report = vmm::bench::run_bench(kind, &options).map_err(|e| error_chain(&e))?;
+    if let Some(path) = opts.raw("--plot") {
+        vmm::bench::plot::write_svg(&report, path).map_err(|e| error_chain(&e))?;
+        eprintln!("plot written to {path}");
+    }
+    if opts.flag("--json") {
+        println!("{}", report.json());
+    } else {
+        println!("{}", report.text());
+    }
+    Ok(())
+}
+
+fn compare(args: &[String]) -> Result<(), String> {
+    let opts = Options::new(args, &["--out"], &["--json", "--quick"])?;
+    let quick = opts.flag("--quick");
+    if !vmm::kvm_available() {
+        return Err("compare needs /dev/kvm, which cannot be opened".to_string());
+    }
+    let options = vmm::bench::BenchOptions {
+        quick,
+        progress: true,
+        ..vmm::bench::BenchOptions::default()
+    };
+    let started = std::time::Instant::now();
+    let mut reports = Vec::new();
+    for kind in vmm::bench::BenchKind::ALL {
+        let report = vmm::bench::run_bench(kind, &options).map_err(|e| error_chain(&e))?;
+        if !opts.flag("--json") {
+            println!("{}\n", report.text());
+        }
+        reports.push(report);
+    }
+    let elapsed = started.elapsed();
+    let json = vmm::bench::compare_json(quick, &reports, elapsed);
+    if let Some(dir) = opts.raw("--out") {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
+        for r in &reports {
+            let base = std::path::Path::new(dir).join(&r.bench);
+            let svg = base.with_extension("svg");
+            vmm::bench::plot::write_svg(r, &svg.to_string_lossy()).map_err(|e| error_chain(&e))?;
+            std::fs::write(base.with_extension("txt"), r.text() + "\n")
+                .map_err(|e| format!("cannot write into {dir}: {e}"))?;
+            std::fs::write(base.with_extension("json"), r.json() + "\n")
+                .map_err(|e| format!("cannot write into {dir}: {e}"))?;
+        }
+        std::fs::write(
+            std::path::Path::new(dir).join("compare.json"),
+            json.clone() + "\n",
+        )
+        .map_err(|e| format!("cannot write into {dir}: {e}"))?;
+        eprintln!("tables, JSON and plots written to {dir}");
+    }
+    if opts.flag("--json") {
+        println!("{json}");
+    } else {
+        println!(
+            "compare: {} benches in {:.1} s",
+            reports.len(),
+            elapsed.as_secs_f64()
+        );
     }
     Ok(())
 }

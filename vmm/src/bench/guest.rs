@@ -6,7 +6,7 @@ use std::io;
 use mmu_api::paging::PteFlags;
 use mmu_api::{Gpa, Gva, PAGE_SIZE, PagingContext, PagingMode};
 
-use crate::memory::GuestMemory;
+use super::memory::GuestMemory;
 
 /// Flags of a guest table entry that links the next level: present,
 /// writable, user, accessed.

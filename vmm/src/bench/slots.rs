@@ -4,7 +4,7 @@ use std::io;
 
 use mmu_api::{Gpa, Hpa, Memslot, MemslotChange, MemslotError, MemslotFlags, MmuBackend, SlotId};
 
-use crate::memory::GuestMemory;
+use super::memory::GuestMemory;
 
 /// Where the "hardware" sees guest RAM (slot 0) in the shadow benches: any
 /// address below the host MAXPHYADDR that is not the shadow pool.
