@@ -524,9 +524,26 @@ fn run_churning(
 ) -> Result<(RunReport, ChurnStats), RunCommandError> {
     let reclaimer = vm.shadow_backend().cloned();
     let (vm, handlers, memslots) = vm.parts();
+    beside_host_thread(vm, handlers, program, args, limit, "churn", |done| {
+        churn_loop(memslots, churn_memory, reclaimer.as_ref(), done)
+    })
+}
+
+/// Runs one round of `program` on vCPUs `0..args.len()` while `host`
+/// runs on a thread of its own; `host` is told to stop (the flag it is
+/// given) when the vCPUs are done.
+fn beside_host_thread<T: Send>(
+    vm: &mut crate::vm::Vm,
+    handlers: &mut [crate::mmu::MmuHandler],
+    program: &Program,
+    args: &[VcpuArgs],
+    limit: Duration,
+    what: &str,
+    host: impl FnOnce(&AtomicBool) -> Result<T, RunCommandError> + Send,
+) -> Result<(RunReport, T), RunCommandError> {
     let done = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let churner = scope.spawn(|| churn_loop(memslots, churn_memory, reclaimer.as_ref(), &done));
+        let thread = scope.spawn(|| host(&done));
         let report = vm.run_with(
             program,
             args,
@@ -534,10 +551,10 @@ fn run_churning(
             handlers.iter_mut().take(args.len()).collect(),
         );
         done.store(true, Ordering::Release);
-        let churn = churner
+        let hosted = thread
             .join()
-            .map_err(|_| RunCommandError::Inspect("the churn thread panicked".to_string()))?;
-        Ok((report?, churn?))
+            .map_err(|_| RunCommandError::Inspect(format!("the {what} thread panicked")))?;
+        Ok((report?, hosted?))
     })
 }
 
@@ -565,20 +582,8 @@ fn run_stressing(
         Arc::clone(shared),
         audit,
     )?;
-    let done = AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        let stresser = scope.spawn(|| host.run(cycles, &done));
-        let report = vm.run_with(
-            program,
-            args,
-            limit,
-            handlers.iter_mut().take(args.len()).collect(),
-        );
-        done.store(true, Ordering::Release);
-        let stats = stresser
-            .join()
-            .map_err(|_| RunCommandError::Inspect("the stress thread panicked".to_string()))?;
-        Ok((report?, stats?))
+    beside_host_thread(vm, handlers, program, args, limit, "stress", |done| {
+        Ok(host.run(cycles, done)?)
     })
 }
 

@@ -143,18 +143,46 @@ fn settings(report: &mut BenchReport, options: &BenchOptions, bench: BenchKind) 
     ];
 }
 
+/// What a bench over guest sizes starts with: its report (settings and
+/// configurations filled in), its progress bar and its dimensions.
+struct SizedBench {
+    report: BenchReport,
+    bar: ProgressBar,
+    vcpus: usize,
+    sizes: Vec<u64>,
+    runs: usize,
+}
+
+impl SizedBench {
+    fn start(options: &BenchOptions, bench: BenchKind, configs: &[Configuration]) -> Self {
+        let (vcpus, sizes, runs) = (
+            options.vcpus(bench),
+            options.sizes(bench),
+            options.runs(bench),
+        );
+        let mut report = BenchReport::new(bench);
+        settings(&mut report, options, bench);
+        report.configs = configs.iter().map(|c| c.name.to_string()).collect();
+        let bar = progress(options, bench, (sizes.len() * runs * configs.len()) as u64);
+        SizedBench {
+            report,
+            bar,
+            vcpus,
+            sizes,
+            runs,
+        }
+    }
+}
+
 fn churn(options: &BenchOptions) -> Result<BenchReport, BenchError> {
-    let bench = BenchKind::Churn;
     let configs = Configuration::churn();
-    let (vcpus, sizes, runs) = (
-        options.vcpus(bench),
-        options.sizes(bench),
-        options.runs(bench),
-    );
-    let mut report = BenchReport::new(bench);
-    settings(&mut report, options, bench);
-    report.configs = configs.iter().map(|c| c.name.to_string()).collect();
-    let bar = progress(options, bench, (sizes.len() * runs * configs.len()) as u64);
+    let SizedBench {
+        mut report,
+        bar,
+        vcpus,
+        sizes,
+        runs,
+    } = SizedBench::start(options, BenchKind::Churn, &configs);
     for &size in &sizes {
         let param = size_param(size);
         bar.set_message(format!("{param}: building the guests"));
@@ -274,17 +302,14 @@ fn mmio_rr(options: &BenchOptions) -> Result<BenchReport, BenchError> {
 }
 
 fn faults(options: &BenchOptions) -> Result<BenchReport, BenchError> {
-    let bench = BenchKind::Faults;
     let configs = Configuration::faults();
-    let (vcpus, sizes, runs) = (
-        options.vcpus(bench),
-        options.sizes(bench),
-        options.runs(bench),
-    );
-    let mut report = BenchReport::new(bench);
-    settings(&mut report, options, bench);
-    report.configs = configs.iter().map(|c| c.name.to_string()).collect();
-    let bar = progress(options, bench, (sizes.len() * runs * configs.len()) as u64);
+    let SizedBench {
+        mut report,
+        bar,
+        vcpus,
+        sizes,
+        runs,
+    } = SizedBench::start(options, BenchKind::Faults, &configs);
     for &size in &sizes {
         let param = size_param(size);
         for run in 0..runs {
