@@ -23,7 +23,7 @@
 //! # #[cfg(feature = "ept")] {
 //! use std::sync::Arc;
 //!
-//! use backends::{BackendConfig, BackendKind, BackendParts, create};
+//! use mmu_backends::{BackendConfig, BackendKind, BackendParts, create};
 //! use mmu_api::{Gpa, MmioClass, MmuBackend, VcpuId, VcpuKick};
 //!
 //! #[derive(Debug)]
@@ -35,7 +35,7 @@
 //! // What the VMM's command line said.
 //! let kind: BackendKind = "ept".parse()?;
 //! // The hypervisor's memory regions; on KVM this is
-//! // `integration::kvm::KvmMemory` over the VM fd.
+//! // `mmu_integration::kvm::KvmMemory` over the VM fd.
 //! let port = Arc::new(mmu_ept::testing::InProcessHypervisor::new());
 //! let parts = BackendParts::new().with_hypervisor_memory(port);
 //! let config = BackendConfig::default().with_gpa_width(46);
@@ -154,7 +154,7 @@ pub enum ParseKindError {
     },
     /// A backend this build was compiled without.
     #[error(
-        "the {kind} MMU backend is not compiled into this build (cargo feature `{}` of crate `backends`); this build has {compiled_in}",
+        "the {kind} MMU backend is not compiled into this build (cargo feature `{}` of crate `mmu-backends`); this build has {compiled_in}",
         kind.feature()
     )]
     NotCompiledIn {
@@ -253,7 +253,7 @@ impl BackendParts {
 pub enum CreateError {
     /// The kind's cargo feature is off in this build.
     #[error(
-        "the {kind} MMU backend is not compiled into this build (cargo feature `{}` of crate `backends`); this build has {compiled_in}",
+        "the {kind} MMU backend is not compiled into this build (cargo feature `{}` of crate `mmu-backends`); this build has {compiled_in}",
         kind.feature()
     )]
     NotCompiledIn {

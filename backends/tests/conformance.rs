@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use backends::{BackendConfig, BackendKind, BackendParts, create};
+use mmu_backends::{BackendConfig, BackendKind, BackendParts, create};
 use mmu_api::paging::{WalkError, WalkOptions};
 use mmu_api::{
     Access, AccessKind, Gpa, Gva, Hpa, Memslot, MemslotChange, MemslotError, MemslotFlags,

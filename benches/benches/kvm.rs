@@ -1,5 +1,5 @@
 //! Benches on real KVM guests, through the reference VMM's measuring code
-//! (`vmm::bench`, the same code as `mmu-vmm bench`):
+//! (`mmu_vmm::bench`, the same code as `mmu-vmm bench`):
 //!
 //! - `memslot_churn/<config>/<size>`: every vCPU has written every 4 KiB
 //!   page of its slice from CPL3 and waits (asleep in the host, as idle
@@ -26,7 +26,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
-use vmm::bench::{
+use mmu_vmm::bench::{
     Configuration, Step, StepResult, TouchVm, WaitMode, rr_vm, size_param, slots_param,
 };
 
@@ -69,7 +69,7 @@ impl Scale {
 }
 
 fn kvm_or_skip(bench: &str) -> bool {
-    if std::fs::File::open("/dev/kvm").is_err() || !vmm::kvm_available() {
+    if std::fs::File::open("/dev/kvm").is_err() || !mmu_vmm::kvm_available() {
         println!("SKIPPED (no /dev/kvm): {bench}");
         return false;
     }
@@ -78,7 +78,7 @@ fn kvm_or_skip(bench: &str) -> bool {
 
 fn sum_churn(
     results: &[StepResult],
-    mut pick: impl FnMut(&vmm::bench::ChurnSample) -> Duration,
+    mut pick: impl FnMut(&mmu_vmm::bench::ChurnSample) -> Duration,
 ) -> Duration {
     results
         .iter()
@@ -123,7 +123,7 @@ fn memslot_churn(c: &mut Criterion, scale: &Scale) {
                 });
             });
             let med = |v: &[f64]| {
-                vmm::bench::median(v).map_or_else(|| "-".to_string(), |m| format!("{m:.2}"))
+                mmu_vmm::bench::median(v).map_or_else(|| "-".to_string(), |m| format!("{m:.2}"))
             };
             note(format!(
                 "| {GROUP}/{}/{param} | until all vCPUs at CPL3: median {} ms | deferred reclaim + replay: median {} ms | {} churns |",

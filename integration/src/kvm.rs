@@ -24,7 +24,7 @@
 use std::io;
 use std::sync::Arc;
 
-use backends::{BackendConfig, BackendKind, BackendParts};
+use mmu_backends::{BackendConfig, BackendKind, BackendParts};
 use kvm_bindings::{KVM_CAP_EXCEPTION_PAYLOAD, KVM_VCPUEVENT_VALID_PAYLOAD, kvm_enable_cap};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use mmu_api::{Gpa, MmuBackend, RootLoad, VcpuId, VcpuKick};
@@ -277,7 +277,7 @@ impl KvmMemory {
 }
 
 #[cfg(feature = "ept")]
-impl backends::HypervisorMemory for KvmMemory {
+impl mmu_backends::HypervisorMemory for KvmMemory {
     /// One `KVM_SET_USER_MEMORY_REGION` with the slot's number, base, size,
     /// host address and `KVM_MEM_LOG_DIRTY_PAGES` / `KVM_MEM_READONLY`.
     /// KVM itself treats a known slot number as a move or a flag change,
@@ -326,11 +326,11 @@ impl backends::HypervisorMemory for KvmMemory {
 pub enum KvmHostError {
     /// The registry could not build the backend.
     #[error("the MMU backend could not be created")]
-    Create(#[from] backends::CreateError),
+    Create(#[from] mmu_backends::CreateError),
     /// The shadow backend's page pool could not be created.
     #[cfg(feature = "shadow")]
     #[error("the shadow page pool could not be created")]
-    ShadowPool(#[source] backends::PoolError),
+    ShadowPool(#[source] mmu_backends::PoolError),
     /// A KVM ioctl failed.
     #[error("{what} failed")]
     Kvm {
@@ -343,13 +343,13 @@ pub enum KvmHostError {
 }
 
 /// Whether backend `kind` can be hosted on KVM by this build: a backend the
-/// build was compiled without is refused as `backends` refuses it. Lets a
+/// build was compiled without is refused as `mmu-backends` refuses it. Lets a
 /// VMM fail before it creates anything.
 pub fn check_hostable(kind: BackendKind) -> Result<(), KvmHostError> {
     if !kind.is_compiled_in() {
-        return Err(KvmHostError::Create(backends::CreateError::NotCompiledIn {
+        return Err(KvmHostError::Create(mmu_backends::CreateError::NotCompiledIn {
             kind,
-            compiled_in: backends::KindList(BackendKind::compiled_in()),
+            compiled_in: mmu_backends::KindList(BackendKind::compiled_in()),
         }));
     }
     Ok(())
@@ -475,7 +475,7 @@ impl crate::HostMirror for KvmMirror {
 #[cfg(feature = "shadow")]
 #[derive(Debug)]
 pub struct ShadowHosting {
-    backend: backends::shadow::ShadowBackend,
+    backend: mmu_backends::shadow::ShadowBackend,
     vm: Arc<VmFd>,
     pool: kvm_bindings::kvm_userspace_memory_region,
 }
@@ -483,7 +483,7 @@ pub struct ShadowHosting {
 #[cfg(feature = "shadow")]
 impl ShadowHosting {
     fn new(
-        mut config: backends::ShadowConfig,
+        mut config: mmu_backends::ShadowConfig,
         vm: Arc<VmFd>,
         coherence: HostCoherence,
     ) -> Result<Self, KvmHostError> {
@@ -493,14 +493,14 @@ impl ShadowHosting {
             HostCoherence::Direct => false,
         };
         config.coherence = if replay {
-            backends::shadow::Coherence::Replay {
+            mmu_backends::shadow::Coherence::Replay {
                 window: SHADOW_HOST_WINDOW,
             }
         } else {
-            backends::shadow::Coherence::Direct
+            mmu_backends::shadow::Coherence::Direct
         };
         let backend =
-            backends::shadow::ShadowBackend::new(config).map_err(KvmHostError::ShadowPool)?;
+            mmu_backends::shadow::ShadowBackend::new(config).map_err(KvmHostError::ShadowPool)?;
         let (host, size, hpa) = backend.pool_region();
         let pool = kvm_bindings::kvm_userspace_memory_region {
             slot: SHADOW_POOL_SLOT,
@@ -523,14 +523,14 @@ impl ShadowHosting {
     }
 
     /// The shadow backend, with its hosting calls
-    /// ([`take_replay`](backends::shadow::ShadowBackend::take_replay) and
+    /// ([`take_replay`](mmu_backends::shadow::ShadowBackend::take_replay) and
     /// friends).
-    pub fn backend(&self) -> &backends::shadow::ShadowBackend {
+    pub fn backend(&self) -> &mmu_backends::shadow::ShadowBackend {
         &self.backend
     }
 
     /// How this host sees the SPTEs the backend writes.
-    pub fn coherence(&self) -> backends::shadow::Coherence {
+    pub fn coherence(&self) -> mmu_backends::shadow::Coherence {
         self.backend.config().coherence
     }
 }
@@ -615,7 +615,7 @@ impl KvmMmu {
                 let parts = BackendParts::new();
                 #[cfg(feature = "ept")]
                 let parts = parts.with_hypervisor_memory(Arc::new(KvmMemory::new(Arc::clone(&vm))));
-                let backend = backends::create(kind, config, &parts)?;
+                let backend = mmu_backends::create(kind, config, &parts)?;
                 let memslots = Memslots::new(Arc::clone(&backend));
                 (backend, memslots)
             }
@@ -776,7 +776,7 @@ mod tests {
         assert!(matches!(
             check_hostable(BackendKind::Shadow),
             Err(KvmHostError::Create(
-                backends::CreateError::NotCompiledIn { .. }
+                mmu_backends::CreateError::NotCompiledIn { .. }
             ))
         ));
     }

@@ -2,7 +2,7 @@
 //!
 //! A VMM in the style of Cloud Hypervisor or crosvm enables this crate as a
 //! cargo feature, builds the VM's backend by name (`"shadow"` / `"ept"`,
-//! through the `backends` registry), and calls into it from three places:
+//! through the `mmu-backends` registry), and calls into it from three places:
 //!
 //! - **Its vCPU loop**, through one [`VcpuExits`] per vCPU: exits become
 //!   [`MmuVcpu`](mmu_api::MmuVcpu) calls (MMIO classification, page
@@ -38,9 +38,9 @@
 //! # #[cfg(all(feature = "kvm", feature = "ept"))] {
 //! use std::sync::Arc;
 //!
-//! use backends::{BackendConfig, BackendKind, BackendParts};
-//! use integration::kvm::Routed;
-//! use integration::{Action, BusError, MmioBus, VcpuExits};
+//! use mmu_backends::{BackendConfig, BackendKind, BackendParts};
+//! use mmu_integration::kvm::Routed;
+//! use mmu_integration::{Action, BusError, MmioBus, VcpuExits};
 //! use kvm_ioctls::VcpuExit;
 //! use mmu_api::{Gpa, MmioClass, VcpuId, VcpuKick};
 //!
@@ -74,7 +74,7 @@
 //!
 //! let port = Arc::new(mmu_ept::testing::InProcessHypervisor::new());
 //! let parts = BackendParts::new().with_hypervisor_memory(port);
-//! let backend = backends::create(BackendKind::Ept, &BackendConfig::default(), &parts)?;
+//! let backend = mmu_backends::create(BackendKind::Ept, &BackendConfig::default(), &parts)?;
 //! let mut exits = VcpuExits::new(backend.create_vcpu(VcpuId(0), Arc::new(NoKick))?);
 //! let mut bus = Bus::default();
 //!
@@ -106,7 +106,7 @@ pub mod mshv;
 #[cfg(all(test, feature = "ept"))]
 mod test_support;
 
-pub use backends;
+pub use mmu_backends;
 pub use bus::{BusError, Direction, MmioBus};
 pub use error::ExitError;
 pub use exits::{Action, ExitStats, VcpuExits};

@@ -10,9 +10,9 @@ mod guest;
 
 use std::sync::Arc;
 
-use backends::{BackendConfig, BackendKind, HypervisorMemory};
-use integration::kvm::{ApplyError, KvmMemory, KvmMmu, PageFaultDelivery, Routed, apply_action};
-use integration::{Action, VcpuExits};
+use mmu_backends::{BackendConfig, BackendKind, HypervisorMemory};
+use mmu_integration::kvm::{ApplyError, KvmMemory, KvmMmu, PageFaultDelivery, Routed, apply_action};
+use mmu_integration::{Action, VcpuExits};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use mmu_api::{
     Gpa, Gva, Hpa, MemslotError, MemslotFlags, MmuBackend, PfErrorCode, RootLoad, SlotId, VcpuId,
@@ -425,12 +425,12 @@ fn shadow_pool_is_a_kvm_memslot_outside_guest_memory() {
     // SAFETY: the region is the pool's live mapping; KVM refuses it.
     let err = unsafe { vm.set_user_memory_region(again) }.unwrap_err();
     assert_eq!(err.errno(), libc::EEXIST);
-    let expected = if integration::kvm::host_shadows_page_tables() {
-        backends::shadow::Coherence::Replay {
-            window: integration::kvm::SHADOW_HOST_WINDOW,
+    let expected = if mmu_integration::kvm::host_shadows_page_tables() {
+        mmu_backends::shadow::Coherence::Replay {
+            window: mmu_integration::kvm::SHADOW_HOST_WINDOW,
         }
     } else {
-        backends::shadow::Coherence::Direct
+        mmu_backends::shadow::Coherence::Direct
     };
     assert_eq!(hosting.coherence(), expected);
     drop(mmu);

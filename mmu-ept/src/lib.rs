@@ -6,7 +6,7 @@
 //!
 //! - **Memslots**, validated by [`mmu_api::MemslotTable`] and mirrored into
 //!   the hypervisor through the small [`HypervisorMemory`] port (the
-//!   `integration` crate implements it for a KVM VM fd, so this crate never
+//!   `mmu-integration` crate implements it for a KVM VM fd, so this crate never
 //!   owns one). Every change publishes the update-in-progress generation
 //!   first and the next generation last.
 //! - **MMIO classification** of exits to guest-physical addresses without

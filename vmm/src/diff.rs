@@ -19,8 +19,8 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
-use backends::BackendKind;
-use integration::kvm::check_hostable;
+use mmu_backends::BackendKind;
+use mmu_integration::kvm::check_hostable;
 
 use crate::json::{self, Object};
 use crate::observe::Observation;

@@ -72,7 +72,7 @@ pub enum SetupError {
     Signal(#[source] vmm_sys_util::errno::Error),
     /// The MMU backend could not be set up for this VM.
     #[error("cannot set up the MMU backend")]
-    Mmu(#[from] integration::kvm::KvmHostError),
+    Mmu(#[from] mmu_integration::kvm::KvmHostError),
     /// The MMU backend refused guest memory.
     #[error("the MMU backend refused guest memory")]
     Memslot(#[from] mmu_api::MemslotError),
@@ -81,7 +81,7 @@ pub enum SetupError {
     MmuVcpu(#[from] mmu_api::BackendError),
     /// The MMU refused a vCPU's initial paging context.
     #[error("the MMU refused the initial paging context")]
-    MmuContext(#[source] integration::ExitError),
+    MmuContext(#[source] mmu_integration::ExitError),
 }
 
 /// Assembling guest code failed.
@@ -289,10 +289,10 @@ pub enum VcpuError {
     Handler(String),
     /// The MMU exit handler could not complete an exit.
     #[error("the MMU exit handler failed")]
-    Mmu(#[from] integration::ExitError),
+    Mmu(#[from] mmu_integration::ExitError),
     /// The MMU's answer could not be carried out on the vCPU.
     #[error("cannot carry out the MMU's action on the vCPU")]
-    MmuAction(#[from] integration::kvm::ApplyError),
+    MmuAction(#[from] mmu_integration::kvm::ApplyError),
 }
 
 /// A run of the VM failed.

@@ -18,7 +18,7 @@
 //! - [`conformance`]: the access-matrix test of `mmu-api`'s reference
 //!   walker against KVM (`mmu-vmm conformance`).
 //! - [`mmu`]: [`MmuVm`](mmu::MmuVm), a VM whose memslots and exits go
-//!   through a pluggable MMU backend (`backends` + `integration`), chosen
+//!   through a pluggable MMU backend (`mmu-backends` + `mmu-integration`), chosen
 //!   by name at creation; [`run`] is `mmu-vmm run` on top of it, with the
 //!   guest workloads of [`workload`] in address spaces built by [`space`];
 //!   [`diff`] runs a workload under two backends and compares what the
@@ -76,8 +76,8 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use vmm::kit::workloads::{TouchKind, touch};
-//! use vmm::{Vm, VmConfig, VcpuArgs};
+//! use mmu_vmm::kit::workloads::{TouchKind, touch};
+//! use mmu_vmm::{Vm, VmConfig, VcpuArgs};
 //!
 //! let mut vm = Vm::new(VmConfig { vcpus: 2, ..VmConfig::default() })?;
 //! let program = touch(TouchKind::Write)?;
@@ -89,7 +89,7 @@
 //!     .collect();
 //! let report = vm.run(&program, &args, Duration::from_secs(10))?;
 //! for vcpu in &report.vcpus {
-//!     println!("{}: checksum {:#x}", vcpu.id, vcpu.last(vmm::kit::abi::tag::CHECKSUM).unwrap());
+//!     println!("{}: checksum {:#x}", vcpu.id, vcpu.last(mmu_vmm::kit::abi::tag::CHECKSUM).unwrap());
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

@@ -1,4 +1,4 @@
-//! Guests whose MMU is a pluggable backend (`backends` + `integration`).
+//! Guests whose MMU is a pluggable backend (`mmu-backends` + `mmu-integration`).
 //!
 //! [`MmuVm`] is a [`Vm`] whose guest memory is owned by an MMU backend
 //! chosen at creation ([`BackendKind`]): the memslots go through the
@@ -19,9 +19,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backends::{BackendConfig, BackendKind};
-use integration::kvm::{HostCoherence, KvmMmu, PageFaultDelivery, Routed, apply_action};
-use integration::{Action, BusError, ExitStats, Memslots, MmioBus, VcpuExits};
+use mmu_backends::{BackendConfig, BackendKind};
+use mmu_integration::kvm::{HostCoherence, KvmMmu, PageFaultDelivery, Routed, apply_action};
+use mmu_integration::{Action, BusError, ExitStats, Memslots, MmioBus, VcpuExits};
 use kvm_ioctls::VcpuExit;
 use mmu_api::paging::{Cr0, Cr4, Efer};
 use mmu_api::{Gpa, Gva, MemslotFlags, MmuBackend, PagingContext, PfErrorCode, SlotId, VcpuId};
@@ -231,7 +231,7 @@ impl ExitHandler for MmuHandler {
                 vcpu.deliver_page_fault(exception, u64::from(error_code.bits()), cr2.raw())
             }
             Action::InjectGeneralProtection => Ok(ExceptionAction::Fail),
-            other => Err(integration::kvm::ApplyError::NeedsEmulation { action: other }.into()),
+            other => Err(mmu_integration::kvm::ApplyError::NeedsEmulation { action: other }.into()),
         }
     }
 
@@ -485,8 +485,8 @@ impl MmuVm {
     }
 
     /// The shadow backend, when this VM runs it (for its hosting calls and
-    /// [`audit`](backends::shadow::ShadowBackend::audit)).
-    pub fn shadow_backend(&self) -> Option<&backends::shadow::ShadowBackend> {
+    /// [`audit`](mmu_backends::shadow::ShadowBackend::audit)).
+    pub fn shadow_backend(&self) -> Option<&mmu_backends::shadow::ShadowBackend> {
         self.mmu.shadow().map(|h| h.backend())
     }
 

@@ -31,9 +31,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use backends::{BackendConfig, BackendKind};
-use integration::ExitStats;
-use integration::kvm::{KvmHostError, check_hostable};
+use mmu_backends::{BackendConfig, BackendKind};
+use mmu_integration::ExitStats;
+use mmu_integration::kvm::{KvmHostError, check_hostable};
 use mmu_api::paging::WalkOptions;
 use mmu_api::{Access, AccessKind, Gva, MemslotFlags, MmuBackend, MmuStats, VcpuId};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -483,9 +483,9 @@ struct ChurnStats {
 
 /// Deletes and re-adds [`CHURN_SLOT`] until `done`, at least once.
 fn churn_loop(
-    memslots: &integration::Memslots,
+    memslots: &mmu_integration::Memslots,
     memory: &GuestMemoryMmap,
-    reclaimer: Option<&backends::shadow::ShadowBackend>,
+    reclaimer: Option<&mmu_backends::shadow::ShadowBackend>,
     done: &AtomicBool,
 ) -> Result<ChurnStats, RunCommandError> {
     let region = memory
@@ -628,7 +628,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary, RunCommandError> {
             ..VmConfig::default()
         },
         log_dirty_data: true,
-        coherence: integration::kvm::HostCoherence::Detect,
+        coherence: mmu_integration::kvm::HostCoherence::Detect,
     };
     let mut vm = MmuVm::with_devices(config, |id| -> Box<dyn Devices> {
         let index = id.0 as usize;

@@ -28,8 +28,8 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use backends::shadow::{Coherence, ShadowBackend};
-use integration::VcpuExits;
+use mmu_backends::shadow::{Coherence, ShadowBackend};
+use mmu_integration::VcpuExits;
 use kvm_bindings::kvm_sregs;
 use mmu_api::paging::WalkOptions;
 use mmu_api::{Access, AccessKind, AccessMode, Gpa, Gva, PfErrorCode};
@@ -389,7 +389,7 @@ pub enum Emulation {
 pub fn emulate(
     vcpu: &mut VcpuContext<'_>,
     exits: &mut VcpuExits,
-    bus: &mut dyn integration::MmioBus,
+    bus: &mut dyn mmu_integration::MmioBus,
     exception: &GuestException,
     target: Emulation,
 ) -> Result<(), VcpuError> {

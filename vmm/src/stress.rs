@@ -48,7 +48,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use integration::{BusError, Memslots};
+use mmu_integration::{BusError, Memslots};
 use mmu_api::{DirtyBitmap, Gpa, MemslotError, MemslotFlags};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -96,7 +96,7 @@ pub enum StressError {
 }
 
 /// The backend's consistency audit (the shadow backend's
-/// [`audit`](backends::shadow::ShadowBackend::audit)), run by the host
+/// [`audit`](mmu_backends::shadow::ShadowBackend::audit)), run by the host
 /// loop right after each harvest, delete and move of the first [`AUDITED_CYCLES`]
 /// cycles while the vCPUs keep running.
 pub(crate) type Audit<'a> = Box<dyn Fn() -> Result<(), String> + Send + Sync + 'a>;

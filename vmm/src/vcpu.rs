@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use integration::Action;
-use integration::kvm::{PageFaultDelivery, Routed, apply_action};
+use mmu_integration::Action;
+use mmu_integration::kvm::{PageFaultDelivery, Routed, apply_action};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use mmu_api::VcpuId;
@@ -135,7 +135,7 @@ pub trait ExitHandler: Send {
     /// Offered every exit straight from `KVM_RUN`, before the VMM decodes
     /// it: return [`Routed::Handled`] with what to do next, or the exit back
     /// ([`Routed::Unhandled`]) for the VMM's own handling. An MMU exit
-    /// handler ([`integration::VcpuExits::handle_kvm_exit`]) plugs in here.
+    /// handler ([`mmu_integration::VcpuExits::handle_kvm_exit`]) plugs in here.
     /// The exit borrows the vCPU's `kvm_run` page, so the action is carried
     /// out afterwards, by [`complete_exit`](Self::complete_exit).
     fn kvm_exit<'e>(&mut self, exit: VcpuExit<'e>) -> Result<Routed<'e>, VcpuError> {
@@ -144,7 +144,7 @@ pub trait ExitHandler: Send {
 
     /// Carries out what [`kvm_exit`](Self::kvm_exit) decided, once the exit
     /// no longer borrows the vCPU. By default with
-    /// [`integration::kvm::apply_action`], delivering a #PF by setting CR2.
+    /// [`mmu_integration::kvm::apply_action`], delivering a #PF by setting CR2.
     fn complete_exit(
         &mut self,
         vcpu: &mut VcpuContext<'_>,

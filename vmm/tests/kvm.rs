@@ -6,9 +6,9 @@ use common::kvm_or_skip;
 
 use std::time::Duration;
 
-use vmm::kit::abi::tag;
-use vmm::kit::workloads::{self, TouchKind};
-use vmm::{PagingOps, RunError, VcpuArgs, VcpuError, VcpuOutcome, Vm, VmConfig};
+use mmu_vmm::kit::abi::tag;
+use mmu_vmm::kit::workloads::{self, TouchKind};
+use mmu_vmm::{PagingOps, RunError, VcpuArgs, VcpuError, VcpuOutcome, Vm, VmConfig};
 
 /// Hang protection only: no test asserts on time.
 const LIMIT: Duration = Duration::from_secs(30);
@@ -23,7 +23,7 @@ fn vm(vcpus: usize, ops: PagingOps) -> Vm {
     .expect("VM creation")
 }
 
-fn vcpu_error(result: Result<vmm::RunReport, RunError>) -> VcpuError {
+fn vcpu_error(result: Result<mmu_vmm::RunReport, RunError>) -> VcpuError {
     match result {
         Err(RunError::Vcpu { source, .. }) => source,
         other => panic!("expected a vCPU error, got {other:?}"),
@@ -174,7 +174,7 @@ fn unknown_port_is_a_typed_error() {
             ..
         } => {
             assert_eq!(port, 0x3f8);
-            assert_eq!(direction, vmm::IoDirection::Write);
+            assert_eq!(direction, mmu_vmm::IoDirection::Write);
             assert_eq!(size, 1);
         }
         other => panic!("expected an unknown port, got {other:?}"),
@@ -281,14 +281,14 @@ struct ReplayHandler {
     faults: u32,
 }
 
-impl vmm::ExitHandler for ReplayHandler {
+impl mmu_vmm::ExitHandler for ReplayHandler {
     fn paging_op(
         &mut self,
-        vcpu: &mut vmm::VcpuContext<'_>,
-        op: vmm::PagingOp,
+        vcpu: &mut mmu_vmm::VcpuContext<'_>,
+        op: mmu_vmm::PagingOp,
     ) -> Result<u32, VcpuError> {
-        use vmm::kit::abi::action;
-        if let (vmm::PagingOp::Invlpg(va), Some(value)) = (op, self.on_invlpg)
+        use mmu_vmm::kit::abi::action;
+        if let (mmu_vmm::PagingOp::Invlpg(va), Some(value)) = (op, self.on_invlpg)
             && va == self.target
         {
             vcpu.queue_replay(&[(self.pte, value)])?;
@@ -299,12 +299,12 @@ impl vmm::ExitHandler for ReplayHandler {
 
     fn exception(
         &mut self,
-        vcpu: &mut vmm::VcpuContext<'_>,
-        e: &vmm::GuestException,
-    ) -> Result<vmm::ExceptionAction, VcpuError> {
-        use vmm::kit::abi::action;
+        vcpu: &mut mmu_vmm::VcpuContext<'_>,
+        e: &mmu_vmm::GuestException,
+    ) -> Result<mmu_vmm::ExceptionAction, VcpuError> {
+        use mmu_vmm::kit::abi::action;
         if e.vector != 14 || e.cr2 != self.target || self.faults > 0 {
-            return Ok(vmm::ExceptionAction::Fail);
+            return Ok(mmu_vmm::ExceptionAction::Fail);
         }
         self.faults += 1;
         if self.skip_faulting {
@@ -315,16 +315,16 @@ impl vmm::ExitHandler for ReplayHandler {
             let len = iced_x86::Decoder::with_ip(64, &bytes, e.rip, 0)
                 .decode()
                 .len();
-            return Ok(vmm::ExceptionAction::Redirect {
+            return Ok(mmu_vmm::ExceptionAction::Redirect {
                 rip: e.rip + len as u64,
                 actions: 0,
             });
         }
         let Some(value) = self.on_fault else {
-            return Ok(vmm::ExceptionAction::Fail);
+            return Ok(mmu_vmm::ExceptionAction::Fail);
         };
         vcpu.queue_replay(&[(self.pte, value)])?;
-        Ok(vmm::ExceptionAction::Resume(
+        Ok(mmu_vmm::ExceptionAction::Resume(
             action::REPLAY | action::NATIVE,
         ))
     }
@@ -424,12 +424,12 @@ fn conformance_short_run_has_no_mismatches() {
     if !kvm_or_skip("conformance_short_run_has_no_mismatches") {
         return;
     }
-    let options = vmm::conformance::Options {
+    let options = mmu_vmm::conformance::Options {
         cases: 3000,
         seed: 7,
         levels: vec![4, 5],
     };
-    let summary = vmm::conformance::run(&options).expect("conformance run");
+    let summary = mmu_vmm::conformance::run(&options).expect("conformance run");
     for m in &summary.mismatches {
         eprintln!("mismatch: {m}");
     }
@@ -476,15 +476,15 @@ struct ReassertHandler {
     reassert: bool,
 }
 
-impl vmm::ExitHandler for ReassertHandler {
+impl mmu_vmm::ExitHandler for ReassertHandler {
     fn paging_op(
         &mut self,
-        vcpu: &mut vmm::VcpuContext<'_>,
-        op: vmm::PagingOp,
+        vcpu: &mut mmu_vmm::VcpuContext<'_>,
+        op: mmu_vmm::PagingOp,
     ) -> Result<u32, VcpuError> {
-        use vmm::kit::abi::{REASSERT, action};
+        use mmu_vmm::kit::abi::{REASSERT, action};
         if self.reassert
-            && let vmm::PagingOp::Invlpg(va) = op
+            && let mmu_vmm::PagingOp::Invlpg(va) = op
             && va == self.target
         {
             let value = vcpu.read_u64(self.pte)?;

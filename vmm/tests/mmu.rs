@@ -8,16 +8,16 @@ use common::kvm_or_skip;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backends::{BackendConfig, BackendKind};
-use integration::kvm::{PageFaultDelivery, apply_action, enable_exception_payload};
-use integration::{Action, BusError};
+use mmu_backends::{BackendConfig, BackendKind};
+use mmu_integration::kvm::{PageFaultDelivery, apply_action, enable_exception_payload};
+use mmu_integration::{Action, BusError};
 use mmu_api::{Gpa, Gva, MemslotFlags, PfErrorCode};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use vmm::kit::abi::tag;
-use vmm::kit::workloads::{self, AccessOp};
-use vmm::mmu::{DATA_SLOT, Devices, MmuVm, MmuVmConfig};
-use vmm::run::{RunOptions, Workload};
-use vmm::{
+use mmu_vmm::kit::abi::tag;
+use mmu_vmm::kit::workloads::{self, AccessOp};
+use mmu_vmm::mmu::{DATA_SLOT, Devices, MmuVm, MmuVmConfig};
+use mmu_vmm::run::{RunOptions, Workload};
+use mmu_vmm::{
     ExceptionAction, ExitHandler, GuestException, PagingOps, Report, VcpuArgs, VcpuContext,
     VcpuError, Vm, VmConfig,
 };
@@ -35,7 +35,7 @@ fn ept_vm(vcpus: usize, log_dirty_data: bool) -> MmuVmConfig {
             ..VmConfig::default()
         },
         log_dirty_data,
-        coherence: integration::kvm::HostCoherence::Detect,
+        coherence: mmu_integration::kvm::HostCoherence::Detect,
     }
 }
 
@@ -44,12 +44,12 @@ fn run_touch_under_ept_checks_out() {
     if !kvm_or_skip("run_touch_under_ept_checks_out") {
         return;
     }
-    let summary = vmm::run::run(RunOptions {
+    let summary = mmu_vmm::run::run(RunOptions {
         mmu: BackendKind::Ept,
         workload: Workload::Touch,
         vcpus: 2,
         mem_size: 16 << 20,
-        params: vmm::workload::Params {
+        params: mmu_vmm::workload::Params {
             passes: Some(2),
             ..Default::default()
         },
@@ -98,7 +98,7 @@ fn deleted_memory_becomes_mmio_through_the_backend() {
         return;
     }
     let config = ept_vm(1, true);
-    let data = vmm::layout::Layout::new(1, config.vm.mem_size, config.vm.paging_levels)
+    let data = mmu_vmm::layout::Layout::new(1, config.vm.mem_size, config.vm.paging_levels)
         .unwrap()
         .data()
         .start;
@@ -216,7 +216,7 @@ fn shadow_vm_needs_paravirtual_paging() {
     config.kind = BackendKind::Shadow;
     config.vm.paging_ops = PagingOps::Native;
     let err = MmuVm::new(config).unwrap_err();
-    assert!(matches!(err, vmm::SetupError::Config(_)), "{err:?}");
+    assert!(matches!(err, mmu_vmm::SetupError::Config(_)), "{err:?}");
 }
 
 /// Injects a #PF with `integration`'s action when the guest reports, and
@@ -295,8 +295,8 @@ fn injected_page_faults_reach_the_guest_kernel() {
 #[test]
 fn faults_are_delivered_to_the_program() {
     use iced_x86::code_asm::*;
-    use vmm::kit::abi::{FAULTED, syscall};
-    use vmm::kit::{FaultRecord, Program, Ring, emit};
+    use mmu_vmm::kit::abi::{FAULTED, syscall};
+    use mmu_vmm::kit::{FaultRecord, Program, Ring, emit};
     if !kvm_or_skip("faults_are_delivered_to_the_program") {
         return;
     }
@@ -304,7 +304,7 @@ fn faults_are_delivered_to_the_program() {
     config.vm.paging_ops = PagingOps::Paravirt;
     let mut vm = MmuVm::new(config).unwrap();
     let unmapped = vm.vm().layout().mem_size() + 0x2468;
-    let code = vmm::layout::PROGRAM_CODE_GPA + 0x10;
+    let code = mmu_vmm::layout::PROGRAM_CODE_GPA + 0x10;
     // A not-present read and a write to read-only code at CPL3, each
     // resumed at the next handler; a CPL0 read of the unmapped address
     // (LOAD), which returns FAULTED.

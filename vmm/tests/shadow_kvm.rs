@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use backends::{BackendConfig, BackendKind};
+use mmu_backends::{BackendConfig, BackendKind};
 use iced_x86::code_asm::*;
-use integration::kvm::{HostCoherence, host_shadows_page_tables};
+use mmu_integration::kvm::{HostCoherence, host_shadows_page_tables};
 use mmu_api::{Gpa, MmuBackend};
-use vmm::kit::abi::tag;
-use vmm::kit::{Ring, emit};
-use vmm::mmu::{MmuVm, MmuVmConfig};
-use vmm::{PagingOps, Program, VcpuArgs, VmConfig};
+use mmu_vmm::kit::abi::tag;
+use mmu_vmm::kit::{Ring, emit};
+use mmu_vmm::mmu::{MmuVm, MmuVmConfig};
+use mmu_vmm::{PagingOps, Program, VcpuArgs, VmConfig};
 
 /// Hang protection only: no test asserts on time.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -180,7 +180,7 @@ fn memslot_churn_under_running_vcpus_fast_zaps_and_frees_obsolete_pages() {
         return;
     }
     use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-    use vmm::kit::workloads::{self, TouchKind};
+    use mmu_vmm::kit::workloads::{self, TouchKind};
     let mut vm = shadow_vm(2, HostCoherence::Detect);
     let spare = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(1 << 30), 2 << 20)]).unwrap();
     let spare_region = spare.iter().next().unwrap();
@@ -221,7 +221,7 @@ fn memslot_churn_under_running_vcpus_fast_zaps_and_frees_obsolete_pages() {
                     thread::sleep(Duration::from_millis(20));
                 }
             });
-            let handlers: Vec<&mut vmm::mmu::MmuHandler> = handlers.iter_mut().collect();
+            let handlers: Vec<&mut mmu_vmm::mmu::MmuHandler> = handlers.iter_mut().collect();
             let report = inner.run_with(&program, &args, LIMIT, handlers);
             stop.store(true, std::sync::atomic::Ordering::Release);
             host.join().unwrap();

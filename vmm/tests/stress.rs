@@ -1,7 +1,7 @@
 //! Stress on KVM under both backends: two vCPU threads write to a memslot
 //! and read it from CPL3 in a hot loop while a host thread harvests its
 //! dirty log and deletes, re-adds and moves it (the `stress` workload;
-//! what is checked, exactly, is in `vmm::stress`). Every write the memory
+//! what is checked, exactly, is in `mmu_vmm::stress`). Every write the memory
 //! shows must be in the harvest of its interval (no lost dirty page), no
 //! read may see memory that is no longer there (no stale read), each
 //! deleted backing is unmapped as soon as the delete returns, the shadow
@@ -15,9 +15,9 @@ use common::kvm_or_skip;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use backends::BackendKind;
-use vmm::run::{RunOptions, RunSummary, run};
-use vmm::workload::{Params, Workload};
+use mmu_backends::BackendKind;
+use mmu_vmm::run::{RunOptions, RunSummary, run};
+use mmu_vmm::workload::{Params, Workload};
 
 /// Host cycles per backend (each: four harvests, two moves, a delete and
 /// a re-add), a few seconds on the 2-core development machine.

@@ -8,12 +8,12 @@ use common::kvm_or_skip;
 use std::process::Command;
 use std::time::Duration;
 
-use backends::BackendKind;
-use vmm::diff::{DiffOptions, diff};
-use vmm::kit::abi::tag;
-use vmm::kit::workloads::TouchKind;
-use vmm::run::{RunOptions, RunSummary, run};
-use vmm::workload::{Params, Workload};
+use mmu_backends::BackendKind;
+use mmu_vmm::diff::{DiffOptions, diff};
+use mmu_vmm::kit::abi::tag;
+use mmu_vmm::kit::workloads::TouchKind;
+use mmu_vmm::run::{RunOptions, RunSummary, run};
+use mmu_vmm::workload::{Params, Workload};
 
 /// Small sizes: the tests check behaviour, not throughput.
 fn options(workload: Workload) -> RunOptions {
@@ -217,7 +217,7 @@ fn other_inputs_are_seen_as_differences() {
     let mut o = options(Workload::PtEdit);
     o.params.seed += 1;
     let b = run_ok(o);
-    let (list, unlisted) = vmm::diff::differences(&a.observation, &b.observation);
+    let (list, unlisted) = mmu_vmm::diff::differences(&a.observation, &b.observation);
     let seen = |what: &str| list.iter().any(|d| d.what.contains(what));
     assert!(seen("data page"), "{list:?}");
     assert!(seen("vCPU 0 reports") && seen("vCPU 1 reports"), "{list:?}");
@@ -225,7 +225,7 @@ fn other_inputs_are_seen_as_differences() {
     assert!(seen("A/D of the level-1 entry"), "{list:?}");
     assert!(unlisted > 0);
     // And a run compared with itself has none.
-    let (none, more) = vmm::diff::differences(&a.observation, &a.observation);
+    let (none, more) = mmu_vmm::diff::differences(&a.observation, &a.observation);
     assert!(none.is_empty() && more == 0);
 }
 

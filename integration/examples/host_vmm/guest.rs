@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use integration::{BusError, MmioBus};
+use mmu_integration::{BusError, MmioBus};
 use kvm_ioctls::VcpuFd;
 use mmu_api::Gpa;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};

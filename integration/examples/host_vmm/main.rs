@@ -1,8 +1,8 @@
 //! A minimal host VMM on KVM with the MMU plugged in.
 //!
 //! ```text
-//! cargo run -p integration --example host_vmm -- --mmu ept
-//! cargo run -p integration --example host_vmm -- --mmu shadow
+//! cargo run -p mmu-integration --example host_vmm -- --mmu ept
+//! cargo run -p mmu-integration --example host_vmm -- --mmu shadow
 //! ```
 //!
 //! The backend is picked from the command line when the VM is created;
@@ -39,8 +39,8 @@ use std::error::Error;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use backends::{BackendConfig, BackendKind};
-use integration::kvm::{KvmMmu, Routed, apply_action};
+use mmu_backends::{BackendConfig, BackendKind};
+use mmu_integration::kvm::{KvmMmu, Routed, apply_action};
 use kvm_ioctls::{Kvm, VcpuExit};
 use mmu_api::{MemslotFlags, SlotId, VcpuId, VcpuKick};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -56,7 +56,7 @@ const REQUESTS: u16 = 32;
 
 /// This VMM runs its one vCPU on the main thread and no other thread posts
 /// MMU requests, so a kick has nothing to interrupt. A VMM with vCPU
-/// threads kicks with a signal plus `immediate_exit` (see `vmm::Kicker`).
+/// threads kicks with a signal plus `immediate_exit` (see `mmu_vmm::Kicker`).
 #[derive(Debug)]
 struct SingleThreaded;
 
@@ -70,7 +70,7 @@ fn parse_args() -> Result<BackendKind, Box<dyn Error>> {
         [flag, kind] if flag == "--mmu" => Ok(kind.parse()?),
         _ => Err(format!(
             "usage: host_vmm --mmu shadow|ept (this build has {})",
-            backends::KindList(BackendKind::compiled_in())
+            mmu_backends::KindList(BackendKind::compiled_in())
         )
         .into()),
     }

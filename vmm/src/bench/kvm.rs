@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use backends::BackendKind;
+use mmu_backends::BackendKind;
 use iced_x86::code_asm::*;
 use mmu_api::{MemslotFlags, SlotId};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -20,8 +20,8 @@ use crate::{
     ExceptionAction, ExitHandler, GuestException, Kicker, PagingOp, PagingOps, Report, VcpuArgs,
     VcpuContext, VcpuError, VmConfig,
 };
-use integration::Action;
-use integration::kvm::Routed;
+use mmu_integration::Action;
+use mmu_integration::kvm::Routed;
 use kvm_ioctls::VcpuExit;
 
 /// Most memslots an [`RrVm`] takes (guest RAM is two of them).
@@ -284,7 +284,7 @@ pub struct TouchVm {
     config: &'static str,
     memory: GuestMemoryMmap,
     churn: GuestMemoryMmap,
-    shadow: Option<backends::shadow::ShadowBackend>,
+    shadow: Option<mmu_backends::shadow::ShadowBackend>,
     kickers: Vec<Kicker>,
     program: Program,
     args: Vec<VcpuArgs>,
@@ -336,7 +336,7 @@ fn mmu_vm(
                 ..VmConfig::default()
             },
             log_dirty_data: false,
-            coherence: integration::kvm::HostCoherence::Detect,
+            coherence: mmu_integration::kvm::HostCoherence::Detect,
         },
         devices,
     )?)
@@ -538,7 +538,7 @@ struct Host<'a> {
     halt: bool,
     memory: &'a GuestMemoryMmap,
     ctl: &'a [u64],
-    shadow: Option<&'a backends::shadow::ShadowBackend>,
+    shadow: Option<&'a mmu_backends::shadow::ShadowBackend>,
     kickers: &'a [Kicker],
     guest_ended: &'a AtomicBool,
     limit: Duration,
@@ -595,7 +595,7 @@ impl Host<'_> {
     fn drive(
         &self,
         steps: &[Step],
-        memslots: &integration::Memslots,
+        memslots: &mmu_integration::Memslots,
         region: &vm_memory::GuestRegionMmap,
     ) -> Result<Vec<StepResult>, BenchError> {
         self.wait_turn("start its wait loop", &vec![0; self.ctl.len()])?;
@@ -619,7 +619,7 @@ impl Host<'_> {
 
     fn churn(
         &self,
-        memslots: &integration::Memslots,
+        memslots: &mmu_integration::Memslots,
         region: &vm_memory::GuestRegionMmap,
     ) -> Result<ChurnSample, BenchError> {
         // Every vCPU is in its wait loop.

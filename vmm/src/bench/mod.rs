@@ -22,8 +22,8 @@ use std::fmt::Write as _;
 use std::str::FromStr;
 use std::time::Duration;
 
-use backends::shadow::{ReclaimPolicy, ZapMode};
-use backends::{BackendConfig, BackendKind, EptConfig};
+use mmu_backends::shadow::{ReclaimPolicy, ZapMode};
+use mmu_backends::{BackendConfig, BackendKind, EptConfig};
 
 use crate::json::{self, Object};
 
@@ -162,7 +162,7 @@ pub struct Configuration {
 }
 
 impl Configuration {
-    fn shadow(name: &'static str, change: impl FnOnce(&mut backends::ShadowConfig)) -> Self {
+    fn shadow(name: &'static str, change: impl FnOnce(&mut mmu_backends::ShadowConfig)) -> Self {
         let mut backend = BackendConfig::default();
         change(&mut backend.shadow);
         Configuration {

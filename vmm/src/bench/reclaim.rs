@@ -9,8 +9,8 @@
 //! under it is visited each round, and zapping it unlinks every child. So
 //! `zapped_directories` counts in-use pages zapped.
 
-use backends::shadow::soft::{SoftOutcome, SoftVcpu};
-use backends::shadow::{ReclaimPolicy, ShadowBackend, ShadowConfig};
+use mmu_backends::shadow::soft::{SoftOutcome, SoftVcpu};
+use mmu_backends::shadow::{ReclaimPolicy, ShadowBackend, ShadowConfig};
 use mmu_api::{AccessMode, Gpa, Gva, MemslotFlags, MmuBackend, SlotId, VcpuId};
 
 use super::BenchError;

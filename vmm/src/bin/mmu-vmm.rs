@@ -19,9 +19,9 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use vmm::kit::abi::tag;
-use vmm::kit::workloads::{self, TouchKind};
-use vmm::{PagingOps, VcpuArgs, Vm, VmConfig};
+use mmu_vmm::kit::abi::tag;
+use mmu_vmm::kit::workloads::{self, TouchKind};
+use mmu_vmm::{PagingOps, VcpuArgs, Vm, VmConfig};
 
 const USAGE: &str = "usage:
   mmu-vmm info
@@ -249,18 +249,18 @@ fn touch(args: &[String]) -> Result<(), String> {
 
 fn conformance(args: &[String]) -> Result<(), String> {
     let opts = Options::new(args, &["--cases", "--seed", "--levels"], &["--json"])?;
-    let defaults = vmm::conformance::Options::default();
+    let defaults = mmu_vmm::conformance::Options::default();
     let levels = match opts.value::<u8>("--levels", 0)? {
         0 => defaults.levels,
         n => vec![n],
     };
-    let options = vmm::conformance::Options {
+    let options = mmu_vmm::conformance::Options {
         cases: opts.value("--cases", defaults.cases)?,
         seed: opts.value("--seed", defaults.seed)?,
         levels,
     };
-    let summary = vmm::conformance::run(&options).map_err(|e| error_chain(&e))?;
-    vmm::conformance::print(&summary, opts.flag("--json"));
+    let summary = mmu_vmm::conformance::run(&options).map_err(|e| error_chain(&e))?;
+    mmu_vmm::conformance::print(&summary, opts.flag("--json"));
     if !summary.mismatches.is_empty() {
         return Err(format!("{} mismatches", summary.mismatches.len()));
     }
@@ -282,18 +282,18 @@ const WORKLOAD_OPTIONS: [&str; 7] = [
 /// names (`diff` replaces it).
 fn run_options(
     opts: &Options<'_>,
-    mmu: backends::BackendKind,
-) -> Result<vmm::run::RunOptions, String> {
-    let defaults = vmm::run::RunOptions::default();
+    mmu: mmu_backends::BackendKind,
+) -> Result<mmu_vmm::run::RunOptions, String> {
+    let defaults = mmu_vmm::run::RunOptions::default();
     let Some(workload) = opts.raw("--workload") else {
         return Err(format!(
             "--workload is needed: one of {}\n{USAGE}",
-            vmm::workload::Workload::names()
+            mmu_vmm::workload::Workload::names()
         ));
     };
-    let workload: vmm::workload::Workload = workload.parse().map_err(|e| error_chain(&e))?;
+    let workload: mmu_vmm::workload::Workload = workload.parse().map_err(|e| error_chain(&e))?;
     let mem_size = match opts.raw("--mem") {
-        Some(size) => vmm::run::parse_size(size)?,
+        Some(size) => mmu_vmm::run::parse_size(size)?,
         None => defaults.mem_size,
     };
     let optional = |name: &str| -> Result<Option<u64>, String> {
@@ -301,7 +301,7 @@ fn run_options(
             .map(|v| v.parse().map_err(|e| format!("{name} {v}: {e}")))
             .transpose()
     };
-    let params = vmm::workload::Params {
+    let params = mmu_vmm::workload::Params {
         touch: if opts.flag("--read") {
             TouchKind::Read
         } else {
@@ -311,7 +311,7 @@ fn run_options(
         ops: optional("--ops")?,
         seed: opts.value("--seed", defaults.params.seed)?,
     };
-    Ok(vmm::run::RunOptions {
+    Ok(mmu_vmm::run::RunOptions {
         mmu,
         workload,
         vcpus: opts.value("--vcpus", defaults.vcpus)?,
@@ -331,9 +331,9 @@ fn run(args: &[String]) -> Result<(), String> {
     let Some(mmu) = opts.raw("--mmu") else {
         return Err(format!("run needs --mmu shadow|ept\n{USAGE}"));
     };
-    let mmu: backends::BackendKind = mmu.parse().map_err(|e| error_chain(&e))?;
+    let mmu: mmu_backends::BackendKind = mmu.parse().map_err(|e| error_chain(&e))?;
     let options = run_options(&opts, mmu)?;
-    let summary = vmm::run::run(options).map_err(|e| error_chain(&e))?;
+    let summary = mmu_vmm::run::run(options).map_err(|e| error_chain(&e))?;
     if opts.flag("--json") {
         println!("{}", summary.json());
     } else {
@@ -349,8 +349,8 @@ fn diff(args: &[String]) -> Result<(), String> {
     let mut known = vec!["--a", "--b"];
     known.extend(WORKLOAD_OPTIONS);
     let opts = Options::new(args, &known, &["--json", "--read"])?;
-    let defaults = vmm::diff::DiffOptions::default();
-    let backend = |name: &str, default| -> Result<backends::BackendKind, String> {
+    let defaults = mmu_vmm::diff::DiffOptions::default();
+    let backend = |name: &str, default| -> Result<mmu_backends::BackendKind, String> {
         match opts.raw(name) {
             Some(kind) => kind.parse().map_err(|e| error_chain(&e)),
             None => Ok(default),
@@ -358,12 +358,12 @@ fn diff(args: &[String]) -> Result<(), String> {
     };
     let a = backend("--a", defaults.a)?;
     let b = backend("--b", defaults.b)?;
-    let options = vmm::diff::DiffOptions {
+    let options = mmu_vmm::diff::DiffOptions {
         a,
         b,
         run: run_options(&opts, a)?,
     };
-    let summary = vmm::diff::diff(options).map_err(|e| error_chain(&e))?;
+    let summary = mmu_vmm::diff::diff(options).map_err(|e| error_chain(&e))?;
     if opts.flag("--json") {
         println!("{}", summary.json());
     } else {
@@ -379,25 +379,25 @@ fn diff(args: &[String]) -> Result<(), String> {
 }
 
 /// The options of `bench` (and the sizes `compare` takes from them).
-fn bench_options(opts: &Options<'_>) -> Result<vmm::bench::BenchOptions, String> {
+fn bench_options(opts: &Options<'_>) -> Result<mmu_vmm::bench::BenchOptions, String> {
     let optional = |name: &str| -> Result<Option<u64>, String> {
         opts.raw(name)
             .map(|v| v.parse().map_err(|e| format!("{name} {v}: {e}")))
             .transpose()
     };
-    Ok(vmm::bench::BenchOptions {
+    Ok(mmu_vmm::bench::BenchOptions {
         vcpus: optional("--vcpus")?.map(|v| v as usize),
-        sizes: opts.raw("--mem").map(vmm::bench::parse_sizes).transpose()?,
+        sizes: opts.raw("--mem").map(mmu_vmm::bench::parse_sizes).transpose()?,
         runs: optional("--runs")?.map(|v| v as usize),
         ops: optional("--ops")?,
         slots: opts
             .raw("--slots")
-            .map(vmm::bench::parse_slots)
+            .map(mmu_vmm::bench::parse_slots)
             .transpose()?,
-        wait: opts.value("--wait", vmm::bench::WaitMode::Halt)?,
+        wait: opts.value("--wait", mmu_vmm::bench::WaitMode::Halt)?,
         quick: opts.flag("--quick"),
         progress: true,
-        ..vmm::bench::BenchOptions::default()
+        ..mmu_vmm::bench::BenchOptions::default()
     })
 }
 
@@ -407,7 +407,7 @@ fn bench(args: &[String]) -> Result<(), String> {
             "bench needs churn, mmio-rr, faults or reclaim\n{USAGE}"
         ));
     };
-    let kind: vmm::bench::BenchKind = which.parse().map_err(|e| error_chain(&e))?;
+    let kind: mmu_vmm::bench::BenchKind = which.parse().map_err(|e| error_chain(&e))?;
     let opts = Options::new(
         &args[1..],
         &[
@@ -416,14 +416,14 @@ fn bench(args: &[String]) -> Result<(), String> {
         &["--json", "--quick"],
     )?;
     let options = bench_options(&opts)?;
-    if kind != vmm::bench::BenchKind::Reclaim && !vmm::kvm_available() {
+    if kind != mmu_vmm::bench::BenchKind::Reclaim && !mmu_vmm::kvm_available() {
         return Err(format!(
             "bench {kind} needs /dev/kvm, which cannot be opened"
         ));
     }
-    let report = vmm::bench::run_bench(kind, &options).map_err(|e| error_chain(&e))?;
+    let report = mmu_vmm::bench::run_bench(kind, &options).map_err(|e| error_chain(&e))?;
     if let Some(path) = opts.raw("--plot") {
-        vmm::bench::plot::write_svg(&report, path).map_err(|e| error_chain(&e))?;
+        mmu_vmm::bench::plot::write_svg(&report, path).map_err(|e| error_chain(&e))?;
         eprintln!("plot written to {path}");
     }
     if opts.flag("--json") {
@@ -437,31 +437,31 @@ fn bench(args: &[String]) -> Result<(), String> {
 fn compare(args: &[String]) -> Result<(), String> {
     let opts = Options::new(args, &["--out"], &["--json", "--quick"])?;
     let quick = opts.flag("--quick");
-    if !vmm::kvm_available() {
+    if !mmu_vmm::kvm_available() {
         return Err("compare needs /dev/kvm, which cannot be opened".to_string());
     }
-    let options = vmm::bench::BenchOptions {
+    let options = mmu_vmm::bench::BenchOptions {
         quick,
         progress: true,
-        ..vmm::bench::BenchOptions::default()
+        ..mmu_vmm::bench::BenchOptions::default()
     };
     let started = std::time::Instant::now();
     let mut reports = Vec::new();
-    for kind in vmm::bench::BenchKind::ALL {
-        let report = vmm::bench::run_bench(kind, &options).map_err(|e| error_chain(&e))?;
+    for kind in mmu_vmm::bench::BenchKind::ALL {
+        let report = mmu_vmm::bench::run_bench(kind, &options).map_err(|e| error_chain(&e))?;
         if !opts.flag("--json") {
             println!("{}\n", report.text());
         }
         reports.push(report);
     }
     let elapsed = started.elapsed();
-    let json = vmm::bench::compare_json(quick, &reports, elapsed);
+    let json = mmu_vmm::bench::compare_json(quick, &reports, elapsed);
     if let Some(dir) = opts.raw("--out") {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
         for r in &reports {
             let base = std::path::Path::new(dir).join(&r.bench);
             let svg = base.with_extension("svg");
-            vmm::bench::plot::write_svg(r, &svg.to_string_lossy()).map_err(|e| error_chain(&e))?;
+            mmu_vmm::bench::plot::write_svg(r, &svg.to_string_lossy()).map_err(|e| error_chain(&e))?;
             std::fs::write(base.with_extension("txt"), r.text() + "\n")
                 .map_err(|e| format!("cannot write into {dir}: {e}"))?;
             std::fs::write(base.with_extension("json"), r.json() + "\n")
