@@ -9,13 +9,13 @@
 
 use std::sync::Arc;
 
-use mmu_backends::{BackendConfig, BackendKind, BackendParts, create};
 use mmu_api::paging::{WalkError, WalkOptions};
 use mmu_api::{
     Access, AccessKind, Gpa, Gva, Hpa, Memslot, MemslotChange, MemslotError, MemslotFlags,
     MmioClass, MmuBackend, MmuVcpu, PagingContext, PagingMode, PfErrorCode, SlotId, VcpuId,
     VcpuKick,
 };
+use mmu_backends::{BackendConfig, BackendKind, BackendParts, create};
 use mmu_ept::testing::GuestRam;
 
 const P: u64 = 1;

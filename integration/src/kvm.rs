@@ -24,10 +24,10 @@
 use std::io;
 use std::sync::Arc;
 
-use mmu_backends::{BackendConfig, BackendKind, BackendParts};
 use kvm_bindings::{KVM_CAP_EXCEPTION_PAYLOAD, KVM_VCPUEVENT_VALID_PAYLOAD, kvm_enable_cap};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use mmu_api::{Gpa, MmuBackend, RootLoad, VcpuId, VcpuKick};
+use mmu_backends::{BackendConfig, BackendKind, BackendParts};
 use tracing::{debug, trace};
 
 use crate::bus::MmioBus;
@@ -347,10 +347,12 @@ pub enum KvmHostError {
 /// VMM fail before it creates anything.
 pub fn check_hostable(kind: BackendKind) -> Result<(), KvmHostError> {
     if !kind.is_compiled_in() {
-        return Err(KvmHostError::Create(mmu_backends::CreateError::NotCompiledIn {
-            kind,
-            compiled_in: mmu_backends::KindList(BackendKind::compiled_in()),
-        }));
+        return Err(KvmHostError::Create(
+            mmu_backends::CreateError::NotCompiledIn {
+                kind,
+                compiled_in: mmu_backends::KindList(BackendKind::compiled_in()),
+            },
+        ));
     }
     Ok(())
 }

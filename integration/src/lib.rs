@@ -106,8 +106,8 @@ pub mod mshv;
 #[cfg(all(test, feature = "ept"))]
 mod test_support;
 
-pub use mmu_backends;
 pub use bus::{BusError, Direction, MmioBus};
 pub use error::ExitError;
 pub use exits::{Action, ExitStats, VcpuExits};
 pub use memslots::{HostMirror, Memslots, UserRegion};
+pub use mmu_backends;

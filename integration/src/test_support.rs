@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use mmu_backends::{BackendConfig, BackendKind, BackendParts};
 use mmu_api::{Gpa, Hpa, MemslotFlags, MmuBackend, SlotId, VcpuId, VcpuKick};
+use mmu_backends::{BackendConfig, BackendKind, BackendParts};
 use mmu_ept::testing::{GuestRam, InProcessHypervisor};
 
 use crate::bus::{BusError, MmioBus};
@@ -29,8 +29,8 @@ pub(crate) fn leak_ram(size: u64) -> &'static GuestRam {
 pub(crate) fn ept() -> (Arc<InProcessHypervisor>, Arc<dyn MmuBackend>) {
     let port = Arc::new(InProcessHypervisor::new());
     let parts = BackendParts::new().with_hypervisor_memory(port.clone());
-    let backend =
-        mmu_backends::create(BackendKind::Ept, &BackendConfig::default(), &parts).expect("EPT backend");
+    let backend = mmu_backends::create(BackendKind::Ept, &BackendConfig::default(), &parts)
+        .expect("EPT backend");
     (port, backend)
 }
 
@@ -39,7 +39,8 @@ pub(crate) fn ept() -> (Arc<InProcessHypervisor>, Arc<dyn MmuBackend>) {
 pub(crate) fn shadow() -> Arc<dyn MmuBackend> {
     let mut config = BackendConfig::default();
     config.shadow.pool_pages = 256;
-    mmu_backends::create(BackendKind::Shadow, &config, &BackendParts::new()).expect("shadow backend")
+    mmu_backends::create(BackendKind::Shadow, &config, &BackendParts::new())
+        .expect("shadow backend")
 }
 
 /// Where the "hardware" sees guest RAM at guest-physical 0: below the

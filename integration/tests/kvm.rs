@@ -10,14 +10,16 @@ mod guest;
 
 use std::sync::Arc;
 
-use mmu_backends::{BackendConfig, BackendKind, HypervisorMemory};
-use mmu_integration::kvm::{ApplyError, KvmMemory, KvmMmu, PageFaultDelivery, Routed, apply_action};
-use mmu_integration::{Action, VcpuExits};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use mmu_api::{
     Gpa, Gva, Hpa, MemslotError, MemslotFlags, MmuBackend, PfErrorCode, RootLoad, SlotId, VcpuId,
     VcpuKick,
 };
+use mmu_backends::{BackendConfig, BackendKind, HypervisorMemory};
+use mmu_integration::kvm::{
+    ApplyError, KvmMemory, KvmMmu, PageFaultDelivery, Routed, apply_action,
+};
+use mmu_integration::{Action, VcpuExits};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use guest::{

@@ -235,7 +235,9 @@ pub fn run(options: &Options) -> Result<Summary, ConformanceError> {
     for &levels in &options.levels {
         match conformance_vm(levels) {
             Ok(vm) => vms.push(vm),
-            Err(e @ SetupError::La57Rejected(_)) => summary.skipped.push((levels, e.to_string())),
+            Err(e @ (SetupError::La57Rejected(_) | SetupError::La57Unavailable)) => {
+                summary.skipped.push((levels, e.to_string()))
+            }
             Err(e) => return Err(e.into()),
         }
     }

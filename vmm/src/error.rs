@@ -39,6 +39,9 @@ pub enum SetupError {
     /// A KVM call failed.
     #[error(transparent)]
     Kvm(#[from] KvmError),
+    /// 5-level paging was asked for, but KVM's supported CPUID has no LA57.
+    #[error("KVM does not offer LA57 (5-level paging)")]
+    La57Unavailable,
     /// KVM's CPUID offers LA57 but KVM refuses a vCPU state with CR4.LA57
     /// (PVM on a host that itself uses 4-level paging does this).
     #[error("KVM offers LA57 but rejects 5-level paging (CR4.LA57)")]

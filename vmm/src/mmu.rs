@@ -19,12 +19,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mmu_backends::{BackendConfig, BackendKind};
-use mmu_integration::kvm::{HostCoherence, KvmMmu, PageFaultDelivery, Routed, apply_action};
-use mmu_integration::{Action, BusError, ExitStats, Memslots, MmioBus, VcpuExits};
 use kvm_ioctls::VcpuExit;
 use mmu_api::paging::{Cr0, Cr4, Efer};
 use mmu_api::{Gpa, Gva, MemslotFlags, MmuBackend, PagingContext, PfErrorCode, SlotId, VcpuId};
+use mmu_backends::{BackendConfig, BackendKind};
+use mmu_integration::kvm::{HostCoherence, KvmMmu, PageFaultDelivery, Routed, apply_action};
+use mmu_integration::{Action, BusError, ExitStats, Memslots, MmioBus, VcpuExits};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::error::{GuestException, RunError, SetupError, VcpuError};

@@ -31,11 +31,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use mmu_api::paging::WalkOptions;
+use mmu_api::{Access, AccessKind, Gva, MemslotFlags, MmuBackend, MmuStats, VcpuId};
 use mmu_backends::{BackendConfig, BackendKind};
 use mmu_integration::ExitStats;
 use mmu_integration::kvm::{KvmHostError, check_hostable};
-use mmu_api::paging::WalkOptions;
-use mmu_api::{Access, AccessKind, Gva, MemslotFlags, MmuBackend, MmuStats, VcpuId};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::error::{KitError, RunError, SetupError};

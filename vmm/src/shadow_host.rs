@@ -28,11 +28,11 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use mmu_backends::shadow::{Coherence, ShadowBackend};
-use mmu_integration::VcpuExits;
 use kvm_bindings::kvm_sregs;
 use mmu_api::paging::WalkOptions;
 use mmu_api::{Access, AccessKind, AccessMode, Gpa, Gva, PfErrorCode};
+use mmu_backends::shadow::{Coherence, ShadowBackend};
+use mmu_integration::VcpuExits;
 
 use crate::error::{GuestException, VcpuError};
 use crate::insn::{self, MemAccess};

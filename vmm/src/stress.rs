@@ -48,8 +48,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use mmu_integration::{BusError, Memslots};
 use mmu_api::{DirtyBitmap, Gpa, MemslotError, MemslotFlags};
+use mmu_integration::{BusError, Memslots};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::kit::workloads::stress::{self, State};

@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mmu_integration::Action;
-use mmu_integration::kvm::{PageFaultDelivery, Routed, apply_action};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use mmu_api::VcpuId;
+use mmu_integration::Action;
+use mmu_integration::kvm::{PageFaultDelivery, Routed, apply_action};
 use tracing::{debug, trace};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

@@ -190,9 +190,7 @@ impl Vm {
             .map_err(|e| KvmError::new("KVM_GET_SUPPORTED_CPUID", e))?;
         let cpu = CpuInfo::from_cpuid(&cpuid);
         if config.paging_levels == 5 && !cpu.features.contains(CpuFeatures::LA57) {
-            return Err(SetupError::Config(
-                "5-level paging requested but KVM does not offer LA57".to_string(),
-            ));
+            return Err(SetupError::La57Unavailable);
         }
         let vm = Arc::new(
             kvm.create_vm()

@@ -43,9 +43,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use mmu_integration::BusError;
 use mmu_api::paging::{GuestPhysMemory, PhysMemError, WalkError, WalkOptions, walk_with};
 use mmu_api::{Access, AccessKind, Gpa, Gva, SlotId};
+use mmu_integration::BusError;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::KitError;

@@ -8,11 +8,10 @@ use common::kvm_or_skip;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mmu_api::{Gpa, Gva, MemslotFlags, PfErrorCode};
 use mmu_backends::{BackendConfig, BackendKind};
 use mmu_integration::kvm::{PageFaultDelivery, apply_action, enable_exception_payload};
 use mmu_integration::{Action, BusError};
-use mmu_api::{Gpa, Gva, MemslotFlags, PfErrorCode};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use mmu_vmm::kit::abi::tag;
 use mmu_vmm::kit::workloads::{self, AccessOp};
 use mmu_vmm::mmu::{DATA_SLOT, Devices, MmuVm, MmuVmConfig};
@@ -21,6 +20,7 @@ use mmu_vmm::{
     ExceptionAction, ExitHandler, GuestException, PagingOps, Report, VcpuArgs, VcpuContext,
     VcpuError, Vm, VmConfig,
 };
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Hang protection only: no test asserts on time.
 const LIMIT: Duration = Duration::from_secs(30);

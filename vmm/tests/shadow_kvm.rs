@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use mmu_backends::{BackendConfig, BackendKind};
 use iced_x86::code_asm::*;
-use mmu_integration::kvm::{HostCoherence, host_shadows_page_tables};
 use mmu_api::{Gpa, MmuBackend};
+use mmu_backends::{BackendConfig, BackendKind};
+use mmu_integration::kvm::{HostCoherence, host_shadows_page_tables};
 use mmu_vmm::kit::abi::tag;
 use mmu_vmm::kit::{Ring, emit};
 use mmu_vmm::mmu::{MmuVm, MmuVmConfig};
@@ -179,8 +179,8 @@ fn memslot_churn_under_running_vcpus_fast_zaps_and_frees_obsolete_pages() {
     if !kvm_or_skip("memslot_churn_under_running_vcpus_fast_zaps_and_frees_obsolete_pages") {
         return;
     }
-    use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
     use mmu_vmm::kit::workloads::{self, TouchKind};
+    use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
     let mut vm = shadow_vm(2, HostCoherence::Detect);
     let spare = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(1 << 30), 2 << 20)]).unwrap();
     let spare_region = spare.iter().next().unwrap();

@@ -9,9 +9,9 @@
 
 use std::collections::BTreeMap;
 
-use mmu_integration::{BusError, MmioBus};
 use kvm_ioctls::VcpuFd;
 use mmu_api::Gpa;
+use mmu_integration::{BusError, MmioBus};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Guest RAM: 512 KiB at guest-physical 0.

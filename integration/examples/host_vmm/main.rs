@@ -39,10 +39,10 @@ use std::error::Error;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use mmu_backends::{BackendConfig, BackendKind};
-use mmu_integration::kvm::{KvmMmu, Routed, apply_action};
 use kvm_ioctls::{Kvm, VcpuExit};
 use mmu_api::{MemslotFlags, SlotId, VcpuId, VcpuKick};
+use mmu_backends::{BackendConfig, BackendKind};
+use mmu_integration::kvm::{KvmMmu, Routed, apply_action};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use guest::{

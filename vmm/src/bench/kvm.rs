@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use mmu_backends::BackendKind;
 use iced_x86::code_asm::*;
 use mmu_api::{MemslotFlags, SlotId};
+use mmu_backends::BackendKind;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{BenchError, Configuration};
@@ -20,9 +20,9 @@ use crate::{
     ExceptionAction, ExitHandler, GuestException, Kicker, PagingOp, PagingOps, Report, VcpuArgs,
     VcpuContext, VcpuError, VmConfig,
 };
+use kvm_ioctls::VcpuExit;
 use mmu_integration::Action;
 use mmu_integration::kvm::Routed;
-use kvm_ioctls::VcpuExit;
 
 /// Most memslots an [`RrVm`] takes (guest RAM is two of them).
 pub(crate) const MAX_SLOTS: u32 = 4096;

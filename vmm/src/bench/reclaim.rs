@@ -9,9 +9,9 @@
 //! under it is visited each round, and zapping it unlinks every child. So
 //! `zapped_directories` counts in-use pages zapped.
 
+use mmu_api::{AccessMode, Gpa, Gva, MemslotFlags, MmuBackend, SlotId, VcpuId};
 use mmu_backends::shadow::soft::{SoftOutcome, SoftVcpu};
 use mmu_backends::shadow::{ReclaimPolicy, ShadowBackend, ShadowConfig};
-use mmu_api::{AccessMode, Gpa, Gva, MemslotFlags, MmuBackend, SlotId, VcpuId};
 
 use super::BenchError;
 use super::guest::{GUEST_MAXPHYADDR, GuestBuilder};

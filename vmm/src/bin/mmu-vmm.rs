@@ -387,7 +387,10 @@ fn bench_options(opts: &Options<'_>) -> Result<mmu_vmm::bench::BenchOptions, Str
     };
     Ok(mmu_vmm::bench::BenchOptions {
         vcpus: optional("--vcpus")?.map(|v| v as usize),
-        sizes: opts.raw("--mem").map(mmu_vmm::bench::parse_sizes).transpose()?,
+        sizes: opts
+            .raw("--mem")
+            .map(mmu_vmm::bench::parse_sizes)
+            .transpose()?,
         runs: optional("--runs")?.map(|v| v as usize),
         ops: optional("--ops")?,
         slots: opts
@@ -461,7 +464,8 @@ fn compare(args: &[String]) -> Result<(), String> {
         for r in &reports {
             let base = std::path::Path::new(dir).join(&r.bench);
             let svg = base.with_extension("svg");
-            mmu_vmm::bench::plot::write_svg(r, &svg.to_string_lossy()).map_err(|e| error_chain(&e))?;
+            mmu_vmm::bench::plot::write_svg(r, &svg.to_string_lossy())
+                .map_err(|e| error_chain(&e))?;
             std::fs::write(base.with_extension("txt"), r.text() + "\n")
                 .map_err(|e| format!("cannot write into {dir}: {e}"))?;
             std::fs::write(base.with_extension("json"), r.json() + "\n")
