@@ -440,6 +440,15 @@ const JSON_FAULTS: usize = 32;
 /// progress on a small host.
 const CHURN_PAUSE: Duration = Duration::from_millis(1);
 
+/// The longest the churn thread waits, under shadow, for the vCPUs to fix
+/// faults after an update before it starts the next one.
+const CHURN_PROGRESS_WAIT: Duration = Duration::from_millis(200);
+
+/// The shadow backend's count of faults it fixed.
+fn faults_fixed(shadow: &mmu_backends::shadow::ShadowBackend) -> u64 {
+    shadow.stats().get("faults_fixed").unwrap_or(0)
+}
+
 fn tag_name(tag: u64) -> String {
     tag::name(tag).map_or_else(|| format!("tag{tag}"), str::to_string)
 }
@@ -486,6 +495,7 @@ fn churn_loop(
     memslots: &mmu_integration::Memslots,
     memory: &GuestMemoryMmap,
     reclaimer: Option<&mmu_backends::shadow::ShadowBackend>,
+    vcpus: usize,
     done: &AtomicBool,
 ) -> Result<ChurnStats, RunCommandError> {
     let region = memory
@@ -503,6 +513,7 @@ fn churn_loop(
         // The on-demand reclaimer: the delete left the old generation's
         // pages on the obsolete list; free them in lock-breaking batches,
         // off the memslot update's critical path.
+        let fixed_at_update = reclaimer.map(faults_fixed);
         if let Some(shadow) = reclaimer {
             stats.reclaimed += shadow.reclaim_obsolete();
         }
@@ -511,6 +522,20 @@ fn churn_loop(
             return Ok(stats);
         }
         std::thread::sleep(CHURN_PAUSE);
+        // After a shadow fast zap every vCPU reloads its root and faults
+        // its working set back in. Where that takes longer than a cycle (a
+        // loaded host, a debug build), back-to-back updates would starve
+        // the vCPUs: let them fix about one fault each first, for a bounded
+        // time.
+        if let (Some(shadow), Some(fixed)) = (reclaimer, fixed_at_update) {
+            let deadline = Instant::now() + CHURN_PROGRESS_WAIT;
+            while faults_fixed(shadow) < fixed + vcpus as u64
+                && Instant::now() < deadline
+                && !done.load(Ordering::Acquire)
+            {
+                std::thread::sleep(CHURN_PAUSE);
+            }
+        }
     }
 }
 
@@ -525,7 +550,7 @@ fn run_churning(
     let reclaimer = vm.shadow_backend().cloned();
     let (vm, handlers, memslots) = vm.parts();
     beside_host_thread(vm, handlers, program, args, limit, "churn", |done| {
-        churn_loop(memslots, churn_memory, reclaimer.as_ref(), done)
+        churn_loop(memslots, churn_memory, reclaimer.as_ref(), args.len(), done)
     })
 }
 
