@@ -2,7 +2,7 @@
 //! for writes to page tables a shadow MMU protects (a #PF the shadow backend
 //! answers `Mmio` or `Emulate`, which KVM does not decode for us because the
 //! fault reaches the guest kit's stub, not KVM's MMIO exit). The shadow
-//! backend's hosting on KVM, which will use it, is not there yet.
+//! backend's hosting on KVM ([`crate::shadow_host`]) uses it.
 //!
 //! Only what the guest kit's workloads and a VMM's device accesses need:
 //! MOV loads and stores of 1, 2, 4 or 8 bytes between a general-purpose

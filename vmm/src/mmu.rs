@@ -4,7 +4,7 @@
 //! chosen at creation ([`BackendKind`]): the memslots go through the
 //! backend (the EPT backend mirrors them into KVM with its port), and every
 //! vCPU's exits go through an [`MmuHandler`], which hands them to
-//! `integration`'s exit handler: MMIO exits are classified by the backend
+//! `mmu-integration`'s exit handler: MMIO exits are classified by the backend
 //! and served on the VM's [`Devices`]; guest #PFs the kit reports and the
 //! paravirtual paging calls reach the vCPU's `MmuVcpu`.
 //!
@@ -99,7 +99,7 @@ impl MmioBus for VcpuBus {
     }
 }
 
-/// The [`ExitHandler`] of one vCPU of an [`MmuVm`]: its `integration`
+/// The [`ExitHandler`] of one vCPU of an [`MmuVm`]: its `mmu-integration`
 /// exit handler (which owns the vCPU's `MmuVcpu`) and its bus.
 pub struct MmuHandler {
     exits: VcpuExits,
@@ -235,9 +235,10 @@ impl ExitHandler for MmuHandler {
         }
     }
 
-    /// The paravirtual paging calls reach the vCPU's MMU; the native
-    /// instruction still runs (the hardware walks the guest's own tables
-    /// under the backends this VM can host).
+    /// The paravirtual paging calls reach the vCPU's MMU. Under `ept` the
+    /// native instruction still runs (the hardware walks the guest's own
+    /// tables); under `shadow` a CR3 load installs the MMU's root instead,
+    /// and INVLPG and flushes still run natively.
     fn paging_op(&mut self, vcpu: &mut VcpuContext<'_>, op: PagingOp) -> Result<u32, VcpuError> {
         if let Some(host) = self.shadow.as_mut() {
             // The hardware walks the shadow tables: a CR3 load is the MMU's

@@ -1,5 +1,5 @@
 //! The shadow backend hosted on KVM: what one vCPU's exit handler does on
-//! top of `integration` when the tables KVM walks are the shadow tables.
+//! top of `mmu-integration` when the tables KVM walks are the shadow tables.
 //!
 //! - **Roots**: the vCPU's real CR3 is the shadow root the MMU gives; the
 //!   guest's own CR3 lives here ([`ShadowVcpuHost::guest_cr3`]) and is what

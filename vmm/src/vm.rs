@@ -169,7 +169,7 @@ impl Vm {
     /// before the guest image is written or any vCPU is created; whatever
     /// it returns is handed back with the VM. Whatever keeps a clone of the
     /// VM fd must keep the memory it registers mapped for as long (the
-    /// `integration` memslot glue does: it holds each region's mapping
+    /// `mmu-integration` memslot glue does: it holds each region's mapping
     /// until it has deleted the region's memslot).
     ///
     /// Guest memory has two regions: the system area (descriptors, kernel,

@@ -32,7 +32,8 @@
 //!
 //! # Exceptions
 //!
-//! Every IDT vector but [`SYSCALL_VECTOR`] has a stub that pushes a zero error code (if
+//! Every IDT vector but [`SYSCALL_VECTOR`] and [`REPLAY_VECTOR`] (whose gate
+//! jumps straight to the return path) has a stub that pushes a zero error code (if
 //! the CPU pushed none) and the vector number, saves RAX and RDX, and makes
 //! the [`hypercall::EXCEPTION`] hypercall. At that exit RSP points to
 //! this frame (8-byte words):
@@ -236,7 +237,6 @@ pub mod percpu {
     pub const REPLAY_PENDING: u64 = 24;
     /// Where [`DELIVER`](super::action::DELIVER) resumes a CPL3 program
     /// (0: nowhere). Set by [`SET_FAULT_HANDLER`](super::syscall::SET_FAULT_HANDLER).
-    /// (Offset 24 is reserved.)
     pub const FAULT_RIP: u64 = 32;
     /// Faults delivered since the run started; can exceed
     /// [`FAULT_CAPACITY`](super::FAULT_CAPACITY) (only the count grows then).
