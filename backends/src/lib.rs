@@ -68,6 +68,7 @@ pub use mmu_shadow::{PoolError, ShadowConfig};
 /// Which MMU backend a VM uses. Parses from and prints as `"shadow"` /
 /// `"ept"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
 pub enum BackendKind {
     /// Software shadow paging (`mmu-shadow`, cargo feature `shadow`).
     Shadow,
