@@ -93,17 +93,19 @@ fn map(ram: &GuestRam, leaves: &[u64]) -> PagingContext {
     for (i, leaf) in leaves.iter().enumerate() {
         ram.write_u64(0x4000 + 8 * i as u64, *leaf);
     }
-    let mut ctx = PagingContext::for_mode(PagingMode::Level4, 0x1000, 46).unwrap();
+    let mut ctx = PagingContext::for_mode(
+        PagingMode::Level4,
+        0x1000,
+        46,
+        mmu_api::paging::CpuFeatures::all(),
+    )
+    .unwrap();
     ctx.cpl = 3;
     ctx
 }
 
-const DEBUG: WalkOptions = WalkOptions {
-    set_accessed_dirty: false,
-};
-const AS_CPU: WalkOptions = WalkOptions {
-    set_accessed_dirty: true,
-};
+const DEBUG: WalkOptions = WalkOptions::without_accessed_dirty();
+const AS_CPU: WalkOptions = WalkOptions::with_accessed_dirty();
 
 #[test]
 fn translation_follows_the_guest_tables() {
@@ -257,22 +259,28 @@ fn memslot_errors_are_the_same_everywhere() {
         set(&*backend, good).unwrap();
         let generation = backend.memslot_generation();
 
-        let zero = Memslot { size: 0, ..good };
+        let zero = {
+            let mut m = good;
+            m.size = 0;
+            m
+        };
         assert_eq!(set(&*backend, zero), Err(MemslotError::ZeroSize(SlotId(0))));
-        let unaligned = Memslot {
-            id: SlotId(1),
-            guest_base: Gpa(0x20_0800),
-            ..good
+        let unaligned = {
+            let mut m = good;
+            m.id = SlotId(1);
+            m.guest_base = Gpa(0x20_0800);
+            m
         };
         assert_eq!(
             set(&*backend, unaligned),
             Err(MemslotError::Unaligned(SlotId(1))),
             "{kind}"
         );
-        let too_high = Memslot {
-            id: SlotId(1),
-            guest_base: Gpa((1 << 46) - 0x1000),
-            ..good
+        let too_high = {
+            let mut m = good;
+            m.id = SlotId(1);
+            m.guest_base = Gpa((1 << 46) - 0x1000);
+            m
         };
         assert!(
             matches!(set(&*backend, too_high), Err(MemslotError::TooLarge { .. })),
@@ -290,19 +298,21 @@ fn memslot_errors_are_the_same_everywhere() {
             ),
             "{kind}"
         );
-        let grown = Memslot {
-            size: good.size + 0x1000,
-            ..good
+        let grown = {
+            let mut m = good;
+            m.size = good.size + 0x1000;
+            m
         };
         assert_eq!(
             set(&*backend, grown),
             Err(MemslotError::IllegalChange(SlotId(0))),
             "{kind}"
         );
-        let moved_and_flagged = Memslot {
-            guest_base: Gpa(0x40_0000),
-            flags: MemslotFlags::READONLY,
-            ..good
+        let moved_and_flagged = {
+            let mut m = good;
+            m.guest_base = Gpa(0x40_0000);
+            m.flags = MemslotFlags::READONLY;
+            m
         };
         assert_eq!(
             set(&*backend, moved_and_flagged),

@@ -396,15 +396,9 @@ mod tests {
     #[test]
     fn root_loads_and_fault_outcomes_map_to_actions() {
         assert_eq!(Action::from_root_load(RootLoad::default()), Action::Resume);
-        let flush = RootLoad {
-            root: None,
-            flush_tlb: true,
-        };
+        let flush = RootLoad::new(None, true);
         assert_eq!(Action::from_root_load(flush), Action::LoadRoot(flush));
-        let root = RootLoad {
-            root: Some(mmu_api::Hpa(0x1000)),
-            flush_tlb: false,
-        };
+        let root = RootLoad::new(Some(mmu_api::Hpa(0x1000)), false);
         assert_eq!(Action::from_root_load(root), Action::LoadRoot(root));
 
         let gpa = Gpa(0x5000);
@@ -669,7 +663,13 @@ mod tests {
         let ram = leak_ram(0x4000);
         add_ram(&*backend, ram, 0, 0, MemslotFlags::empty());
         let mut exits = vcpu(&*backend, 0);
-        let ctx = PagingContext::for_mode(PagingMode::Level4, 0x1000, 46).unwrap();
+        let ctx = PagingContext::for_mode(
+            PagingMode::Level4,
+            0x1000,
+            46,
+            mmu_api::paging::CpuFeatures::all(),
+        )
+        .unwrap();
         assert_eq!(exits.set_paging_context(&ctx).unwrap(), Action::Resume);
         assert_eq!(exits.mmu().paging_context().cr3, 0x1000);
         exits.invlpg(Gva(0x4000));
@@ -693,7 +693,13 @@ mod tests {
         add_ram(&*backend, ram, 0, 0, MemslotFlags::empty());
         let mut exits = vcpu(&*backend, 0);
         // 4-level paging with an empty PML4 at 0x1000.
-        let ctx = PagingContext::for_mode(PagingMode::Level4, 0x1000, 46).unwrap();
+        let ctx = PagingContext::for_mode(
+            PagingMode::Level4,
+            0x1000,
+            46,
+            mmu_api::paging::CpuFeatures::all(),
+        )
+        .unwrap();
         let action = exits.set_paging_context(&ctx).unwrap();
         assert!(
             matches!(action, Action::LoadRoot(RootLoad { root: Some(_), .. })),

@@ -740,16 +740,16 @@ mod tests {
     #[test]
     fn kvm_memory_regions_carry_the_flags() {
         use mmu_api::{HostBacking, HostVirtAddr, Hpa, Memslot, MemslotFlags, SlotId};
-        let slot = Memslot {
-            id: SlotId(7),
-            guest_base: Gpa(0x10_0000),
-            size: 0x20_0000,
-            backing: HostBacking {
+        let slot = Memslot::new(
+            SlotId(7),
+            Gpa(0x10_0000),
+            0x20_0000,
+            HostBacking {
                 hpa: Hpa(0x10_0000),
                 host_addr: HostVirtAddr(0x7f00_0000_0000),
             },
-            flags: MemslotFlags::LOG_DIRTY | MemslotFlags::READONLY,
-        };
+            MemslotFlags::LOG_DIRTY | MemslotFlags::READONLY,
+        );
         let region = KvmMemory::region(&slot, slot.size);
         assert_eq!(region.slot, 7);
         assert_eq!(region.guest_phys_addr, 0x10_0000);
@@ -760,9 +760,10 @@ mod tests {
             kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES | kvm_bindings::KVM_MEM_READONLY
         );
         let delete = KvmMemory::region(
-            &Memslot {
-                flags: MemslotFlags::empty(),
-                ..slot
+            &{
+                let mut m = slot;
+                m.flags = MemslotFlags::empty();
+                m
             },
             0,
         );

@@ -14,8 +14,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use mmu_api::{
-    DirtyBitmap, Gpa, HostBacking, HostVirtAddr, Hpa, Memslot, MemslotChange, MemslotError,
-    MemslotFlags, MmuBackend, SlotId,
+    DirtyBitmap, Gpa, HostBacking, HostVirtAddr, Hpa, HypervisorError, Memslot, MemslotChange,
+    MemslotError, MemslotFlags, MmuBackend, SlotId,
 };
 use tracing::{debug, warn};
 use vm_memory::bitmap::Bitmap;
@@ -51,16 +51,16 @@ impl UserRegion {
         let mut flags = MemslotFlags::empty();
         flags.set(MemslotFlags::READONLY, self.readonly);
         flags.set(MemslotFlags::LOG_DIRTY, self.log_dirty);
-        Memslot {
-            id: SlotId(self.slot),
-            guest_base: Gpa(self.guest_phys_addr),
-            size: self.memory_size,
-            backing: HostBacking {
+        Memslot::new(
+            SlotId(self.slot),
+            Gpa(self.guest_phys_addr),
+            self.memory_size,
+            HostBacking {
                 hpa: Hpa(self.guest_phys_addr),
                 host_addr: HostVirtAddr(self.userspace_addr),
             },
             flags,
-        }
+        )
     }
 }
 
@@ -234,7 +234,8 @@ impl Memslots {
         if new && let Some(mirror) = &self.mirror {
             // SAFETY: forwarded from our caller; the mirror is removed in
             // `delete` before the slot's memory is released.
-            unsafe { mirror.map(&slot) }.map_err(|e| MemslotError::Hypervisor(e.to_string()))?;
+            unsafe { mirror.map(&slot) }
+                .map_err(|e| MemslotError::Hypervisor(HypervisorError::new(e)))?;
         }
         // SAFETY: forwarded from our caller.
         let change = match unsafe { self.backend.set_memslot(slot) } {
@@ -309,7 +310,7 @@ impl Memslots {
         if let Some(mirror) = &self.mirror {
             mirror
                 .unmap(&old)
-                .map_err(|e| MemslotError::Hypervisor(e.to_string()))?;
+                .map_err(|e| MemslotError::Hypervisor(HypervisorError::new(e)))?;
         }
         debug!(
             backend = self.backend.name(),
@@ -328,7 +329,7 @@ impl Memslots {
             let slot = self.slot(id)?;
             let words = mirror
                 .dirty_log(&slot)
-                .map_err(|e| MemslotError::Hypervisor(e.to_string()))?;
+                .map_err(|e| MemslotError::Hypervisor(HypervisorError::new(e)))?;
             if let Some(words) = words {
                 log.merge(&DirtyBitmap::from_words(slot.pages(), words));
             }

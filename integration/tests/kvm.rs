@@ -261,10 +261,8 @@ fn kvm_refusals_are_reported_and_change_nothing() {
     // KVM's own answers through the port.
     let err = port.get_dirty_log(&rom).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
-    let unknown = mmu_api::Memslot {
-        id: SlotId(9),
-        ..rom
-    };
+    let mut unknown = rom;
+    unknown.id = SlotId(9);
     let err = port.delete_user_memory_region(&unknown).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
 
@@ -309,17 +307,11 @@ fn actions_are_applied_to_the_vcpu() {
     let delivery = f.mmu.page_fault_delivery();
 
     // A new root goes to CR3.
-    let root = RootLoad {
-        root: Some(Hpa(0x7000)),
-        flush_tlb: true,
-    };
+    let root = RootLoad::new(Some(Hpa(0x7000)), true);
     apply_action(&f.vcpu, Action::LoadRoot(root), delivery).unwrap();
     assert_eq!(f.vcpu.get_sregs().unwrap().cr3, 0x7000);
     // What KVM cannot do, and what this crate does not do, are typed.
-    let flush = RootLoad {
-        root: None,
-        flush_tlb: true,
-    };
+    let flush = RootLoad::new(None, true);
     assert!(matches!(
         apply_action(&f.vcpu, Action::LoadRoot(flush), delivery),
         Err(ApplyError::FlushWithoutRoot)

@@ -21,6 +21,14 @@ macro_rules! address_type {
         pub struct $name(pub u64);
 
         impl $name {
+            /// The address `raw`. There is deliberately no `From<u64>`: a
+            /// raw number becomes an address only where the code says which
+            /// space it is in.
+            #[inline]
+            pub const fn new(raw: u64) -> Self {
+                Self(raw)
+            }
+
             /// The raw address.
             #[inline]
             pub const fn raw(self) -> u64 {
@@ -58,13 +66,6 @@ macro_rules! address_type {
             #[inline]
             pub const fn wrapping_add(self, offset: u64) -> Self {
                 Self(self.0.wrapping_add(offset))
-            }
-        }
-
-        impl From<u64> for $name {
-            #[inline]
-            fn from(raw: u64) -> Self {
-                Self(raw)
             }
         }
 

@@ -28,12 +28,21 @@ pub trait VcpuKick: Send + Sync + fmt::Debug {
 
 /// What the hardware must load before the guest runs (again).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub struct RootLoad {
     /// The root table the hardware's CR3 must point to; `None` when the
     /// guest's own CR3 is used (hardware two-dimensional paging).
     pub root: Option<Hpa>,
     /// Flush the hardware TLB for this vCPU before entry.
     pub flush_tlb: bool,
+}
+
+impl RootLoad {
+    /// Load `root` (`None`: keep the guest's own CR3), flushing the TLB
+    /// first if `flush_tlb`.
+    pub const fn new(root: Option<Hpa>, flush_tlb: bool) -> Self {
+        Self { root, flush_tlb }
+    }
 }
 
 /// Result of [`MmuVcpu::handle_page_fault`].
@@ -93,6 +102,7 @@ pub enum MmioClass {
 
 /// Named counters a backend exposes (in the spirit of KVM's binary stats).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct MmuStats {
     /// Which backend produced them.
     pub backend: &'static str,
@@ -101,6 +111,11 @@ pub struct MmuStats {
 }
 
 impl MmuStats {
+    /// The counters of `backend`, in the order given.
+    pub fn new(backend: &'static str, counters: Vec<(&'static str, u64)>) -> Self {
+        Self { backend, counters }
+    }
+
     /// The value of counter `name`, if the backend has it.
     pub fn get(&self, name: &str) -> Option<u64> {
         self.counters

@@ -1,9 +1,14 @@
 //! Typed errors, one enum per concern.
 
+use core::fmt;
+use core::hash::{Hash, Hasher};
+use std::sync::Arc;
+
 use crate::addr::{Gpa, SlotId, VcpuId};
 
 /// A paging context that no CPU can be in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
 pub enum ContextError {
     /// MAXPHYADDR outside 32..=52.
     #[error("MAXPHYADDR {0} is outside 32..=52")]
@@ -27,6 +32,7 @@ pub enum ContextError {
 
 /// A memslot operation the backend refuses.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
 pub enum MemslotError {
     /// Size zero.
     #[error("{0} has size zero")]
@@ -74,12 +80,82 @@ pub enum MemslotError {
     #[error("{0} has an invalid host backing")]
     InvalidBacking(SlotId),
     /// The host-side hypervisor refused the change.
-    #[error("the hypervisor refused the memslot change: {0}")]
-    Hypervisor(String),
+    #[error("the hypervisor refused the memslot change")]
+    Hypervisor(#[source] HypervisorError),
+}
+
+/// An error from the host-side hypervisor, kept whole (with its own
+/// source chain and, for a failed system call, its errno) and cheap to
+/// clone.
+///
+/// Two values compare equal when they are the same error or print the
+/// same text.
+#[derive(Clone)]
+pub struct HypervisorError(Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl HypervisorError {
+    /// Wraps `error`.
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self(Arc::new(error))
+    }
+
+    /// The OS error number, when the hypervisor's error or one of its
+    /// sources is a [`std::io::Error`] from a failed system call (ioctl).
+    pub fn raw_os_error(&self) -> Option<i32> {
+        let mut error: Option<&(dyn std::error::Error + 'static)> = Some(&*self.0);
+        while let Some(e) = error {
+            if let Some(errno) = e
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::raw_os_error)
+            {
+                return Some(errno);
+            }
+            error = e.source();
+        }
+        None
+    }
+
+    /// The error itself, e.g. to downcast to the hypervisor crate's type.
+    pub fn get_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl fmt::Debug for HypervisorError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for HypervisorError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+impl std::error::Error for HypervisorError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for HypervisorError {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for HypervisorError {}
+
+impl Hash for HypervisorError {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.to_string().hash(state);
+    }
 }
 
 /// Errors from backend-wide operations.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum BackendError {
     /// A memslot operation failed.
     #[error(transparent)]
@@ -107,6 +183,7 @@ pub enum BackendError {
 
 /// Errors from a vCPU's MMU operations.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum VcpuError {
     /// The paging context is impossible.
     #[error("invalid paging context")]
@@ -125,6 +202,9 @@ pub enum VcpuError {
         /// Its length.
         len: usize,
     },
+    /// The guest walk ended in an error the backend has no answer for.
+    #[error("the guest page-table walk failed")]
+    Walk(#[source] crate::paging::WalkError),
     /// The backend could not allocate a table page even after reclaim.
     #[error("no shadow page could be allocated after reclaim")]
     OutOfPages,

@@ -26,13 +26,8 @@
 //! use mmu_api::{Gpa, HostBacking, HostVirtAddr, Hpa, Memslot, MemslotFlags, MemslotTable, SlotId};
 //!
 //! let mut slots = MemslotTable::new(46, 32);
-//! let ram = Memslot {
-//!     id: SlotId(0),
-//!     guest_base: Gpa(0),
-//!     size: 1 << 30,
-//!     backing: HostBacking { hpa: Hpa(0x1_0000_0000), host_addr: HostVirtAddr(0x7f00_0000_0000) },
-//!     flags: MemslotFlags::LOG_DIRTY,
-//! };
+//! let backing = HostBacking { hpa: Hpa(0x1_0000_0000), host_addr: HostVirtAddr(0x7f00_0000_0000) };
+//! let ram = Memslot::new(SlotId(0), Gpa(0), 1 << 30, backing, MemslotFlags::LOG_DIRTY);
 //! slots.set(ram).unwrap();
 //! assert_eq!(slots.find(Gpa(0x1234)).unwrap().id, SlotId(0));
 //! assert!(slots.find(Gpa(1 << 30)).is_none()); // MMIO above RAM
@@ -47,7 +42,7 @@ pub mod paging;
 
 pub use addr::{Gfn, Gpa, Gva, Hpa, PAGE_OFFSET_MASK, PAGE_SHIFT, PAGE_SIZE, SlotId, VcpuId};
 pub use backend::{FaultOutcome, MmioClass, MmuBackend, MmuStats, MmuVcpu, RootLoad, VcpuKick};
-pub use error::{BackendError, ContextError, MemslotError, VcpuError};
+pub use error::{BackendError, ContextError, HypervisorError, MemslotError, VcpuError};
 pub use memslot::{
     DEFAULT_MAX_SLOTS, DirtyBitmap, HostBacking, HostVirtAddr, Memslot, MemslotChange,
     MemslotFlags, MemslotGeneration, MemslotTable,

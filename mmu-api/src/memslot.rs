@@ -38,6 +38,7 @@ pub struct HostBacking {
 
 /// One memslot.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[non_exhaustive]
 pub struct Memslot {
     /// The VMM's id for the slot.
     pub id: SlotId,
@@ -52,6 +53,25 @@ pub struct Memslot {
 }
 
 impl Memslot {
+    /// Slot `id`: `size` bytes of guest-physical memory from `guest_base`,
+    /// backed by `backing`, with `flags`. Checked when it is added to a
+    /// [`MemslotTable`], not here.
+    pub const fn new(
+        id: SlotId,
+        guest_base: Gpa,
+        size: u64,
+        backing: HostBacking,
+        flags: MemslotFlags,
+    ) -> Self {
+        Self {
+            id,
+            guest_base,
+            size,
+            backing,
+            flags,
+        }
+    }
+
     /// Number of 4 KiB pages.
     pub const fn pages(&self) -> u64 {
         self.size >> PAGE_SHIFT
@@ -92,6 +112,7 @@ impl Memslot {
 
 /// What a [`MemslotTable::set`] did, so backends zap what they must.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[non_exhaustive]
 pub enum MemslotChange {
     /// A new slot.
     Created,

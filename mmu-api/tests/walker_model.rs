@@ -411,17 +411,14 @@ fn make_ctx(mode: Mode, m: u8, cr3: u64, o: &Opts) -> PagingContext {
     if o.nxe {
         efer |= EFER_NXE;
     }
-    let ctx = PagingContext {
-        cr0: Cr0::from_bits_retain(cr0),
-        cr3: cr3 | o.cr3_junk,
-        cr4: Cr4::from_bits_retain(cr4),
-        efer: Efer::from_bits_retain(efer),
-        cpl: o.cpl,
-        eflags_ac: o.ac,
-        pkru: o.pkru,
-        maxphyaddr: m,
-        features: o.features,
-    };
+    let mut ctx = PagingContext::new(o.features, m);
+    ctx.cr0 = Cr0::from_bits_retain(cr0);
+    ctx.cr3 = cr3 | o.cr3_junk;
+    ctx.cr4 = Cr4::from_bits_retain(cr4);
+    ctx.efer = Efer::from_bits_retain(efer);
+    ctx.cpl = o.cpl;
+    ctx.eflags_ac = o.ac;
+    ctx.pkru = o.pkru;
     if let Err(e) = ctx.validate() {
         panic!("test built an invalid context {ctx:?}: {e}");
     }
@@ -450,6 +447,7 @@ fn accesses(implicit_cpl: u8) -> impl Iterator<Item = (Access, u8)> {
                     }
                 }
                 AccessMode::ImplicitSupervisor => implicit_cpl,
+                other => panic!("the model has no CPL for {other:?}"),
             };
             (Access { kind, mode }, cpl)
         })
@@ -1381,6 +1379,7 @@ fn raw_to_case(r: &RawCase) -> Case {
         AccessMode::User => 3,
         AccessMode::Supervisor => r.cpl_roll % 3,
         AccessMode::ImplicitSupervisor => r.cpl_roll % 4,
+        other => panic!("the model has no CPL for {other:?}"),
     };
     let access = Access {
         kind: KINDS[usize::from(r.kind)],
@@ -1570,9 +1569,7 @@ fn walker_matches_model_on_random_tables() {
         let mem = LoggedSparse::default();
         checked.set(checked.get() + 1);
         for options in [
-            WalkOptions {
-                set_accessed_dirty: false,
-            },
+            WalkOptions::without_accessed_dirty(),
             WalkOptions::default(),
         ] {
             let (class, mismatch) = check_case(&mem, &case, options);

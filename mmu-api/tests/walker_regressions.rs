@@ -7,8 +7,8 @@
 mod model;
 
 use mmu_api::paging::{
-    Access, AccessKind, Cr0, Cr4, Efer, GuestPhysMemory, PageSize, PagingContext, SparseMemory,
-    WalkOptions, walk_with,
+    Access, AccessKind, CpuFeatures, Cr0, Cr4, Efer, GuestPhysMemory, PageSize, PagingContext,
+    SparseMemory, WalkOptions, walk_with,
 };
 use mmu_api::{Gfn, Gpa, Gva};
 
@@ -30,14 +30,11 @@ fn pae_pdpt_used_as_directory_and_table() {
     let mem = SparseMemory::new();
     mem.add_frame(Gfn(1));
     mem.write_u64(Gpa(0x1000), 0x1001).expect("backed");
-    let ctx = PagingContext {
-        cr0: Cr0::PE | Cr0::PG,
-        cr3: 0x1000,
-        cr4: Cr4::PAE,
-        efer: Efer::NXE,
-        maxphyaddr: 44,
-        ..PagingContext::default()
-    };
+    let mut ctx = PagingContext::new(CpuFeatures::all(), 44);
+    ctx.cr0 = Cr0::PE | Cr0::PG;
+    ctx.cr3 = 0x1000;
+    ctx.cr4 = Cr4::PAE;
+    ctx.efer = Efer::NXE;
     let access = Access::supervisor(AccessKind::Write);
     let read = |gpa: u64| mem.read_u64(Gpa(gpa)).ok();
     let expected = model::model_walk(&ctx, &read, 0x10, access, true);

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use mmu_api::{
-    BackendError, DirtyBitmap, Gpa, Memslot, MemslotChange, MemslotError, MemslotFlags,
-    MemslotGeneration, MemslotTable, MmuBackend, MmuStats, MmuVcpu, PAGE_SHIFT, SlotId, VcpuId,
-    VcpuKick,
+    BackendError, DirtyBitmap, Gpa, HypervisorError, Memslot, MemslotChange, MemslotError,
+    MemslotFlags, MemslotGeneration, MemslotTable, MmuBackend, MmuStats, MmuVcpu, PAGE_SHIFT,
+    SlotId, VcpuId, VcpuKick,
 };
 
 use crate::config::EptConfig;
@@ -183,11 +183,14 @@ impl EptBackend {
         &self.shared.config
     }
 
-    fn refused(what: &str, slot: &Memslot, err: &io::Error) -> MemslotError {
-        MemslotError::Hypervisor(format!(
-            "{what} {} at {} ({:#x} bytes): {err}",
-            slot.id, slot.guest_base, slot.size
-        ))
+    fn refused(what: &'static str, slot: &Memslot, err: io::Error) -> MemslotError {
+        MemslotError::Hypervisor(HypervisorError::new(RegionRefused {
+            what,
+            slot: slot.id,
+            guest_base: slot.guest_base,
+            size: slot.size,
+            source: err,
+        }))
     }
 
     fn trace_update(what: &'static str, slot: &Memslot, generation: MemslotGeneration) {
@@ -255,7 +258,7 @@ impl MmuBackend for EptBackend {
         let applied = unsafe { shared.hypervisor.set_user_memory_region(&slot) };
         if let Err(err) = applied {
             shared.abort_update(before);
-            return Err(Self::refused("setting", &slot, &err));
+            return Err(Self::refused("setting", &slot, err));
         }
         {
             let mut state = shared.write_slots();
@@ -278,6 +281,7 @@ impl MmuBackend for EptBackend {
             MemslotChange::Moved { .. } => "moved",
             MemslotChange::FlagsChanged { .. } => "flags changed",
             MemslotChange::Unchanged => "unchanged",
+            _ => "changed",
         };
         Self::trace_update(what, &slot, generation);
         Ok(change)
@@ -300,7 +304,7 @@ impl MmuBackend for EptBackend {
         let before = shared.begin_update();
         if let Err(err) = shared.hypervisor.delete_user_memory_region(&old) {
             shared.abort_update(before);
-            return Err(Self::refused("deleting", &old, &err));
+            return Err(Self::refused("deleting", &old, err));
         }
         {
             let mut state = shared.write_slots();
@@ -349,7 +353,7 @@ impl MmuBackend for EptBackend {
             .shared
             .hypervisor
             .get_dirty_log(&slot)
-            .map_err(|err| Self::refused("reading the dirty log of", &slot, &err))?;
+            .map_err(|err| Self::refused("reading the dirty log of", &slot, err))?;
         let mut bitmap = DirtyBitmap::from_words(slot.pages(), guest_words);
         bitmap.merge(&DirtyBitmap::from_words(slot.pages(), host_log.take()));
         VmCounters::add(&self.shared.counters.dirty_pages_harvested, bitmap.count());
@@ -402,10 +406,7 @@ impl MmuBackend for EptBackend {
             }
         }
         counters.extend(self.shared.counters.snapshot());
-        MmuStats {
-            backend: BACKEND_NAME,
-            counters,
-        }
+        MmuStats::new(BACKEND_NAME, counters)
     }
 
     /// Not applicable: the backend holds no table pages.
@@ -424,4 +425,15 @@ impl MmuBackend for EptBackend {
             }),
         }
     }
+}
+
+/// The hypervisor port refused a region change; the errno is in `source`.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {slot} at {guest_base} ({size:#x} bytes)")]
+struct RegionRefused {
+    what: &'static str,
+    slot: SlotId,
+    guest_base: Gpa,
+    size: u64,
+    source: io::Error,
 }

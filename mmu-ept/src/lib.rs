@@ -72,6 +72,7 @@ mod dirty;
 mod mmio_cache;
 mod port;
 mod stats;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 mod tlb;
 mod vcpu;

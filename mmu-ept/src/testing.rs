@@ -228,16 +228,11 @@ impl GuestRam {
     /// A memslot of the whole RAM at `guest_base`. The "hardware" address
     /// is the host address: in-process, there is no other view.
     pub fn memslot(&self, id: SlotId, guest_base: Gpa, flags: MemslotFlags) -> Memslot {
-        Memslot {
-            id,
-            guest_base,
-            size: self.size(),
-            backing: HostBacking {
-                hpa: Hpa(self.host_addr().0),
-                host_addr: self.host_addr(),
-            },
-            flags,
-        }
+        let backing = HostBacking {
+            hpa: Hpa(self.host_addr().0),
+            host_addr: self.host_addr(),
+        };
+        Memslot::new(id, guest_base, self.size(), backing, flags)
     }
 
     fn word(&self, offset: u64) -> &AtomicU64 {
@@ -265,16 +260,16 @@ mod tests {
     use super::*;
 
     fn slot(id: u32, base: u64, pages: u64, flags: MemslotFlags) -> Memslot {
-        Memslot {
-            id: SlotId(id),
-            guest_base: Gpa(base),
-            size: pages * PAGE_SIZE,
-            backing: HostBacking {
+        Memslot::new(
+            SlotId(id),
+            Gpa(base),
+            pages * PAGE_SIZE,
+            HostBacking {
                 hpa: Hpa(0x1_0000_0000 * u64::from(id + 1)),
                 host_addr: HostVirtAddr(0x7f00_0000_0000 + 0x1_0000_0000 * u64::from(id)),
             },
             flags,
-        }
+        )
     }
 
     fn set(hv: &InProcessHypervisor, s: &Memslot) -> io::Result<()> {

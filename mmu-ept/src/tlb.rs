@@ -27,11 +27,14 @@ fn access_bit(access: Access) -> u16 {
         AccessKind::Read => 0,
         AccessKind::Write => 1,
         AccessKind::Fetch => 2,
+        // A new kind of access is never cached as allowed.
+        _ => return 0,
     };
     let mode = match access.mode {
         AccessMode::User => 0,
         AccessMode::Supervisor => 1,
         AccessMode::ImplicitSupervisor => 2,
+        _ => return 0,
     };
     1 << (kind * 3 + mode)
 }
@@ -226,7 +229,13 @@ mod tests {
     }
 
     fn ctx() -> PagingContext {
-        let mut ctx = PagingContext::for_mode(PagingMode::Level4, 0x1000, 46).unwrap();
+        let mut ctx = PagingContext::for_mode(
+            PagingMode::Level4,
+            0x1000,
+            46,
+            mmu_api::paging::CpuFeatures::all(),
+        )
+        .unwrap();
         ctx.cr4 |= Cr4::PGE;
         ctx
     }

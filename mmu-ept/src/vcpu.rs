@@ -20,10 +20,7 @@ use crate::tlb::{SoftTlb, TlbLookup};
 /// What a vCPU must load before entry under EPT: nothing. The guest's own
 /// CR3 is used, and the hypervisor keeps its second stage and the hardware
 /// TLB coherent itself.
-const PASSTHROUGH: RootLoad = RootLoad {
-    root: None,
-    flush_tlb: false,
-};
+const PASSTHROUGH: RootLoad = RootLoad::new(None, false);
 
 /// The MMU half of one vCPU under the EPT backend. Created by
 /// [`EptBackend`](crate::EptBackend)'s `create_vcpu`; owned by the vCPU
@@ -136,10 +133,11 @@ impl MmuVcpu for EptVcpu {
     /// under the old state. The hardware keeps using the guest's own CR3.
     fn set_paging_context(&mut self, ctx: &PagingContext) -> Result<RootLoad, VcpuError> {
         ctx.validate()?;
-        let cr3_load_only = PagingContext {
-            cr3: ctx.cr3,
-            ..self.ctx
-        } == *ctx;
+        let cr3_load_only = {
+            let mut same_but_cr3 = self.ctx;
+            same_but_cr3.cr3 = ctx.cr3;
+            same_but_cr3 == *ctx
+        };
         self.flush_tlb_entries(!cr3_load_only);
         self.ctx = *ctx;
         Ok(PASSTHROUGH)

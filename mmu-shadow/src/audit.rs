@@ -309,9 +309,7 @@ fn audit_against_guest(st: &MmuState, root: &CachedRoot, problems: &mut Vec<Stri
                 &mem,
                 Gva(gva),
                 Access::supervisor(AccessKind::Read),
-                WalkOptions {
-                    set_accessed_dirty: false,
-                },
+                WalkOptions::without_accessed_dirty(),
             );
             let Ok(t) = t else {
                 problems.push(format!(

@@ -341,6 +341,8 @@ impl MmuBackend for ShadowBackend {
                 }
             }
             MemslotChange::Unchanged => {}
+            // A change this backend does not know: zap, the safe answer.
+            _ => zap = true,
         }
         if logs {
             st.dirty
@@ -448,10 +450,7 @@ impl MmuBackend for ShadowBackend {
         let st = self.inner.lock();
         let mut counters = st.counters.named(st.used_pages(), st.obsolete_pending);
         counters.push(("frames_quarantined", st.pool.quarantined()));
-        MmuStats {
-            backend: "shadow",
-            counters,
-        }
+        MmuStats::new("shadow", counters)
     }
 
     fn page_limit(&self) -> Option<u64> {

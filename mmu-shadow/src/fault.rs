@@ -399,6 +399,7 @@ impl MmuState {
             }
             Err(WalkError::Contended) => return Ok(FaultOutcome::Retry),
             Err(WalkError::InvalidContext(e)) => return Err(VcpuError::Context(e)),
+            Err(other) => return Err(VcpuError::Walk(other)),
         };
         // The entries as the walk left them. Read back rather than taken from
         // the walk: a frame used at two levels of the same walk (aliasing)
@@ -545,9 +546,7 @@ impl MmuState {
         peek.cr4
             .remove(mmu_api::paging::Cr4::SMAP | mmu_api::paging::Cr4::PKE);
         peek.cpl = 0;
-        let no_ad = WalkOptions {
-            set_accessed_dirty: false,
-        };
+        let no_ad = WalkOptions::without_accessed_dirty();
         for j in first..first + count {
             if j == index || Spte(self.pool.load(sp, j)).is_present() {
                 continue;

@@ -145,17 +145,15 @@ pub fn hardware_context(guest: &PagingContext, root: Hpa, host_maxphyaddr: u8) -
     if guest.mode() == PagingMode::Level5 {
         cr4 |= Cr4::LA57;
     }
-    PagingContext {
-        cr0: Cr0::PE | Cr0::PG | Cr0::WP,
-        cr3: root.raw(),
-        cr4,
-        efer: Efer::LME | Efer::LMA | Efer::NXE,
-        cpl: guest.cpl,
-        eflags_ac: guest.eflags_ac,
-        pkru: guest.pkru,
-        maxphyaddr: host_maxphyaddr,
-        features: CpuFeatures::all(),
-    }
+    let mut hw = PagingContext::new(CpuFeatures::all(), host_maxphyaddr);
+    hw.cr0 = Cr0::PE | Cr0::PG | Cr0::WP;
+    hw.cr3 = root.raw();
+    hw.cr4 = cr4;
+    hw.efer = Efer::LME | Efer::LMA | Efer::NXE;
+    hw.cpl = guest.cpl;
+    hw.eflags_ac = guest.eflags_ac;
+    hw.pkru = guest.pkru;
+    hw
 }
 
 /// How a shadow backend is built.

@@ -279,9 +279,7 @@ impl SoftVcpu {
                             },
                             gva,
                             access,
-                            WalkOptions {
-                                set_accessed_dirty: false,
-                            },
+                            WalkOptions::without_accessed_dirty(),
                         )
                     };
                     // A host that shadows the pool walks it afresh when its

@@ -104,7 +104,7 @@ impl ShadowVcpu {
         let flush_tlb = flush || std::mem::take(&mut self.pending_flush);
         let base = self.inner.config.pool_hpa.raw();
         let root = self.root.map(|f| Hpa(base + u64::from(f) * PAGE_SIZE));
-        RootLoad { root, flush_tlb }
+        RootLoad::new(root, flush_tlb)
     }
 }
 

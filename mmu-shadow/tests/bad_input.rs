@@ -41,7 +41,13 @@ fn setup() -> (GuestRam, ShadowBackend, SoftVcpu) {
 }
 
 fn ctx4(cr3: u64) -> PagingContext {
-    PagingContext::for_mode(PagingMode::Level4, cr3, 40).expect("context")
+    PagingContext::for_mode(
+        PagingMode::Level4,
+        cr3,
+        40,
+        mmu_api::paging::CpuFeatures::all(),
+    )
+    .expect("context")
 }
 
 /// The memslots and generation, which a refused change must leave alone.
@@ -276,7 +282,13 @@ fn page_limits_of_zero_or_below_the_minimum_are_refused() {
         ram.set_word(32 + t, 0, 0x100 + t);
     }
     let mut cpu = SoftVcpu::new(&b, VcpuId(1)).expect("vCPU");
-    let ctx5 = PagingContext::for_mode(PagingMode::Level5, 0xa000, 40).expect("context");
+    let ctx5 = PagingContext::for_mode(
+        PagingMode::Level5,
+        0xa000,
+        40,
+        mmu_api::paging::CpuFeatures::all(),
+    )
+    .expect("context");
     cpu.load_context(&ctx5).expect("context");
     for round in 0..2 {
         for t in 0..PATHS {
@@ -544,8 +556,16 @@ fn mmio_above_bit_50_with_maxphyaddr_52() {
     let (mut ram, b, mut cpu) = setup();
     let gpa = (1u64 << 51) | 0x7000;
     ram.set_word(4, 8, gpa | PWU);
-    cpu.load_context(&PagingContext::for_mode(PagingMode::Level4, 0x1000, 52).expect("context"))
-        .expect("context");
+    cpu.load_context(
+        &PagingContext::for_mode(
+            PagingMode::Level4,
+            0x1000,
+            52,
+            mmu_api::paging::CpuFeatures::all(),
+        )
+        .expect("context"),
+    )
+    .expect("context");
     for round in 0..2 {
         assert_eq!(
             user_read(&mut cpu, 0x8010),

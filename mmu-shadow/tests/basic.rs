@@ -29,7 +29,13 @@ fn four_level(ram: &mut GuestRam) {
 }
 
 fn ctx4() -> PagingContext {
-    PagingContext::for_mode(PagingMode::Level4, 0x1000, 40).unwrap()
+    PagingContext::for_mode(
+        PagingMode::Level4,
+        0x1000,
+        40,
+        mmu_api::paging::CpuFeatures::all(),
+    )
+    .unwrap()
 }
 
 fn setup(limit: Option<u64>) -> (GuestRam, mmu_shadow::ShadowBackend, SoftVcpu) {
@@ -276,7 +282,13 @@ fn thirty_two_bit_and_pae_guests() {
     add_slot(&b, ram.slot(0, 0, 0, 48, MemslotFlags::empty()));
     add_slot(&b, ram.slot(1, 0x40_0000, 48, 16, MemslotFlags::empty()));
     let mut cpu = SoftVcpu::new(&b, VcpuId(0)).unwrap();
-    let ctx32 = PagingContext::for_mode(PagingMode::Bits32, 0x1000, 40).unwrap();
+    let ctx32 = PagingContext::for_mode(
+        PagingMode::Bits32,
+        0x1000,
+        40,
+        mmu_api::paging::CpuFeatures::all(),
+    )
+    .unwrap();
     cpu.load_context(&ctx32).unwrap();
     assert_eq!(
         cpu.write(Gva(0x10), 4, 0x77, AccessMode::User).unwrap(),
@@ -298,7 +310,13 @@ fn thirty_two_bit_and_pae_guests() {
     ram.set_word(5, 0, 0x6000 | P);
     ram.set_word(6, 0, 0x7000 | PWU);
     ram.set_word(7, 2, 0x12_000 | PWU);
-    let pae = PagingContext::for_mode(PagingMode::Pae, 0x5000, 40).unwrap();
+    let pae = PagingContext::for_mode(
+        PagingMode::Pae,
+        0x5000,
+        40,
+        mmu_api::paging::CpuFeatures::all(),
+    )
+    .unwrap();
     cpu.load_context(&pae).unwrap();
     assert_eq!(
         cpu.write(Gva(0x2010), 8, 9, AccessMode::User).unwrap(),
@@ -314,7 +332,13 @@ fn no_paging_guest_uses_a_direct_map() {
     let b = backend(None, 8);
     add_slot(&b, ram.slot(0, 0, 0, 32, MemslotFlags::empty()));
     let mut cpu = SoftVcpu::new(&b, VcpuId(0)).unwrap();
-    let ctx = PagingContext::for_mode(PagingMode::NoPaging, 0, 40).unwrap();
+    let ctx = PagingContext::for_mode(
+        PagingMode::NoPaging,
+        0,
+        40,
+        mmu_api::paging::CpuFeatures::all(),
+    )
+    .unwrap();
     cpu.load_context(&ctx).unwrap();
     assert_eq!(
         cpu.write(Gva(0x17748), 8, 3, AccessMode::Supervisor)

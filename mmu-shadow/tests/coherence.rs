@@ -31,8 +31,16 @@ fn setup(coherence: Coherence) -> (GuestRam, ShadowBackend, SoftVcpu) {
     .unwrap();
     add_slot(&b, ram.slot(0, 0, 0, 48, MemslotFlags::empty()));
     let mut cpu = SoftVcpu::with_shadowing_host(&b, VcpuId(0), ShadowingHost::new()).unwrap();
-    cpu.load_context(&PagingContext::for_mode(PagingMode::Level4, 0x1000, 40).unwrap())
-        .unwrap();
+    cpu.load_context(
+        &PagingContext::for_mode(
+            PagingMode::Level4,
+            0x1000,
+            40,
+            mmu_api::paging::CpuFeatures::all(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     (ram, b, cpu)
 }
 

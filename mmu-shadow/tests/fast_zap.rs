@@ -18,7 +18,13 @@ use mmu_shadow::{ReclaimPolicy, ShadowBackend, ShadowConfig, ZapMode};
 const PWU: u64 = 7;
 
 fn ctx(cr3: u64) -> PagingContext {
-    PagingContext::for_mode(PagingMode::Level4, cr3, 40).unwrap()
+    PagingContext::for_mode(
+        PagingMode::Level4,
+        cr3,
+        40,
+        mmu_api::paging::CpuFeatures::all(),
+    )
+    .unwrap()
 }
 
 fn stat(b: &ShadowBackend, name: &str) -> u64 {

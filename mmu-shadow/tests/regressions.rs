@@ -35,7 +35,13 @@ fn wp0_write_to_cached_mmio_sets_the_guest_dirty_bit() {
     let b = backend(None, 0);
     add_slot(&b, ram.slot(0, 0, 0, 48, MemslotFlags::empty()));
     let mut cpu = SoftVcpu::new(&b, VcpuId(0)).expect("vCPU");
-    let mut ctx = PagingContext::for_mode(PagingMode::Level4, 0x1000, 40).expect("context");
+    let mut ctx = PagingContext::for_mode(
+        PagingMode::Level4,
+        0x1000,
+        40,
+        mmu_api::paging::CpuFeatures::all(),
+    )
+    .expect("context");
     ctx.cr0.remove(Cr0::WP);
     cpu.load_context(&ctx).expect("context");
 

@@ -436,6 +436,7 @@ fn write_batch(vm: &Vm, g: &Geometry, batch: &[Case]) -> Result<(), ConformanceE
             AccessKind::Read => op::READ,
             AccessKind::Write => op::WRITE,
             AccessKind::Fetch => op::FETCH,
+            other => unreachable!("cases are generated as read, write or fetch, not {other:?}"),
         };
         if case.access.cpl == 0 {
             op |= op::CPL0;
@@ -446,6 +447,7 @@ fn write_batch(vm: &Vm, g: &Geometry, batch: &[Case]) -> Result<(), ConformanceE
             AccessKind::Read => TEST_OFFSET_READ,
             AccessKind::Write => TEST_OFFSET_WRITE,
             AccessKind::Fetch => TEST_OFFSET_FETCH,
+            other => unreachable!("cases are generated as read, write or fetch, not {other:?}"),
         };
         write_record(vm, g, i, op | controls, g.gva + offset, &case.entries)?;
     }
@@ -533,6 +535,7 @@ fn expected_outcome(vm: &Vm, g: &Geometry, case: &Case) -> Outcome {
         AccessKind::Read => TEST_OFFSET_READ,
         AccessKind::Write => TEST_OFFSET_WRITE,
         AccessKind::Fetch => TEST_OFFSET_FETCH,
+        other => unreachable!("cases are generated as read, write or fetch, not {other:?}"),
     };
     let gva = g.gva + offset;
     let result = walk(&ctx, &overlay, Gva(gva), access);

@@ -818,9 +818,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary, RunCommandError> {
                     Gva(gva),
                     8,
                     Access::user(AccessKind::Read),
-                    WalkOptions {
-                        set_accessed_dirty: false,
-                    },
+                    WalkOptions::without_accessed_dirty(),
                 );
                 let got = segments.ok().and_then(|s| s.first().map(|s| s.gpa.raw()));
                 if got != Some(gpa) {
@@ -1169,10 +1167,7 @@ pub(crate) mod tests {
                 missing: 0,
             },
             host: vec![("churn_cycles", 4)],
-            backend: MmuStats {
-                backend: "ept",
-                counters: vec![("translations", 3), ("tlb_hits", 0)],
-            },
+            backend: MmuStats::new("ept", vec![("translations", 3), ("tlb_hits", 0)]),
             exits: ExitStats::default(),
             elapsed: Duration::from_millis(5),
             observation: Observation {

@@ -357,9 +357,7 @@ fn syscall_entry_pending(
         kind: AccessKind::Fetch,
         mode: AccessMode::User,
     };
-    let options = WalkOptions {
-        set_accessed_dirty: false,
-    };
+    let options = WalkOptions::without_accessed_dirty();
     let Ok(segments) = exits.mmu().translate(Gva(start), len, access, options) else {
         return false;
     };
@@ -502,9 +500,7 @@ fn fetch_instruction(
             Gva(exception.rip),
             15,
             access,
-            WalkOptions {
-                set_accessed_dirty: false,
-            },
+            WalkOptions::without_accessed_dirty(),
         )
         .map_err(|e| {
             VcpuError::Handler(format!(

@@ -146,7 +146,9 @@ mod tests {
             } else {
                 PagingMode::Level4
             };
-            let mut ctx = PagingContext::for_mode(mode, b.root(), 46).unwrap();
+            let mut ctx =
+                PagingContext::for_mode(mode, b.root(), 46, mmu_api::paging::CpuFeatures::all())
+                    .unwrap();
             assert_eq!(ctx.cr4.contains(Cr4::LA57), levels == 5);
 
             let t = walk(

@@ -9,7 +9,7 @@ use kvm_bindings::{
     CpuId, KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use mmu_api::paging::{CpuFeatures, GuestPhysMemory, PagingContext, PhysMemError};
+use mmu_api::paging::{CpuFeatures, CpuidLeaf, GuestPhysMemory, PagingContext, PhysMemError};
 use mmu_api::{Gpa, VcpuId};
 use tracing::debug;
 use vm_memory::{
@@ -66,37 +66,13 @@ pub struct CpuInfo {
 
 impl CpuInfo {
     fn from_cpuid(cpuid: &CpuId) -> Self {
-        let leaf = |function: u32, index: u32| {
-            cpuid
-                .as_slice()
-                .iter()
-                .find(|e| e.function == function && e.index == index)
-                .copied()
-                .unwrap_or_default()
-        };
-        let l1 = leaf(1, 0);
-        let l7 = leaf(7, 0);
-        let ext1 = leaf(0x8000_0001, 0);
-        let ext8 = leaf(0x8000_0008, 0);
-        let mut features = CpuFeatures::empty();
-        for (present, feature) in [
-            (l1.edx & (1 << 3) != 0, CpuFeatures::PSE),
-            (l1.edx & (1 << 17) != 0, CpuFeatures::PSE36),
-            (ext1.edx & (1 << 20) != 0, CpuFeatures::NX),
-            (ext1.edx & (1 << 26) != 0, CpuFeatures::PAGE_1G),
-            (l7.ebx & (1 << 7) != 0, CpuFeatures::SMEP),
-            (l7.ebx & (1 << 20) != 0, CpuFeatures::SMAP),
-            (l7.ecx & (1 << 3) != 0, CpuFeatures::PKU),
-            (l7.ecx & (1 << 16) != 0, CpuFeatures::LA57),
-        ] {
-            if present {
-                features |= feature;
-            }
-        }
-        let maxphyaddr = match ext8.eax & 0xff {
-            0 => 36,
-            bits => bits as u8,
-        };
+        let leaves: Vec<CpuidLeaf> = cpuid
+            .as_slice()
+            .iter()
+            .map(|e| CpuidLeaf::new(e.function, e.index, [e.eax, e.ebx, e.ecx, e.edx]))
+            .collect();
+        let features = CpuFeatures::from_cpuid(&leaves);
+        let maxphyaddr = CpuidLeaf::maxphyaddr(&leaves);
         CpuInfo {
             maxphyaddr,
             features,
@@ -643,17 +619,13 @@ impl Vm {
         if self.layout.levels() == 5 {
             cr4 |= Cr4::LA57;
         }
-        PagingContext {
-            cr0: Cr0::PE | Cr0::WP | Cr0::PG,
-            cr3: self.root,
-            cr4,
-            efer: Efer::LME | Efer::LMA | Efer::NXE,
-            cpl,
-            eflags_ac: false,
-            pkru: 0,
-            maxphyaddr: self.cpu.maxphyaddr,
-            features: self.cpu.features,
-        }
+        let mut ctx = PagingContext::new(self.cpu.features, self.cpu.maxphyaddr);
+        ctx.cr0 = Cr0::PE | Cr0::WP | Cr0::PG;
+        ctx.cr3 = self.root;
+        ctx.cr4 = cr4;
+        ctx.efer = Efer::LME | Efer::LMA | Efer::NXE;
+        ctx.cpl = cpl;
+        ctx
     }
 
     /// Where the leaf (4 KiB) entry mapping `va` lives in the identity
@@ -661,9 +633,7 @@ impl Vm {
     pub fn leaf_entry_gpa(&self, va: u64) -> Option<u64> {
         use mmu_api::paging::{AccessKind, WalkOptions, walk_with};
         let ctx = self.paging_context(0);
-        let options = WalkOptions {
-            set_accessed_dirty: false,
-        };
+        let options = WalkOptions::without_accessed_dirty();
         let access = mmu_api::Access::supervisor(AccessKind::Read);
         walk_with(
             &ctx,

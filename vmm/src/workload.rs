@@ -428,9 +428,7 @@ fn model_access(
     } else {
         Access::supervisor(kind)
     };
-    let options = WalkOptions {
-        set_accessed_dirty: false,
-    };
+    let options = WalkOptions::without_accessed_dirty();
     match walk_with(&ctx, memory, Gva(gva), access, options) {
         Ok(t) => Ok(Ok(t.gpa.raw())),
         Err(WalkError::PageFault(pf)) => Ok(Err(FaultRecord {
@@ -919,6 +917,7 @@ fn plan_access(vm: &Vm) -> Result<Plan, PlanError> {
                             AccessKind::Read => 0,
                             AccessKind::Write => 8,
                             AccessKind::Fetch => ACCESS_FETCH_OFFSET,
+                            other => unreachable!("the matrix has no {other:?} access"),
                         };
                     let value = address ^ ((op as u64) << 56);
                     words.extend([address, op as u64, value]);
@@ -935,6 +934,7 @@ fn plan_access(vm: &Vm) -> Result<Plan, PlanError> {
                                 0
                             }
                             AccessKind::Fetch => 0,
+                            other => unreachable!("the matrix has no {other:?} access"),
                         },
                         Err(fault) => {
                             expect.faults.push(fault);

@@ -6,6 +6,7 @@ use super::context::PagingContext;
 
 /// Read, write or instruction fetch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum AccessKind {
     /// A data read.
     Read,
@@ -17,6 +18,7 @@ pub enum AccessKind {
 
 /// Who makes the access, in the architecture's terms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum AccessMode {
     /// A user-mode access: an explicit access made at CPL 3.
     User,

@@ -78,10 +78,93 @@ bitflags! {
     }
 }
 
-impl Default for CpuFeatures {
-    /// Everything the walker models: the most permissive vCPU.
-    fn default() -> Self {
-        Self::all()
+impl CpuFeatures {
+    /// A CPU with none of the optional paging features: no large pages
+    /// beyond what the mode itself defines, no NX, SMEP, SMAP, PKU or
+    /// 5-level paging. The safe starting point for a vCPU whose CPUID is
+    /// not known.
+    pub const fn bare() -> Self {
+        Self::empty()
+    }
+
+    /// The paging features a CPU reports through CPUID (leaves 1, 7.0 and
+    /// 0x80000001). A leaf missing from `leaves` reports no features.
+    pub fn from_cpuid(leaves: &[CpuidLeaf]) -> Self {
+        let leaf = |function, index| CpuidLeaf::find(leaves, function, index);
+        let l1 = leaf(1, 0);
+        let l7 = leaf(7, 0);
+        let ext1 = leaf(0x8000_0001, 0);
+        let mut features = Self::empty();
+        for (present, feature) in [
+            (l1.edx & (1 << 3) != 0, Self::PSE),
+            (l1.edx & (1 << 17) != 0, Self::PSE36),
+            (ext1.edx & (1 << 20) != 0, Self::NX),
+            (ext1.edx & (1 << 26) != 0, Self::PAGE_1G),
+            (l7.ebx & (1 << 7) != 0, Self::SMEP),
+            (l7.ebx & (1 << 20) != 0, Self::SMAP),
+            (l7.ecx & (1 << 3) != 0, Self::PKU),
+            (l7.ecx & (1 << 16) != 0, Self::LA57),
+        ] {
+            if present {
+                features |= feature;
+            }
+        }
+        features
+    }
+}
+
+/// One CPUID leaf as a CPU (or a hypervisor's supported-CPUID list)
+/// reports it: the function (EAX in), the index (ECX in) and the four
+/// output registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CpuidLeaf {
+    /// The leaf (EAX on input).
+    pub function: u32,
+    /// The sub-leaf (ECX on input); 0 for leaves without sub-leaves.
+    pub index: u32,
+    /// EAX on output.
+    pub eax: u32,
+    /// EBX on output.
+    pub ebx: u32,
+    /// ECX on output.
+    pub ecx: u32,
+    /// EDX on output.
+    pub edx: u32,
+}
+
+impl CpuidLeaf {
+    /// A leaf with its output registers `[eax, ebx, ecx, edx]`.
+    pub const fn new(function: u32, index: u32, regs: [u32; 4]) -> Self {
+        let [eax, ebx, ecx, edx] = regs;
+        Self {
+            function,
+            index,
+            eax,
+            ebx,
+            ecx,
+            edx,
+        }
+    }
+
+    /// Leaf `function`.`index` of `leaves`, or all-zero registers when it
+    /// is absent (which reports no features).
+    fn find(leaves: &[Self], function: u32, index: u32) -> Self {
+        leaves
+            .iter()
+            .find(|l| l.function == function && l.index == index)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// MAXPHYADDR as `leaves` report it: CPUID.80000008:EAX\[7:0\], or 36
+    /// when that leaf is absent and the CPU has PAE (32 otherwise), as the
+    /// architecture defines.
+    pub fn maxphyaddr(leaves: &[Self]) -> u8 {
+        match Self::find(leaves, 0x8000_0008, 0).eax & 0xff {
+            0 if Self::find(leaves, 1, 0).edx & (1 << 6) != 0 => 36,
+            0 => 32,
+            bits => bits as u8,
+        }
     }
 }
 
@@ -136,9 +219,14 @@ pub const MAX_MAXPHYADDR: u8 = 52;
 /// privilege, EFLAGS.AC, PKRU, and the CPU's physical-address width and
 /// paging features.
 ///
-/// Built with [`PagingContext::for_mode`] (which validates it) or field by field
-/// followed by [`PagingContext::validate`].
+/// Built from the vCPU's CPUID with [`PagingContext::from_cpuid`], or with
+/// [`PagingContext::new`] and an explicit feature set; then registers are
+/// set field by field and checked with [`PagingContext::validate`].
+/// [`PagingContext::for_mode`] builds a validated context for a paging mode.
+/// The features are never assumed: a walk with features the CPU lacks
+/// succeeds where the CPU would fault (1 GiB pages, for one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct PagingContext {
     /// CR0.
     pub cr0: Cr0,
@@ -162,8 +250,18 @@ pub struct PagingContext {
 }
 
 impl Default for PagingContext {
-    /// A CPL0 vCPU with paging off, MAXPHYADDR 52 and every feature.
+    /// A vCPU out of reset into protected mode (CPL0, paging off) on a CPU
+    /// with no optional paging feature ([`CpuFeatures::bare`]) and
+    /// MAXPHYADDR 52: a placeholder until the vCPU's real state is loaded.
     fn default() -> Self {
+        Self::new(CpuFeatures::bare(), MAX_MAXPHYADDR)
+    }
+}
+
+impl PagingContext {
+    /// A CPL0 vCPU in protected mode with paging off, on a CPU with
+    /// `features` and a `maxphyaddr`-bit physical address space.
+    pub const fn new(features: CpuFeatures, maxphyaddr: u8) -> Self {
         Self {
             cr0: Cr0::PE,
             cr3: 0,
@@ -172,28 +270,45 @@ impl Default for PagingContext {
             cpl: 0,
             eflags_ac: false,
             pkru: 0,
-            maxphyaddr: MAX_MAXPHYADDR,
-            features: CpuFeatures::all(),
+            maxphyaddr,
+            features,
         }
     }
-}
 
-impl PagingContext {
-    /// A validated context for the given mode, at CPL0, with CR0.WP and
-    /// EFER.NXE set, the given CR3, and every feature. Convenient for tests
-    /// and tools; adjust fields and call [`validate`](Self::validate) after.
-    pub fn for_mode(mode: PagingMode, cr3: u64, maxphyaddr: u8) -> Result<Self, ContextError> {
-        let mut ctx = PagingContext {
-            cr3,
-            maxphyaddr,
-            ..Default::default()
-        };
-        ctx.efer |= Efer::NXE;
+    /// [`new`](Self::new) with the features and MAXPHYADDR the CPUID
+    /// `leaves` report (e.g. KVM's supported CPUID, or the vCPU's).
+    pub fn from_cpuid(leaves: &[CpuidLeaf]) -> Result<Self, ContextError> {
+        let ctx = Self::new(
+            CpuFeatures::from_cpuid(leaves),
+            CpuidLeaf::maxphyaddr(leaves),
+        );
+        ctx.validate()?;
+        Ok(ctx)
+    }
+
+    /// A validated context for `mode` at CPL0, with the given CR3, on a CPU
+    /// with `features`: CR0.WP set; EFER.NXE set when the CPU has NX; CR4.PSE
+    /// set for 32-bit paging when it has PSE. 5-level paging needs
+    /// [`CpuFeatures::LA57`]. Adjust fields and call
+    /// [`validate`](Self::validate) after.
+    pub fn for_mode(
+        mode: PagingMode,
+        cr3: u64,
+        maxphyaddr: u8,
+        features: CpuFeatures,
+    ) -> Result<Self, ContextError> {
+        let mut ctx = Self::new(features, maxphyaddr);
+        ctx.cr3 = cr3;
+        if features.contains(CpuFeatures::NX) {
+            ctx.efer |= Efer::NXE;
+        }
         match mode {
             PagingMode::NoPaging => {}
             PagingMode::Bits32 => {
                 ctx.cr0 |= Cr0::PG | Cr0::WP;
-                ctx.cr4 |= Cr4::PSE;
+                if features.contains(CpuFeatures::PSE) {
+                    ctx.cr4 |= Cr4::PSE;
+                }
             }
             PagingMode::Pae => {
                 ctx.cr0 |= Cr0::PG | Cr0::WP;
@@ -306,14 +421,15 @@ mod tests {
             PagingMode::Level4,
             PagingMode::Level5,
         ] {
-            let ctx = PagingContext::for_mode(mode, 0x1000, 46).unwrap();
+            let ctx = PagingContext::for_mode(mode, 0x1000, 46, CpuFeatures::all()).unwrap();
             assert_eq!(ctx.mode(), mode);
         }
     }
 
     #[test]
     fn impossible_contexts_are_rejected() {
-        let mut ctx = PagingContext::for_mode(PagingMode::Level4, 0, 46).unwrap();
+        let mut ctx =
+            PagingContext::for_mode(PagingMode::Level4, 0, 46, CpuFeatures::all()).unwrap();
         ctx.maxphyaddr = 60;
         assert_eq!(ctx.validate(), Err(ContextError::MaxPhyAddr(60)));
         ctx.maxphyaddr = 31;
@@ -334,8 +450,53 @@ mod tests {
 
     #[test]
     fn nxe_is_inert_with_32_bit_entries() {
-        let ctx = PagingContext::for_mode(PagingMode::Bits32, 0, 40).unwrap();
+        let ctx = PagingContext::for_mode(PagingMode::Bits32, 0, 40, CpuFeatures::all()).unwrap();
         assert!(ctx.efer.contains(Efer::NXE));
         assert!(!ctx.nx_enabled());
+    }
+
+    /// Leaf 1 EDX: PSE (3), PAE (6), PSE-36 (17); leaf 7.0 EBX: SMEP (7),
+    /// SMAP (20); ECX: PKU (3), LA57 (16); 0x80000001 EDX: NX (20),
+    /// Page1GB (26); 0x80000008 EAX[7:0]: MAXPHYADDR.
+    #[test]
+    fn features_and_maxphyaddr_come_from_cpuid() {
+        let leaves = [
+            CpuidLeaf::new(1, 0, [0, 0, 0, (1 << 3) | (1 << 6) | (1 << 17)]),
+            CpuidLeaf::new(7, 0, [0, 1 << 7, 1 << 16, 0]),
+            CpuidLeaf::new(7, 1, [0, 1 << 20, 1 << 3, 0]),
+            CpuidLeaf::new(0x8000_0001, 0, [0, 0, 0, 1 << 20]),
+            CpuidLeaf::new(0x8000_0008, 0, [0x3027, 0, 0, 0]),
+        ];
+        let ctx = PagingContext::from_cpuid(&leaves).unwrap();
+        // Sub-leaf 7.1 is not 7.0: no SMAP, no PKU; no 1 GiB pages.
+        assert_eq!(
+            ctx.features,
+            CpuFeatures::PSE
+                | CpuFeatures::PSE36
+                | CpuFeatures::NX
+                | CpuFeatures::SMEP
+                | CpuFeatures::LA57
+        );
+        assert_eq!(ctx.maxphyaddr, 39);
+        assert_eq!(ctx.mode(), PagingMode::NoPaging);
+        // Without leaf 0x80000008: 36 bits with PAE, 32 without.
+        assert_eq!(CpuidLeaf::maxphyaddr(&leaves[..4]), 36);
+        assert_eq!(CpuidLeaf::maxphyaddr(&[]), 32);
+        assert_eq!(CpuFeatures::from_cpuid(&[]), CpuFeatures::bare());
+    }
+
+    #[test]
+    fn for_mode_sets_only_what_the_cpu_has() {
+        let bare = PagingContext::for_mode(PagingMode::Level4, 0, 46, CpuFeatures::bare()).unwrap();
+        assert!(!bare.efer.contains(Efer::NXE));
+        let b32 = PagingContext::for_mode(PagingMode::Bits32, 0, 32, CpuFeatures::bare()).unwrap();
+        assert!(!b32.cr4.contains(Cr4::PSE));
+        assert_eq!(
+            PagingContext::for_mode(PagingMode::Level5, 0, 46, CpuFeatures::bare()),
+            Err(ContextError::MissingFeature("CR4.LA57"))
+        );
+        // A context from a CPUID without leaf 0x80000008 or PAE reports
+        // 32 bits, which a walk then honours.
+        assert_eq!(PagingContext::from_cpuid(&[]).unwrap().maxphyaddr, 32);
     }
 }

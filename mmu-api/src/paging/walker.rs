@@ -20,7 +20,7 @@
 //!
 //! ```
 //! use mmu_api::{Access, AccessKind, Gpa, Gva, PageSize, PagingContext, PagingMode};
-//! use mmu_api::paging::{SparseMemory, walk};
+//! use mmu_api::paging::{CpuFeatures, SparseMemory, walk};
 //! use mmu_api::Gfn;
 //!
 //! // A 4-level guest mapping gva 0x40_0000 to gpa 0x9000 with a 4 KiB page.
@@ -34,7 +34,7 @@
 //! mem.write_u64(Gpa(0x3000 + 2 * 8), 0x4000 | rw_present).unwrap(); // PDE[2]
 //! mem.write_u64(Gpa(0x4000), 0x9000 | rw_present).unwrap(); // PTE[0]
 //!
-//! let ctx = PagingContext::for_mode(PagingMode::Level4, 0x1000, 46).unwrap();
+//! let ctx = PagingContext::for_mode(PagingMode::Level4, 0x1000, 46, CpuFeatures::all()).unwrap();
 //! let t = walk(&ctx, &mem, Gva(0x40_0123), Access::supervisor(AccessKind::Write)).unwrap();
 //! assert_eq!(t.gpa, Gpa(0x9123));
 //! assert_eq!(t.page_size, PageSize::Size4K);
@@ -138,6 +138,7 @@ pub struct PageFault {
 
 /// Why a walk produced no translation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
 pub enum WalkError {
     /// The access raises #PF.
     #[error("page fault at {} (error code {:#x})", .0.address, .0.error_code.bits())]
@@ -180,17 +181,34 @@ pub const MAX_AD_RETRIES: u32 = 64;
 
 /// Options for a walk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct WalkOptions {
     /// Set A/D bits in guest memory (what the CPU does). Debug translations
     /// (a debugger peeking at guest memory) turn this off.
     pub set_accessed_dirty: bool,
 }
 
-impl Default for WalkOptions {
-    fn default() -> Self {
+impl WalkOptions {
+    /// A walk that sets A/D bits in guest memory, as the CPU does (the
+    /// default).
+    pub const fn with_accessed_dirty() -> Self {
         WalkOptions {
             set_accessed_dirty: true,
         }
+    }
+
+    /// A walk that leaves guest memory untouched (no A/D updates), as a
+    /// debugger or an emulator peeking at guest memory needs.
+    pub const fn without_accessed_dirty() -> Self {
+        WalkOptions {
+            set_accessed_dirty: false,
+        }
+    }
+}
+
+impl Default for WalkOptions {
+    fn default() -> Self {
+        Self::with_accessed_dirty()
     }
 }
 
@@ -684,7 +702,7 @@ mod tests {
     }
 
     fn ctx4() -> PagingContext {
-        PagingContext::for_mode(PagingMode::Level4, 0x1000, 46).unwrap()
+        PagingContext::for_mode(PagingMode::Level4, 0x1000, 46, CpuFeatures::all()).unwrap()
     }
 
     fn pf(err: WalkError) -> PageFault {
@@ -801,7 +819,8 @@ mod tests {
         let pde = 0x0040_0000u32 | (3 << 13) | (P | W | U | PS) as u32;
         mem.write_u32(Gpa(0x1004), pde).unwrap();
         mem.write_u32(Gpa(0x1000), 0xdead_0000).unwrap(); // neighbour untouched
-        let ctx = PagingContext::for_mode(PagingMode::Bits32, 0x1000, 40).unwrap();
+        let ctx =
+            PagingContext::for_mode(PagingMode::Bits32, 0x1000, 40, CpuFeatures::all()).unwrap();
         let t = walk(
             &ctx,
             &mem,
@@ -837,7 +856,7 @@ mod tests {
     fn pae_pdpte_reserved_is_gp_not_pf() {
         let mem = mem_with(&[1, 2]);
         mem.write_u64(Gpa(0x1000), 0x2000 | P | W).unwrap(); // W is reserved in a PAE PDPTE
-        let ctx = PagingContext::for_mode(PagingMode::Pae, 0x1000, 36).unwrap();
+        let ctx = PagingContext::for_mode(PagingMode::Pae, 0x1000, 36, CpuFeatures::all()).unwrap();
         assert_eq!(
             walk(&ctx, &mem, Gva(0), Access::supervisor(AccessKind::Read)),
             Err(WalkError::InvalidPdpte {

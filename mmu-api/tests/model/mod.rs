@@ -536,6 +536,7 @@ pub(crate) fn model_walk(
                 (us && r.smep) || xd
             }
         }
+        other => panic!("the model knows no access kind {other:?}"),
     };
     // §4.6.2 protection keys: data accesses to user-mode addresses.
     let key = ((leaf_value >> PKEY_SHIFT) & 0xf) as u32;

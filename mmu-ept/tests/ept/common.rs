@@ -171,20 +171,22 @@ impl Tables {
 
 /// A 4-level CPL0 context (WP, NXE) on `cr3`, with CR4.PGE.
 pub(crate) fn ctx4(cr3: u64) -> PagingContext {
-    let mut ctx = PagingContext::for_mode(PagingMode::Level4, cr3, 46).unwrap();
+    let mut ctx = PagingContext::for_mode(
+        PagingMode::Level4,
+        cr3,
+        46,
+        mmu_api::paging::CpuFeatures::all(),
+    )
+    .unwrap();
     ctx.cr4 |= mmu_api::paging::Cr4::PGE;
     ctx
 }
 
 /// Translations that set A/D, as the CPU's own accesses do.
-pub(crate) const AD: WalkOptions = WalkOptions {
-    set_accessed_dirty: true,
-};
+pub(crate) const AD: WalkOptions = WalkOptions::with_accessed_dirty();
 
 /// Debug translations: no A/D side effects.
-pub(crate) const PEEK: WalkOptions = WalkOptions {
-    set_accessed_dirty: false,
-};
+pub(crate) const PEEK: WalkOptions = WalkOptions::without_accessed_dirty();
 
 /// A hypervisor port that stops inside its next memory-region update until
 /// the test lets it go, so the test can look at the backend mid-update.

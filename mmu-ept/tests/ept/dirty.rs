@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use mmu_api::{Gpa, Memslot, MemslotError, MemslotFlags, MmuBackend, SlotId};
+use mmu_api::{Gpa, MemslotError, MemslotFlags, MmuBackend, SlotId};
 
 use crate::common::{PAGE, Vm, add_ram, leak_ram, set_slot};
 
@@ -93,31 +93,31 @@ fn logging_follows_flags_moves_and_deletes() {
     assert_eq!(err, MemslotError::NotLogging(SlotId(0)));
 
     let slot = b.memslots()[0];
-    let logging = Memslot {
-        flags: MemslotFlags::LOG_DIRTY,
-        ..slot
+    let logging = {
+        let mut m = slot;
+        m.flags = MemslotFlags::LOG_DIRTY;
+        m
     };
     set_slot(b, logging).unwrap();
     assert!(dirty(b, 0).is_empty(), "logging starts clean");
     b.note_host_write(Gpa(0x1000), 1);
     vm.hv.guest_write(Gpa(0x2000), 1);
 
-    let moved = Memslot {
-        guest_base: Gpa(0x10_0000),
-        ..logging
+    let moved = {
+        let mut m = logging;
+        m.guest_base = Gpa(0x10_0000);
+        m
     };
     set_slot(b, moved).unwrap();
     b.note_host_write(Gpa(0x10_3000), 1);
     b.note_host_write(Gpa(0x1000), 1); // the old place: now MMIO
     assert_eq!(dirty(b, 0), [1, 2, 3]);
 
-    set_slot(
-        b,
-        Memslot {
-            flags: MemslotFlags::empty(),
-            ..moved
-        },
-    )
+    set_slot(b, {
+        let mut m = moved;
+        m.flags = MemslotFlags::empty();
+        m
+    })
     .unwrap();
     assert!(b.get_dirty_log(SlotId(0)).is_err());
     b.delete_memslot(SlotId(0)).unwrap();

@@ -90,12 +90,13 @@ fn refused_changes_get_typed_errors_and_change_nothing() {
     let mut empty = small.memslot(SlotId(1), Gpa(0), MemslotFlags::empty());
     empty.size = 0;
     assert_eq!(set_slot(b, empty), Err(MemslotError::ZeroSize(SlotId(1))));
-    let null = mmu_api::Memslot {
-        backing: HostBacking {
+    let null = {
+        let mut m = small.memslot(SlotId(1), Gpa(0), MemslotFlags::empty());
+        m.backing = HostBacking {
             hpa: Hpa(0),
             host_addr: HostVirtAddr(0),
-        },
-        ..small.memslot(SlotId(1), Gpa(0), MemslotFlags::empty())
+        };
+        m
     };
     // SAFETY: the backend refuses this slot before it could use its
     // (null) host address.
@@ -133,15 +134,17 @@ fn changes_are_reported_mirrored_and_counted() {
     assert_eq!(generation(), MemslotGeneration(1));
     assert_eq!(vm.hv.calls(), calls, "nothing to tell the hypervisor");
 
-    let moved = mmu_api::Memslot {
-        guest_base: Gpa(0x8000),
-        ..slot
+    let moved = {
+        let mut m = slot;
+        m.guest_base = Gpa(0x8000);
+        m
     };
     assert_eq!(set_slot(b, moved), Ok(MemslotChange::Moved { old: slot }));
     mirrored();
-    let ro = mmu_api::Memslot {
-        flags: MemslotFlags::READONLY,
-        ..moved
+    let ro = {
+        let mut m = moved;
+        m.flags = MemslotFlags::READONLY;
+        m
     };
     assert_eq!(
         set_slot(b, ro),
@@ -171,7 +174,7 @@ fn hypervisor_refusal_restores_everything() {
     vm.hv.refuse_next(12); // ENOMEM
     let err = add_ram(b, leak_ram(PAGE), 1, 0x10_0000, MemslotFlags::empty()).unwrap_err();
     assert!(
-        matches!(&err, MemslotError::Hypervisor(msg) if msg.contains("slot 1")),
+        matches!(&err, MemslotError::Hypervisor(msg) if msg.to_string().contains("slot 1")),
         "{err}"
     );
     assert_eq!((b.memslots(), b.memslot_generation()), before);

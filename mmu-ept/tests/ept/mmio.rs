@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use mmu_api::{Gpa, Memslot, MemslotFlags, MmioClass, MmuBackend, SlotId, VcpuId};
+use mmu_api::{Gpa, MemslotFlags, MmioClass, MmuBackend, SlotId, VcpuId};
 use mmu_ept::{EptBackend, EptConfig};
 
 use crate::common::{CountingKick, GatedHypervisor, PAGE, Vm, add_ram, leak_ram, set_slot};
@@ -38,9 +38,10 @@ fn classification_follows_add_move_and_delete() {
     twice(&mut *vcpu, 0x10_3fff, true, RAM);
     twice(&mut *vcpu, 0x10_4000, false, MmioClass::Mmio);
 
-    let moved = Memslot {
-        guest_base: Gpa(0x20_0000),
-        ..b.memslots()[0]
+    let moved = {
+        let mut m = b.memslots()[0];
+        m.guest_base = Gpa(0x20_0000);
+        m
     };
     set_slot(b, moved).unwrap();
     twice(&mut *vcpu, 0x10_0000, false, MmioClass::Mmio);
@@ -99,9 +100,10 @@ fn writes_to_read_only_slots_are_mmio_writes() {
         "the read hit the write's entry"
     );
 
-    let writable = Memslot {
-        flags: MemslotFlags::empty(),
-        ..b.memslots()[0]
+    let writable = {
+        let mut m = b.memslots()[0];
+        m.flags = MemslotFlags::empty();
+        m
     };
     set_slot(b, writable).unwrap();
     twice(&mut *vcpu, 0xffe0_1000, true, RAM);

@@ -210,10 +210,7 @@ fn cr3_load_and_flushes_follow_global_pages() {
     let ctx = *g.vcpu.paging_context();
     assert_eq!(
         g.vcpu.set_paging_context(&ctx),
-        Ok(RootLoad {
-            root: None,
-            flush_tlb: false
-        })
+        Ok(RootLoad::new(None, false))
     );
     assert_eq!(both(&mut g), (0x1_0000, 0x2_1000), "CR3 load keeps G");
 
@@ -435,13 +432,11 @@ fn tables_in_a_read_only_slot() {
     let read = sup(AccessKind::Read);
     assert_eq!(g.gpa(0x40_0000, read), Ok(0x1_0000), "sets A everywhere");
     g.vcpu.flush_tlb(true);
-    set_slot(
-        &g.vm.backend,
-        mmu_api::Memslot {
-            flags: MemslotFlags::READONLY,
-            ..slot
-        },
-    )
+    set_slot(&g.vm.backend, {
+        let mut m = slot;
+        m.flags = MemslotFlags::READONLY;
+        m
+    })
     .unwrap();
     assert_eq!(
         g.gpa(0x40_0000, read),

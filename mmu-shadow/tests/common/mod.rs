@@ -46,16 +46,11 @@ impl GuestRam {
     /// A memslot of `pages` RAM pages starting at RAM page `first`.
     pub fn slot(&self, id: u32, gpa: u64, first: u64, pages: u64, flags: MemslotFlags) -> Memslot {
         assert!(first + pages <= self.pages);
-        Memslot {
-            id: SlotId(id),
-            guest_base: Gpa(gpa),
-            size: pages * PAGE_SIZE,
-            backing: HostBacking {
-                hpa: Hpa(RAM_HPA + first * PAGE_SIZE),
-                host_addr: self.host_addr(first),
-            },
-            flags,
-        }
+        let backing = HostBacking {
+            hpa: Hpa(RAM_HPA + first * PAGE_SIZE),
+            host_addr: self.host_addr(first),
+        };
+        Memslot::new(SlotId(id), Gpa(gpa), pages * PAGE_SIZE, backing, flags)
     }
 
     /// Word `index` of RAM page `page` (host view).

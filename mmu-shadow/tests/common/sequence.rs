@@ -25,9 +25,9 @@ use std::collections::BTreeSet;
 
 use mmu_api::paging::{Cr0, Cr4, Efer, GuestPhysMemory, SlotMemory, WalkError, walk};
 use mmu_api::{
-    Access, AccessKind, AccessMode, BackendError, ContextError, Gpa, Gva, HostBacking, Hpa,
-    Memslot, MemslotError, MemslotFlags, MemslotTable, MmuBackend, MmuStats, MmuVcpu,
-    PagingContext, PagingMode, SlotId, VcpuError, VcpuId,
+    Access, AccessKind, AccessMode, BackendError, ContextError, Gpa, Gva, Hpa, Memslot,
+    MemslotError, MemslotFlags, MemslotTable, MmuBackend, MmuStats, MmuVcpu, PagingContext,
+    PagingMode, SlotId, VcpuError, VcpuId,
 };
 use mmu_shadow::soft::{ShadowingHost, SoftOutcome, SoftVcpu};
 use mmu_shadow::{Coherence, MIN_PAGE_LIMIT, ReclaimPolicy, ShadowBackend, ShadowConfig, ZapMode};
@@ -246,7 +246,13 @@ fn gva_for(mode: PagingMode, pick: u64) -> u64 {
 }
 
 fn context(mode: PagingMode, cr3_frame: u64, wp: bool, maxphyaddr: u8) -> PagingContext {
-    let mut ctx = PagingContext::for_mode(mode, cr3_frame << 12, maxphyaddr).expect("context");
+    let mut ctx = PagingContext::for_mode(
+        mode,
+        cr3_frame << 12,
+        maxphyaddr,
+        mmu_api::paging::CpuFeatures::all(),
+    )
+    .expect("context");
     ctx.cr4.remove(Cr4::SMEP | Cr4::SMAP | Cr4::PKE);
     if !wp {
         ctx.cr0.remove(Cr0::WP);
@@ -305,15 +311,10 @@ fn slot1(ram: &GuestRam, base: u64, flags: MemslotFlags) -> Memslot {
 }
 
 fn set_both(backend: &ShadowBackend, reference: &mut Reference, slot: Memslot) {
-    let ref_slot = Memslot {
-        backing: HostBacking {
-            host_addr: reference
-                .ram
-                .host_addr(slot.backing.hpa.raw().wrapping_sub(RAM_HPA) >> 12),
-            ..slot.backing
-        },
-        ..slot
-    };
+    let mut ref_slot = slot;
+    ref_slot.backing.host_addr = reference
+        .ram
+        .host_addr(slot.backing.hpa.raw().wrapping_sub(RAM_HPA) >> 12);
     add_slot(backend, slot);
     reference.slots.set(ref_slot).expect("reference slot");
 }

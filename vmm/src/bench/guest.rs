@@ -3,6 +3,7 @@
 
 use std::io;
 
+use mmu_api::paging::CpuFeatures;
 use mmu_api::paging::PteFlags;
 use mmu_api::{Gpa, Gva, PAGE_SIZE, PagingContext, PagingMode};
 
@@ -155,8 +156,13 @@ impl Guest {
 
     /// 4-level paging with this guest's CR3, NX on, CPL 0.
     pub fn context(&self) -> PagingContext {
-        PagingContext::for_mode(PagingMode::Level4, self.cr3.raw(), GUEST_MAXPHYADDR)
-            .expect("a valid 4-level context")
+        PagingContext::for_mode(
+            PagingMode::Level4,
+            self.cr3.raw(),
+            GUEST_MAXPHYADDR,
+            CpuFeatures::all(),
+        )
+        .expect("a valid 4-level context")
     }
 }
 
@@ -173,16 +179,16 @@ mod tests {
         let mut table = MemslotTable::new(GUEST_MAXPHYADDR, 8);
         let mem = guest.memory();
         table
-            .set(Memslot {
-                id: SlotId(0),
-                guest_base: Gpa(0),
-                size: mem.size(),
-                backing: HostBacking {
+            .set(Memslot::new(
+                SlotId(0),
+                Gpa(0),
+                mem.size(),
+                HostBacking {
                     hpa: Hpa(0x10_0000_0000),
                     host_addr: mem.host_addr(),
                 },
-                flags: MemslotFlags::empty(),
-            })
+                MemslotFlags::empty(),
+            ))
             .unwrap();
         // SAFETY: the slot points into `GuestMemory`, which is never unmapped.
         let port = unsafe { SlotMemory::new(&table) };

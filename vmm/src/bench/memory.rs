@@ -104,16 +104,11 @@ impl GuestMemory {
             first + pages,
             self.pages()
         );
-        Memslot {
-            id,
-            guest_base,
-            size: pages * PAGE_SIZE,
-            backing: HostBacking {
-                hpa,
-                host_addr: HostVirtAddr(self.host_addr().0 + first * PAGE_SIZE),
-            },
-            flags,
-        }
+        let backing = HostBacking {
+            hpa,
+            host_addr: HostVirtAddr(self.host_addr().0 + first * PAGE_SIZE),
+        };
+        Memslot::new(id, guest_base, pages * PAGE_SIZE, backing, flags)
     }
 }
 
