@@ -276,13 +276,13 @@ fuzz_target!(|data: &[u8]| {
             }
             // A new (or replacing) slot from the input.
             _ => {
-                let s = Memslot {
+                let s = Memslot::new(
                     id,
-                    guest_base: Gpa(address(base_sel, model.width)),
-                    size: size(size_sel),
-                    backing: backing(backing_sel),
+                    Gpa(address(base_sel, model.width)),
+                    size(size_sel),
+                    backing(backing_sel),
                     flags,
-                };
+                );
                 let want = model.set(s);
                 assert_eq!(table.set(s), want, "set({s:?})");
             }

@@ -84,9 +84,7 @@ fn hardware_walk(
         &mem,
         Gva((index << 12) | gva_offset),
         access,
-        WalkOptions {
-            set_accessed_dirty: false,
-        },
+        WalkOptions::without_accessed_dirty(),
     )
 }
 
@@ -115,7 +113,13 @@ fuzz_target!(|data: &[u8]| {
         AccessMode::Supervisor,
         AccessMode::ImplicitSupervisor,
     ][((ctl >> 39) % 3) as usize];
-    let mut guest = PagingContext::for_mode(PagingMode::Level4, 0, 46).expect("context");
+    let mut guest = PagingContext::for_mode(
+        PagingMode::Level4,
+        0,
+        46,
+        mmu_api::paging::CpuFeatures::all(),
+    )
+    .expect("context");
     guest.cpl = if mode == AccessMode::User { 3 } else { 0 };
     let access = Access { kind, mode };
 

@@ -209,17 +209,13 @@ fn context(ctl: u64, extra: u64) -> (PagingContext, Mode) {
     let cr3_frame = ((ctl >> 18) & 0xf) % FRAMES;
     // Low CR3 bits: PDPT offset in PAE mode, PCD/PWT or junk otherwise.
     let cr3_low = (ctl >> 22) & if mode == Mode::Pae { 0xfe0 } else { 0xfff };
-    let ctx = PagingContext {
-        cr0,
-        cr3: (cr3_frame << 12) | cr3_low,
-        cr4,
-        efer,
-        cpl: 0,
-        eflags_ac: bit(34),
-        pkru: if bit(35) { (extra >> 32) as u32 } else { 0 },
-        maxphyaddr,
-        features,
-    };
+    let mut ctx = PagingContext::new(features, maxphyaddr);
+    ctx.cr0 = cr0;
+    ctx.cr3 = (cr3_frame << 12) | cr3_low;
+    ctx.cr4 = cr4;
+    ctx.efer = efer;
+    ctx.eflags_ac = bit(34);
+    ctx.pkru = if bit(35) { (extra >> 32) as u32 } else { 0 };
     (ctx, mode)
 }
 
@@ -266,7 +262,7 @@ fuzz_target!(|data: &[u8]| {
     ctx.cpl = match amode {
         AccessMode::User => 3,
         AccessMode::Supervisor => (((ctl >> 40) & 3) % 3) as u8,
-        AccessMode::ImplicitSupervisor => ((ctl >> 40) & 3) as u8,
+        _ => ((ctl >> 40) & 3) as u8,
     };
     let access = Access { kind, mode: amode };
     if let Err(e) = ctx.validate() {
@@ -339,7 +335,11 @@ fuzz_target!(|data: &[u8]| {
             &mem,
             Gva(gva),
             access,
-            WalkOptions { set_accessed_dirty },
+            if set_accessed_dirty {
+                WalkOptions::with_accessed_dirty()
+            } else {
+                WalkOptions::without_accessed_dirty()
+            },
         ));
         assert!(
             actual == model.outcome,
