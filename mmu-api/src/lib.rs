@@ -51,7 +51,7 @@ pub use paging::{
     Access, AccessKind, AccessMode, PageSize, PagingContext, PagingMode, PfErrorCode, Rights,
 };
 
-/// The README's Rust examples, compiled and run as doc tests.
+/// The crate README's Rust examples, compiled and run as doc tests.
 #[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
+#[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
