@@ -93,21 +93,25 @@
 //! ```
 #![deny(missing_docs)]
 
+mod apply;
 mod bus;
 pub mod cloud_hypervisor;
 pub mod crosvm;
 mod error;
 mod exits;
+pub mod host;
 #[cfg(feature = "kvm")]
 pub mod kvm;
 mod memslots;
 #[cfg(feature = "mshv")]
 pub mod mshv;
+pub mod ports;
 #[cfg(all(test, feature = "ept"))]
 mod test_support;
 
+pub use apply::{ApplyError, apply_action};
 pub use bus::{BusError, Direction, MmioBus};
 pub use error::ExitError;
 pub use exits::{Action, ExitStats, VcpuExits};
-pub use memslots::{HostMirror, Memslots, UserRegion};
+pub use memslots::{HostMirror, Memslots, SlotError, UserRegion};
 pub use mmu_backends;
