@@ -411,3 +411,89 @@ impl<R: RegionPort + ?Sized + 'static, E> HostMmu<R, E> {
         Ok(VcpuExits::new(self.backend.create_vcpu(id, kick)?))
     }
 }
+
+#[cfg(all(test, feature = "shadow"))]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A region port that records what reached it.
+    #[derive(Debug, Default)]
+    struct Recording {
+        calls: Mutex<Vec<u32>>,
+    }
+
+    impl RegionPort for Recording {
+        unsafe fn set_region(&self, region: &UserRegion) -> Result<(), PortError> {
+            self.calls.lock().unwrap().push(region.slot);
+            Ok(())
+        }
+        fn remove_region(&self, region: &UserRegion) -> Result<(), PortError> {
+            self.calls.lock().unwrap().push(region.slot);
+            Ok(())
+        }
+        fn dirty_log(&self, _: &UserRegion) -> Result<Vec<u64>, PortError> {
+            Err(PortError::Unsupported { op: "log" })
+        }
+    }
+
+    #[test]
+    fn shadow_is_refused_without_a_guest_mmu_path() {
+        let port = Arc::new(Recording::default());
+        let options = HostOptions {
+            guest_mmu: GuestMmuPath::None,
+            ..HostOptions::default()
+        };
+        let err = HostMmu::<Recording, SlotError>::with_options(
+            BackendKind::Shadow,
+            &BackendConfig::default(),
+            Arc::clone(&port),
+            options,
+        )
+        .unwrap_err();
+        assert!(matches!(err, HostError::NoGuestMmuPath), "{err:?}");
+        assert!(err.to_string().contains("paravirtual MMU ABI"), "{err}");
+        // Refused before anything reached the hypervisor.
+        assert!(port.calls.lock().unwrap().is_empty());
+
+        // With the ABI declared, the pool is registered.
+        let mut config = BackendConfig::default();
+        config.shadow.pool_pages = 64;
+        let mmu = HostMmu::<Recording, SlotError>::with_options(
+            BackendKind::Shadow,
+            &config,
+            Arc::clone(&port),
+            HostOptions {
+                guest_mmu: GuestMmuPath::Paravirtual,
+                ..options
+            },
+        )
+        .unwrap();
+        assert_eq!(*port.calls.lock().unwrap(), [SHADOW_POOL_SLOT]);
+        drop(mmu);
+        assert_eq!(
+            *port.calls.lock().unwrap(),
+            [SHADOW_POOL_SLOT, SHADOW_POOL_SLOT]
+        );
+    }
+
+    #[cfg(feature = "ept")]
+    #[test]
+    fn ept_runs_without_a_guest_mmu_path() {
+        let port = Arc::new(Recording::default());
+        let options = HostOptions {
+            guest_mmu: GuestMmuPath::None,
+            ..HostOptions::default()
+        };
+        let mmu = HostMmu::<Recording>::with_options(
+            BackendKind::Ept,
+            &BackendConfig::default(),
+            port,
+            options,
+        )
+        .unwrap();
+        assert_eq!(mmu.kind(), BackendKind::Ept);
+        assert_eq!(mmu.page_fault_delivery(), PageFaultDelivery::SetCr2);
+    }
+}
