@@ -42,9 +42,8 @@
 //! Shadow paging is refused there unless the guest speaks the
 //! paravirtual MMU ABI ([`host::GuestMmuPath`]).
 //!
-//! **crosvm** returns MMIO from `Vcpu::run()` as
-//! `VcpuExit::Mmio` and serves it with
-//! `vcpu.handle_mmio(&mut |IoParams { address, operation }| ...)`;
+//! **crosvm** returns MMIO from `Vcpu::run()` as `VcpuExit::Mmio` and
+//! serves it with `vcpu.handle_mmio(&mut |params: IoParams| ...)`;
 //! [`crosvm::CrosvmMmio`] is the body of that closure.
 //!
 //! | feature | default | what |

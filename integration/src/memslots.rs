@@ -816,3 +816,191 @@ mod tests {
         assert!(port.regions().is_empty());
     }
 }
+
+#[cfg(all(test, feature = "ept"))]
+mod vm_wide_tests {
+    use std::sync::Mutex;
+
+    use mmu_api::{Gpa, MemslotFlags, SlotId};
+    use mmu_backends::{BackendConfig, BackendKind, BackendParts};
+    use mmu_ept::testing::GuestRam;
+
+    use super::*;
+    use crate::ports::{RegionMemory, RegionPort};
+
+    /// A hypervisor that switches dirty logging VM-wide, as Cloud
+    /// Hypervisor does: it records the regions created with `log_dirty`
+    /// and logs them only between start and stop.
+    #[derive(Debug, Default)]
+    struct VmWideHost {
+        calls: Mutex<Vec<String>>,
+        logging: Mutex<bool>,
+        /// Pages the "guest" wrote while logging, per slot.
+        written: Mutex<BTreeMap<u32, Vec<u64>>>,
+    }
+
+    impl VmWideHost {
+        fn call(&self, what: String) {
+            self.calls.lock().unwrap().push(what);
+        }
+        fn guest_writes(&self, slot: u32, page: u64) {
+            if *self.logging.lock().unwrap() {
+                self.written
+                    .lock()
+                    .unwrap()
+                    .entry(slot)
+                    .or_default()
+                    .push(page);
+            }
+        }
+    }
+
+    impl RegionPort for VmWideHost {
+        unsafe fn set_region(&self, region: &UserRegion) -> Result<(), PortError> {
+            self.call(format!("set {} log={}", region.slot, region.log_dirty));
+            Ok(())
+        }
+        fn remove_region(&self, region: &UserRegion) -> Result<(), PortError> {
+            self.call(format!("remove {}", region.slot));
+            Ok(())
+        }
+        fn dirty_log(&self, region: &UserRegion) -> Result<Vec<u64>, PortError> {
+            if !*self.logging.lock().unwrap() {
+                return Err(PortError::failed(
+                    "get_dirty_log",
+                    std::io::Error::from_raw_os_error(libc::ENOENT),
+                ));
+            }
+            let mut words = vec![0u64; region.memory_size.div_ceil(4096 * 64) as usize];
+            for page in self
+                .written
+                .lock()
+                .unwrap()
+                .remove(&region.slot)
+                .unwrap_or_default()
+            {
+                words[(page / 64) as usize] |= 1 << (page % 64);
+            }
+            Ok(words)
+        }
+        fn dirty_log_mode(&self) -> DirtyLogMode {
+            DirtyLogMode::VmWide
+        }
+        fn start_dirty_log(&self) -> Result<(), PortError> {
+            self.call("start".into());
+            *self.logging.lock().unwrap() = true;
+            Ok(())
+        }
+        fn stop_dirty_log(&self) -> Result<(), PortError> {
+            self.call("stop".into());
+            *self.logging.lock().unwrap() = false;
+            Ok(())
+        }
+    }
+
+    fn ram() -> &'static GuestRam {
+        Box::leak(Box::new(GuestRam::new(0x4_0000)))
+    }
+
+    fn region(ram: &GuestRam, slot: u32, base: u64, readonly: bool, log_dirty: bool) -> UserRegion {
+        let memslot = ram.memslot(SlotId(slot), Gpa(base), MemslotFlags::empty());
+        UserRegion {
+            slot,
+            guest_phys_addr: base,
+            memory_size: memslot.size,
+            userspace_addr: memslot.backing.host_addr.0,
+            readonly,
+            log_dirty,
+        }
+    }
+
+    #[test]
+    fn vm_wide_logging_runs_between_start_and_stop() {
+        let host = Arc::new(VmWideHost::default());
+        let port: Arc<dyn RegionPort> = Arc::new(Arc::clone(&host));
+        let parts = BackendParts::new()
+            .with_hypervisor_memory(Arc::new(RegionMemory::new(Arc::clone(&port))));
+        let backend =
+            mmu_backends::create(BackendKind::Ept, &BackendConfig::default(), &parts).unwrap();
+        let glue = Memslots::<SlotError>::for_host(Arc::clone(&backend), None, Some(port));
+        assert_eq!(glue.dirty_log_mode(), DirtyLogMode::VmWide);
+
+        let (logged, plain) = (ram(), ram());
+        // SAFETY: both rams are leaked: valid for the whole process.
+        unsafe { glue.add_user_region(&region(logged, 0, 0, false, true)) }.unwrap();
+        // SAFETY: as above.
+        unsafe { glue.add_user_region(&region(plain, 1, 0x10_0000, false, false)) }.unwrap();
+        // The host sees the logging wish at creation (it records it).
+        assert_eq!(
+            *host.calls.lock().unwrap(),
+            ["set 0 log=true", "set 1 log=false"]
+        );
+
+        // Not logging before the VM-wide start; no per-slot switch.
+        assert!(matches!(
+            glue.dirty_log(SlotId(0)),
+            Err(SlotError::Backend(MemslotError::NotLogging(SlotId(0))))
+        ));
+        assert!(matches!(
+            glue.set_dirty_logging(SlotId(0), true),
+            Err(SlotError::VmWideLogging(SlotId(0)))
+        ));
+        // A write the VMM makes before the start is not in the first log.
+        let mut vcpu = crate::test_support::vcpu(&*backend, 0);
+        vcpu.write_guest(Gpa(0x1000), &[1]).unwrap();
+
+        glue.start_dirty_log().unwrap();
+        assert!(glue.is_logging());
+        host.guest_writes(0, 5);
+        vcpu.write_guest(Gpa(0x7008), &[2]).unwrap();
+        let log = glue.dirty_log(SlotId(0)).unwrap();
+        assert_eq!(log.iter_dirty().collect::<Vec<_>>(), [5, 7]);
+        assert_eq!(glue.dirty_log(SlotId(0)).unwrap().count(), 0);
+
+        glue.stop_dirty_log().unwrap();
+        assert!(matches!(
+            glue.dirty_log(SlotId(0)),
+            Err(SlotError::Backend(MemslotError::NotLogging(SlotId(0))))
+        ));
+        assert_eq!(
+            host.calls.lock().unwrap()[2..],
+            ["start".to_string(), "stop".to_string()]
+        );
+
+        // Read-only and logged is refused before anything reaches the host.
+        let rom = ram();
+        // SAFETY: as above.
+        let err =
+            unsafe { glue.add_user_region(&region(rom, 2, 0x20_0000, true, true)) }.unwrap_err();
+        assert!(
+            matches!(err, SlotError::ReadOnlyLogged(SlotId(2))),
+            "{err:?}"
+        );
+        assert_eq!(host.calls.lock().unwrap().len(), 4);
+        // The flattened form, for `Memslots<MemslotError>` callers.
+        assert_eq!(
+            MemslotError::from(err),
+            MemslotError::IllegalChange(SlotId(2))
+        );
+    }
+
+    #[test]
+    fn hypervisor_errors_keep_their_errno() {
+        let err = SlotError::Hypervisor {
+            what: "map",
+            slot: SlotId(3),
+            source: PortError::failed(
+                "KVM_SET_USER_MEMORY_REGION",
+                std::io::Error::from_raw_os_error(libc::EEXIST),
+            ),
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(err.to_string(), "the hypervisor could not map slot 3");
+        let flat = MemslotError::from(err);
+        let MemslotError::Hypervisor(text) = &flat else {
+            panic!("{flat:?}");
+        };
+        assert!(text.contains("KVM_SET_USER_MEMORY_REGION failed"), "{text}");
+        assert!(text.contains("os error 17"), "{text}");
+    }
+}

@@ -221,12 +221,17 @@ fn real_mode_guest_mmio_and_dirty_log_under_ept() {
     assert_eq!(misses, 1);
     assert_eq!(hits, 2 * u64::from(WRITES) - 1);
 
-    // The dirty log, through Cloud Hypervisor's own call.
+    let all = mmu_vm.exit_stats();
+    assert_eq!(all, vcpu_stats);
+
+    // The dirty log, through Cloud Hypervisor's own call. The program
+    // itself was written before the start and is not in it.
     let words = vm
         .get_dirty_log(0, 0, RAM_SIZE as u64)
         .expect("get_dirty_log");
     let dirty = pages(&words);
-    println!("dirty pages: {dirty:x?}");
+    let listed: Vec<String> = dirty.iter().map(|p| format!("{p:#x}")).collect();
+    println!("dirty pages: {}", listed.join(" "));
     assert_eq!(dirty, WRITTEN);
     // A harvest clears the log; stopping ends it.
     assert!(pages(&vm.get_dirty_log(0, 0, RAM_SIZE as u64).unwrap()).is_empty());
@@ -250,4 +255,123 @@ fn pages(words: &[u64]) -> Vec<u64> {
         }
     }
     pages
+}
+
+#[test]
+fn shadow_is_refused_for_a_stock_guest() {
+    let Some(hv) = hypervisor_or_skip("shadow_is_refused_for_a_stock_guest") else {
+        return;
+    };
+    let vm = hv
+        .create_vm(hypervisor::HypervisorVmConfig::default())
+        .expect("create_vm");
+    let err = MmuVm::new(Arc::clone(&vm), &MmuConfig::new(BackendKind::Shadow)).unwrap_err();
+    println!(
+        "shadow under Cloud Hypervisor: {err}: {}",
+        std::error::Error::source(&err).unwrap()
+    );
+    assert!(
+        matches!(
+            err,
+            mmu_cloud_hypervisor::AdapterError::Host(
+                mmu_integration::host::HostError::NoGuestMmuPath
+            )
+        ),
+        "{err:?}"
+    );
+    // With the paravirtual MMU ABI declared, shadow still needs kicks.
+    let config = MmuConfig {
+        paravirtual_mmu: true,
+        ..MmuConfig::new(BackendKind::Shadow)
+    };
+    let err = MmuVm::new(Arc::clone(&vm), &config).unwrap_err();
+    assert!(
+        matches!(err, mmu_cloud_hypervisor::AdapterError::NoKick),
+        "{err:?}"
+    );
+    // ept runs a stock guest.
+    MmuVm::new(vm, &MmuConfig::new(BackendKind::Ept)).expect("ept");
+}
+
+#[test]
+fn refusals_come_back_as_cloud_hypervisor_errors_with_their_source() {
+    let Some(hv) =
+        hypervisor_or_skip("refusals_come_back_as_cloud_hypervisor_errors_with_their_source")
+    else {
+        return;
+    };
+    let vm = hv
+        .create_vm(hypervisor::HypervisorVmConfig::default())
+        .expect("create_vm");
+    let mmu_vm = Arc::new(MmuVm::new(vm, &MmuConfig::new(BackendKind::Ept)).expect("MmuVm"));
+    let vm: Arc<dyn Vm> = mmu_vm.clone();
+    let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+    let host = memory.get_host_address(GuestAddress(0)).unwrap();
+
+    // Read-only and dirty-logged: refused by the glue, as Cloud Hypervisor
+    // refuses it, before anything reaches KVM.
+    // SAFETY: `memory` outlives the VM; the call is refused.
+    let err =
+        unsafe { vm.create_user_memory_region(0, 0, 0x1_0000, host, true, true) }.unwrap_err();
+    let messages = chain(&err);
+    println!("read-only + logged: {messages:?}");
+    assert!(
+        matches!(err, HypervisorVmError::CreateUserMemory(_)),
+        "{err:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("read-only and dirty-logged")),
+        "{messages:?}"
+    );
+    assert!(mmu_vm.backend().memslots().is_empty());
+
+    // Two regions at the same place: the backend refuses the overlap.
+    // SAFETY: `memory` outlives the VM: slot 0 is removed below.
+    unsafe { vm.create_user_memory_region(0, 0, 0x1_0000, host, false, false) }.unwrap();
+    // SAFETY: as above; the call is refused.
+    let err =
+        unsafe { vm.create_user_memory_region(1, 0, 0x1_0000, host, false, false) }.unwrap_err();
+    let messages = chain(&err);
+    println!("overlap: {messages:?}");
+    assert!(
+        messages.iter().any(|m| m.contains("overlaps")),
+        "{messages:?}"
+    );
+
+    // A slot KVM does not have: KVM's errno is in the message.
+    let memory2 =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x10_0000), 0x1_0000)]).unwrap();
+    let host2 = memory2.get_host_address(GuestAddress(0x10_0000)).unwrap();
+    // SAFETY: `memory2` outlives the VM; the call is refused.
+    let err =
+        unsafe { vm.create_user_memory_region(40_000, 0x10_0000, 0x1_0000, host2, false, false) }
+            .unwrap_err();
+    let messages = chain(&err);
+    println!("unknown slot: {messages:?}");
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains(&format!("os error {}", libc::EINVAL))),
+        "{messages:?}"
+    );
+    assert_eq!(mmu_vm.backend().memslots().len(), 1);
+
+    // SAFETY: slot 0 was created with these arguments.
+    unsafe { vm.remove_user_memory_region(0, 0, 0x1_0000, host, false, false) }.unwrap();
+    // Removing it again: unknown to the glue.
+    // SAFETY: as above; the call is refused.
+    let err =
+        unsafe { vm.remove_user_memory_region(0, 0, 0x1_0000, host, false, false) }.unwrap_err();
+    assert!(
+        matches!(err, HypervisorVmError::RemoveUserMemory(_)),
+        "{err:?}"
+    );
+}
+
+fn chain(error: &(dyn std::error::Error + 'static)) -> Vec<String> {
+    std::iter::successors(Some(error), |e| e.source())
+        .map(ToString::to_string)
+        .collect()
 }
