@@ -553,3 +553,55 @@ fn shadow_mirror_refusals_keep_the_errno() {
     assert!(mmu.memslots().ids().is_empty());
     assert!(mmu.backend().memslots().is_empty());
 }
+
+/// On KVM (per-slot logging) the glue's VM-wide switch turns every slot
+/// recorded as logged off and on again, each with a clean log.
+#[test]
+fn vm_wide_switch_on_a_per_slot_host() {
+    if !kvm_or_skip("vm_wide_switch_on_a_per_slot_host") {
+        return;
+    }
+    let mut f = Fixture::new();
+    let glue = f.mmu.memslots();
+    assert_eq!(
+        glue.dirty_log_mode(),
+        mmu_integration::ports::DirtyLogMode::PerSlot
+    );
+    glue.stop_dirty_log().unwrap();
+    for slot in [RAM, SCRATCH] {
+        assert_eq!(
+            glue.dirty_log(slot).unwrap_err(),
+            MemslotError::NotLogging(slot)
+        );
+    }
+    // The guest writes the scratch region while logging is off.
+    let mut a = Asm::default();
+    a.mov_ax((SCRATCH_GPA >> 4) as u16)
+        .mov_es_ax()
+        .mov_ax(0x1111)
+        .store_ax(0x1000)
+        .hlt();
+    f.run(&a.code());
+    f.mmu.memslots().start_dirty_log().unwrap();
+    assert!(f.mmu.memslots().is_logging());
+    assert_eq!(f.mmu.memslots().dirty_log(SCRATCH).unwrap().count(), 0);
+    // And again with logging on: only that page.
+    let mut a = Asm::default();
+    a.mov_ax((SCRATCH_GPA >> 4) as u16)
+        .mov_es_ax()
+        .mov_ax(0x2222)
+        .store_ax(0x4000)
+        .hlt();
+    f.run(&a.code());
+    let log = f.mmu.memslots().dirty_log(SCRATCH).unwrap();
+    println!(
+        "scratch pages dirty after the restart: {:?}",
+        log.iter_dirty().collect::<Vec<_>>()
+    );
+    assert_eq!(log.iter_dirty().collect::<Vec<_>>(), [4]);
+    // The ROM was never logged and is not switched.
+    assert_eq!(
+        f.mmu.memslots().dirty_log(ROM).unwrap_err(),
+        MemslotError::NotLogging(ROM)
+    );
+}
