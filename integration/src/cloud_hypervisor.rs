@@ -480,3 +480,151 @@ mod tests {
         }
     }
 }
+
+#[cfg(all(test, feature = "ept"))]
+mod guest_mode_tests {
+    use std::result::Result;
+    use std::sync::Mutex;
+
+    use mmu_api::{
+        Access, FaultOutcome, Gva, MmuVcpu, PagingContext, PfErrorCode, RootLoad, VcpuError,
+        VcpuId,
+        paging::{RangeSegment, WalkError, WalkOptions},
+    };
+
+    use super::*;
+    use crate::test_support::{RecordingBus, ept};
+
+    /// An MMU that records the calls the decorator makes, in order.
+    #[derive(Debug)]
+    struct Recorder {
+        inner: Box<dyn MmuVcpu>,
+        calls: Arc<Mutex<Vec<&'static str>>>,
+        /// What `prepare_entry` answers.
+        load: RootLoad,
+    }
+
+    impl Recorder {
+        fn note(&self, call: &'static str) {
+            self.calls.lock().unwrap().push(call);
+        }
+    }
+
+    impl MmuVcpu for Recorder {
+        fn id(&self) -> VcpuId {
+            self.inner.id()
+        }
+        fn set_paging_context(&mut self, ctx: &PagingContext) -> Result<RootLoad, VcpuError> {
+            self.inner.set_paging_context(ctx)
+        }
+        fn paging_context(&self) -> &PagingContext {
+            self.inner.paging_context()
+        }
+        fn handle_page_fault(
+            &mut self,
+            gva: Gva,
+            error_code: PfErrorCode,
+        ) -> Result<FaultOutcome, VcpuError> {
+            self.inner.handle_page_fault(gva, error_code)
+        }
+        fn classify_mmio(&mut self, gpa: Gpa, is_write: bool) -> MmioClass {
+            self.note("classify");
+            self.inner.classify_mmio(gpa, is_write)
+        }
+        fn translate(
+            &mut self,
+            gva: Gva,
+            len: u64,
+            access: Access,
+            options: WalkOptions,
+        ) -> Result<Vec<RangeSegment>, WalkError> {
+            self.inner.translate(gva, len, access, options)
+        }
+        fn write_guest(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), VcpuError> {
+            self.note("write");
+            self.inner.write_guest(gpa, data)
+        }
+        fn invlpg(&mut self, gva: Gva) {
+            self.inner.invlpg(gva);
+        }
+        fn flush_tlb(&mut self, include_global: bool) {
+            self.inner.flush_tlb(include_global);
+        }
+        fn prepare_entry(&mut self) -> Result<RootLoad, VcpuError> {
+            self.note("prepare_entry");
+            self.inner.prepare_entry()?;
+            Ok(self.load)
+        }
+        fn exit_guest(&mut self) {
+            self.note("exit_guest");
+            self.inner.exit_guest();
+        }
+    }
+
+    fn recorded(load: RootLoad) -> (MmuVmOps<()>, Arc<Mutex<Vec<&'static str>>>) {
+        let (_port, backend) = ept();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let inner = backend
+            .create_vcpu(VcpuId(0), Arc::new(crate::test_support::NoKick))
+            .unwrap();
+        let exits = VcpuExits::new(Box::new(Recorder {
+            inner,
+            calls: Arc::clone(&calls),
+            load,
+        }));
+        (MmuVmOps::new(Arc::new(()), exits), calls)
+    }
+
+    /// An MMIO exit served inside `run()` is classified with the vCPU out
+    /// of the guest: a zap waiting for the vCPU is not held up by it.
+    #[test]
+    fn mmio_served_inside_run_is_classified_outside_the_guest() {
+        let (ops, calls) = recorded(RootLoad::default());
+        // The vCPU loop enters the guest; the hypervisor exits and calls
+        // back inside `run()`.
+        assert_eq!(ops.enter().unwrap(), Action::Resume);
+        assert!(ops.in_guest());
+        let mut bus = RecordingBus::default();
+        ops.serve_mmio_write(0xd000_0000, &[1], &mut bus).unwrap();
+        ops.serve_mmio_read(0xd000_0000, &mut [0; 4], &mut bus)
+            .unwrap();
+        // `run()` returns; the loop enters again.
+        ops.leave();
+        assert_eq!(ops.enter().unwrap(), Action::Resume);
+        assert_eq!(
+            *calls.lock().unwrap(),
+            [
+                "prepare_entry",
+                "exit_guest",
+                "classify",
+                "prepare_entry",
+                "exit_guest",
+                "classify",
+                "prepare_entry",
+                "exit_guest",
+                "prepare_entry"
+            ]
+        );
+    }
+
+    /// A root load asked for inside a callback is kept for the next entry.
+    #[test]
+    fn a_root_load_asked_for_inside_run_waits_for_the_next_entry() {
+        let load = RootLoad {
+            root: Some(mmu_api::Hpa(0x7000)),
+            flush_tlb: true,
+        };
+        let (ops, calls) = recorded(load);
+        let mut bus = RecordingBus::default();
+        ops.serve_mmio_write(0xd000_0000, &[1], &mut bus).unwrap();
+        // The callback prepared the entry; the decorator applies the load
+        // without preparing again.
+        assert_eq!(ops.enter().unwrap(), Action::LoadRoot(load));
+        assert_eq!(
+            *calls.lock().unwrap(),
+            ["classify", "prepare_entry"],
+            "the vCPU was outside the guest when the callback started"
+        );
+        assert_eq!(ops.stats().root_loads, 1);
+    }
+}
