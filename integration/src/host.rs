@@ -12,7 +12,9 @@ use mmu_backends::{BackendConfig, BackendKind, BackendParts};
 use tracing::debug;
 
 use crate::exits::VcpuExits;
-use crate::memslots::{Memslots, SlotError, UserRegion};
+#[cfg(feature = "shadow")]
+use crate::memslots::UserRegion;
+use crate::memslots::{Memslots, SlotError};
 use crate::ports::{PortError, RegionPort};
 
 /// How [`apply_action`](crate::apply_action) delivers a #PF, which depends
