@@ -43,8 +43,10 @@
 //! paravirtual MMU ABI ([`host::GuestMmuPath`]).
 //!
 //! **crosvm** returns MMIO from `Vcpu::run()` as `VcpuExit::Mmio` and
-//! serves it with `vcpu.handle_mmio(&mut |params: IoParams| ...)`;
-//! [`crosvm::CrosvmMmio`] is the body of that closure.
+//! serves it with `vcpu.handle_mmio(&mut |IoParams { address, operation }|
+//! ...)`, `operation` being `IoOperation::Read(&mut [u8])` (fill the
+//! slice) or `IoOperation::Write(&[u8])`, the closure returning
+//! `Result<()>`; [`crosvm::CrosvmMmio`] is the body of that closure.
 //!
 //! | feature | default | what |
 //! | --- | --- | --- |
