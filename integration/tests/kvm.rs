@@ -467,8 +467,7 @@ fn shadow_pool_is_a_kvm_memslot_outside_guest_memory() {
 
 /// Under shadow, switching dirty logging on for a slot added without it
 /// must also switch it on for KVM's mirror of the slot: the harvest reads
-/// KVM's log too, which KVM refused with ENOENT while the mirror region
-/// did not log.
+/// KVM's log too, and KVM answers ENOENT for a region that does not log.
 #[cfg(feature = "shadow")]
 #[test]
 fn shadow_dirty_logging_switched_on_later_reaches_kvm() {
