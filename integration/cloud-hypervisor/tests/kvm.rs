@@ -289,8 +289,29 @@ fn shadow_is_refused_for_a_stock_guest() {
         matches!(err, mmu_cloud_hypervisor::AdapterError::NoKick),
         "{err:?}"
     );
-    // ept runs a stock guest.
+    // With both, shadow is set up: its page pool becomes a region of the
+    // VM through Cloud Hypervisor's own call.
+    let kick: Arc<mmu_cloud_hypervisor::KickFactory> = Arc::new(|_| Arc::new(Counted::default()));
+    let config = MmuConfig {
+        kick: Some(kick),
+        ..config
+    };
+    let shadow = MmuVm::new(Arc::clone(&vm), &config).expect("shadow with the ABI declared");
+    assert_eq!(shadow.backend().name(), "shadow");
+    assert!(shadow.mmu().shadow().is_some());
+    drop(shadow);
+    // ept runs a stock guest (the shadow pool's region is gone again).
     MmuVm::new(vm, &MmuConfig::new(BackendKind::Ept)).expect("ept");
+}
+
+/// A kick that counts.
+#[derive(Debug, Default)]
+struct Counted(std::sync::atomic::AtomicU64);
+
+impl mmu_api::VcpuKick for Counted {
+    fn kick(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 #[test]
