@@ -1,26 +1,29 @@
 //! An adapter shaped like crosvm's `handle_mmio` closure.
 //!
 //! crosvm's vCPU loop gets `VcpuExit::Mmio` from `Vcpu::run()` and then
-//! calls `vcpu.handle_mmio(&mut |IoParams { address, size, operation }| ...)`:
+//! calls `vcpu.handle_mmio(&mut |IoParams { address, operation }| ...)`:
 //! the hypervisor back end decodes the access and calls the closure, which
-//! answers a read with `Some(data)`. [`IoParams`] and [`IoOperation`] here
+//! fills a read's slice in place. [`IoParams`] and [`IoOperation`] here
 //! have the same shape as crosvm's `hypervisor::IoParams` /
 //! `hypervisor::IoOperation`:
 //!
 //! | crosvm (`hypervisor`) | here |
 //! | --- | --- |
-//! | `struct IoParams { address: u64, size: usize, operation: IoOperation }` | [`IoParams`] |
-//! | `enum IoOperation { Read, Write { data: [u8; 8] } }` | [`IoOperation`] |
-//! | `handle_mmio(&self, handle_fn: &mut dyn FnMut(IoParams) -> Option<[u8; 8]>)` | [`CrosvmMmio::handle`] is that closure's body |
-//!
-//! (Newer crosvm passes `IoOperation::Read(&mut [u8])` / `Write(&[u8])`
-//! and a closure returning `Result<()>`; the mapping is the same, with the
-//! read filled in place.)
+//! | `struct IoParams<'a> { address: u64, operation: IoOperation<'a> }` | [`IoParams`] |
+//! | `enum IoOperation<'a> { Read(&'a mut [u8]), Write(&'a [u8]) }` | [`IoOperation`] |
+//! | `fn handle_mmio(&self, handle_fn: &mut dyn FnMut(IoParams) -> Result<()>) -> Result<()>` | [`CrosvmMmio::handle`] is that closure's body |
 //!
 //! ```text
 //! VcpuExit::Mmio => {
 //!     let mut mmio = CrosvmMmio::new(&mut exits, &mut bus);
-//!     vcpu.handle_mmio(&mut |params| mmio.handle(params))?;
+//!     vcpu.handle_mmio(&mut |hypervisor::IoParams { address, operation }| {
+//!         let operation = match operation {
+//!             hypervisor::IoOperation::Read(data) => IoOperation::Read(data),
+//!             hypervisor::IoOperation::Write(data) => IoOperation::Write(data),
+//!         };
+//!         mmio.handle(IoParams { address, operation });
+//!         Ok(())
+//!     })?;
 //!     mmio.finish()?;
 //! }
 //! ```
@@ -33,36 +36,31 @@ use crate::bus::MmioBus;
 use crate::error::ExitError;
 use crate::exits::VcpuExits;
 
-/// Read or write, with the data of a write (crosvm's
-/// `hypervisor::IoOperation`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum IoOperation {
-    /// A read: the closure returns the data.
-    Read,
-    /// A write of the first `size` bytes of `data`.
-    Write {
-        /// The bytes written (up to 8).
-        data: [u8; 8],
-    },
+/// Read or write, with the data (crosvm's `hypervisor::IoOperation`).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub enum IoOperation<'a> {
+    /// A read: fill the whole slice.
+    Read(&'a mut [u8]),
+    /// A write of these bytes.
+    Write(&'a [u8]),
 }
 
 /// One MMIO access (crosvm's `hypervisor::IoParams`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct IoParams {
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct IoParams<'a> {
     /// The guest-physical address.
     pub address: u64,
-    /// The access size in bytes (1 to 8).
-    pub size: usize,
     /// Read or write.
-    pub operation: IoOperation,
+    pub operation: IoOperation<'a>,
 }
 
 /// The body of crosvm's `handle_mmio` closure, over a vCPU's exit handler
 /// and the VMM's bus.
 ///
-/// The closure cannot return an error, so the first one is kept (and the
-/// read answered with zeros, as crosvm's bus answers an unclaimed read);
-/// [`finish`](Self::finish) returns it once `handle_mmio` is done.
+/// An access that fails is kept (the first one) and a failed read is
+/// answered with zeros, as crosvm's bus answers an unclaimed read; the
+/// closure returns `Ok(())` and [`finish`](Self::finish) returns the kept
+/// error once `handle_mmio` is done, typed.
 pub struct CrosvmMmio<'a> {
     exits: &'a mut VcpuExits,
     bus: &'a mut dyn MmioBus,
@@ -89,24 +87,20 @@ impl<'a> CrosvmMmio<'a> {
     }
 
     /// Serves one access: classified by the MMU, then to the bus (or to
-    /// memory added meanwhile). A read returns its data.
-    pub fn handle(&mut self, params: IoParams) -> Option<[u8; 8]> {
-        let size = params.size.min(8);
+    /// memory added meanwhile). A read fills its slice.
+    pub fn handle(&mut self, params: IoParams<'_>) {
         let gpa = Gpa(params.address);
         match params.operation {
-            IoOperation::Read => {
-                let mut data = [0u8; 8];
-                if let Err(e) = self.exits.mmio_read(gpa, &mut data[..size], self.bus) {
+            IoOperation::Read(data) => {
+                if let Err(e) = self.exits.mmio_read(gpa, data, self.bus) {
                     self.keep(e);
-                    data = [0; 8];
+                    data.fill(0);
                 }
-                Some(data)
             }
-            IoOperation::Write { data } => {
-                if let Err(e) = self.exits.mmio_write(gpa, &data[..size], self.bus) {
+            IoOperation::Write(data) => {
+                if let Err(e) = self.exits.mmio_write(gpa, data, self.bus) {
                     self.keep(e);
                 }
-                None
             }
         }
     }
@@ -138,21 +132,17 @@ mod tests {
         let mut bus = RecordingBus::default();
         let mut mmio = CrosvmMmio::new(&mut exits, &mut bus);
         // What crosvm's back end does inside `handle_mmio`.
-        let mut handle_fn = |params: IoParams| mmio.handle(params);
-        let read = handle_fn(IoParams {
+        let mut handle_fn = |params: IoParams<'_>| mmio.handle(params);
+        let mut read = [0u8; 2];
+        handle_fn(IoParams {
             address: 0xd000_0000,
-            size: 2,
-            operation: IoOperation::Read,
+            operation: IoOperation::Read(&mut read),
         });
-        assert_eq!(read, Some([0xa0, 0xa1, 0, 0, 0, 0, 0, 0]));
-        let write = handle_fn(IoParams {
+        assert_eq!(read, [0xa0, 0xa1]);
+        handle_fn(IoParams {
             address: 0xd000_0008,
-            size: 4,
-            operation: IoOperation::Write {
-                data: [1, 2, 3, 4, 5, 6, 7, 8],
-            },
+            operation: IoOperation::Write(&[1, 2, 3, 4]),
         });
-        assert_eq!(write, None);
         mmio.finish().unwrap();
         assert_eq!(
             bus.calls,
@@ -173,16 +163,15 @@ mod tests {
             ..RecordingBus::default()
         };
         let mut mmio = CrosvmMmio::new(&mut exits, &mut bus);
-        let read = mmio.handle(IoParams {
+        let mut read = [0x55u8; 8];
+        mmio.handle(IoParams {
             address: 0xd000_0000,
-            size: 8,
-            operation: IoOperation::Read,
+            operation: IoOperation::Read(&mut read),
         });
-        assert_eq!(read, Some([0; 8]));
+        assert_eq!(read, [0; 8]);
         mmio.handle(IoParams {
             address: 0xd000_1000,
-            size: 1,
-            operation: IoOperation::Write { data: [0; 8] },
+            operation: IoOperation::Write(&[0]),
         });
         match mmio.finish() {
             Err(ExitError::Bus { gpa, .. }) => assert_eq!(gpa, Gpa(0xd000_0000)),

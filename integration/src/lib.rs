@@ -14,18 +14,45 @@
 //!   `mshv`); on KVM, [`kvm::apply_action`] carries an action out on the
 //!   `VcpuFd`.
 //! - **Its memory map**, through [`Memslots`]: every add, move, delete and
-//!   dirty-logging switch. On KVM the EPT backend owns the VM's memslots
-//!   through [`kvm::KvmMemory`] (`KVM_SET_USER_MEMORY_REGION`,
-//!   `KVM_GET_DIRTY_LOG`); [`kvm::KvmMmu`] sets all of this up for a VM.
-//! - **Its device dispatch**, through adapters of the host's own shape:
-//!   [`cloud_hypervisor::MmuVmOps`] decorates Cloud Hypervisor's `VmOps`,
-//!   [`crosvm::CrosvmMmio`] is the body of crosvm's `handle_mmio` closure.
+//!   dirty-logging switch (per slot, as KVM does, or VM-wide over the slots
+//!   recorded as logged, as Cloud Hypervisor does). On KVM the EPT backend
+//!   owns the VM's memslots through [`kvm::KvmMemory`]
+//!   (`KVM_SET_USER_MEMORY_REGION`, `KVM_GET_DIRTY_LOG`); [`kvm::KvmMmu`]
+//!   sets all of this up for a VM.
+//! - **Its device dispatch**, through adapters of the host's own shape.
+//!
+//! Everything that touches the hypervisor goes through two small
+//! [`ports`]: a memory-region port per VM and a vCPU-register / event port
+//! per vCPU, implemented here for kvm-ioctls' `VmFd` and `VcpuFd`. A host
+//! that keeps those private implements the ports over its own types and
+//! builds a [`host::HostMmu`] on them.
+//!
+//! # Host shapes
+//!
+//! **Cloud Hypervisor** serves MMIO inside `Vcpu::run()` through the
+//! `Arc<dyn hypervisor::VmOps>` each vCPU is created with, and keeps
+//! `VmFd` / `VcpuFd` private behind its `hypervisor::Vm` / `Vcpu` traits
+//! (`create_user_memory_region` takes six arguments, `create_vcpu(id,
+//! vm_ops, msr_config_update)` three; dirty logging is switched VM-wide
+//! with `start_dirty_log`). The `mmu-cloud-hypervisor` crate (in
+//! `integration/cloud-hypervisor`, built against that crate) decorates
+//! its `Vm` and `Vcpu` and implements `hypervisor::VmOps` over
+//! [`cloud_hypervisor::MmuVmOps`], which calls `exit_guest` and
+//! `prepare_entry` itself around the MMIO it serves inside `run()`.
+//! Shadow paging is refused there unless the guest speaks the
+//! paravirtual MMU ABI ([`host::GuestMmuPath`]).
+//!
+//! **crosvm** returns MMIO from `Vcpu::run()` as `VcpuExit::Mmio` and
+//! serves it with `vcpu.handle_mmio(&mut |IoParams { address, operation }|
+//! ...)`, `operation` being `IoOperation::Read(&mut [u8])` (fill the
+//! slice) or `IoOperation::Write(&[u8])`, the closure returning
+//! `Result<()>`; [`crosvm::CrosvmMmio`] is the body of that closure.
 //!
 //! | feature | default | what |
 //! | --- | --- | --- |
-//! | `kvm` | yes | the [`kvm`] module (kvm-ioctls) |
-//! | `ept` | yes | the EPT backend (and [`kvm::KvmMemory`]) |
-//! | `shadow` | yes | the shadow backend (not hostable on KVM yet: [`kvm::KvmMmu::new`] refuses it) |
+//! | `kvm` | yes | the [`kvm`] module (kvm-ioctls): the ports over `VmFd` / `VcpuFd` |
+//! | `ept` | yes | the EPT backend (and [`ports::RegionMemory`]) |
+//! | `shadow` | yes | the shadow backend and its hosting ([`host::ShadowHosting`]) |
 //! | `mshv` | no | the `mshv` module (mshv-bindings) |
 //!
 //! # Example
@@ -93,21 +120,25 @@
 //! ```
 #![deny(missing_docs)]
 
+mod apply;
 mod bus;
 pub mod cloud_hypervisor;
 pub mod crosvm;
 mod error;
 mod exits;
+pub mod host;
 #[cfg(feature = "kvm")]
 pub mod kvm;
 mod memslots;
 #[cfg(feature = "mshv")]
 pub mod mshv;
+pub mod ports;
 #[cfg(all(test, feature = "ept"))]
 mod test_support;
 
+pub use apply::{ApplyError, apply_action};
 pub use bus::{BusError, Direction, MmioBus};
 pub use error::ExitError;
 pub use exits::{Action, ExitStats, VcpuExits};
-pub use memslots::{HostMirror, Memslots, UserRegion};
+pub use memslots::{HostMirror, Memslots, SlotError, UserRegion};
 pub use mmu_backends;

@@ -11,6 +11,7 @@
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use mmu_api::{
@@ -20,6 +21,8 @@ use mmu_api::{
 use tracing::{debug, warn};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryRegion, GuestRegionMmap};
+
+use crate::ports::{DirtyLogMode, PortError, RegionPort};
 
 /// A guest memory region as hypervisors describe it (KVM's
 /// `kvm_userspace_memory_region`, Cloud Hypervisor's `UserMemoryRegion`).
@@ -64,8 +67,81 @@ impl UserRegion {
     }
 }
 
+/// Why the glue could not change a memslot or read its log, with the
+/// hypervisor's own error kept as the source.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SlotError {
+    /// The backend refused (or its own hypervisor port failed: the port's
+    /// error is the source of [`MemslotError::Hypervisor`]).
+    #[error(transparent)]
+    Backend(#[from] MemslotError),
+    /// The hypervisor refused what the glue asked of it directly (the
+    /// mirror of a shadow backend's slot, a VM-wide dirty-log switch).
+    #[error("the hypervisor could not {what} {slot}")]
+    Hypervisor {
+        /// What was being done.
+        what: &'static str,
+        /// The slot (the lowest recorded one for a VM-wide switch).
+        slot: SlotId,
+        /// The hypervisor's error.
+        #[source]
+        source: PortError,
+    },
+    /// The host switches dirty logging for the whole VM
+    /// ([`DirtyLogMode::VmWide`]): a slot is logged if it was added so,
+    /// and logging runs between [`Memslots::start_dirty_log`] and
+    /// [`Memslots::stop_dirty_log`].
+    #[error("{0} cannot switch dirty logging alone: this host switches it for the whole VM")]
+    VmWideLogging(SlotId),
+    /// The host cannot log a read-only region.
+    #[error("{0} is read-only and dirty-logged, which this host refuses")]
+    ReadOnlyLogged(SlotId),
+}
+
+impl SlotError {
+    /// The operating-system error number behind a hypervisor failure.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            SlotError::Hypervisor { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+impl From<SlotError> for MemslotError {
+    /// The error for callers of `Memslots<MemslotError>`: a hypervisor
+    /// failure is kept whole as the source of
+    /// [`MemslotError::Hypervisor`] (errno included).
+    fn from(error: SlotError) -> MemslotError {
+        match error {
+            SlotError::Backend(e) => e,
+            SlotError::Hypervisor { .. } => MemslotError::Hypervisor(HypervisorError::new(error)),
+            SlotError::VmWideLogging(slot) | SlotError::ReadOnlyLogged(slot) => {
+                MemslotError::IllegalChange(slot)
+            }
+        }
+    }
+}
+
 /// Keeps a region's host mapping alive while the backend may use it.
 type KeepAlive = Arc<dyn Any + Send + Sync>;
+
+/// What the glue keeps for one slot.
+struct Entry {
+    /// The region's host mapping, when the glue keeps it alive.
+    keep: Option<KeepAlive>,
+    /// The VMM asked for its writes to be logged.
+    logged: bool,
+}
+
+/// The slots and the VM-wide dirty-log state, under one lock.
+#[derive(Default)]
+struct Table {
+    slots: BTreeMap<SlotId, Entry>,
+    /// Logging runs (between `start_dirty_log` and `stop_dirty_log`).
+    logging: bool,
+}
 
 /// The memslots a VMM registered through this glue, and the host mappings
 /// behind them.
@@ -75,20 +151,44 @@ type KeepAlive = Arc<dyn Any + Send + Sync>;
 /// deleted, so those calls are safe. Dropping the glue deletes every slot
 /// it added (the backend then no longer reaches the memory), then lets the
 /// mappings go.
-pub struct Memslots {
+///
+/// `E` is the error its methods return: [`MemslotError`] (the default; a
+/// hypervisor's error is flattened into its message) or [`SlotError`],
+/// which keeps the hypervisor's error, errno included, as its source.
+///
+/// Dirty logging follows the host's [`DirtyLogMode`]: per slot (KVM: a
+/// slot logs from when it is added or switched on with
+/// [`set_dirty_logging`](Self::set_dirty_logging)), or VM-wide (Cloud
+/// Hypervisor: slots added with logging are recorded, and
+/// [`start_dirty_log`](Self::start_dirty_log) /
+/// [`stop_dirty_log`](Self::stop_dirty_log) switch all of them).
+pub struct Memslots<E = MemslotError> {
     backend: Arc<dyn MmuBackend>,
     /// Where the slots are also mapped for the hardware, if anywhere.
     mirror: Option<Arc<dyn HostMirror>>,
-    /// Slots added through this glue; `Some` for the ones whose mapping we
-    /// keep alive.
-    added: Mutex<BTreeMap<SlotId, Option<KeepAlive>>>,
+    /// The hypervisor's VM-wide dirty-log switch, if it has one.
+    switch: Option<Arc<dyn RegionPort>>,
+    mode: DirtyLogMode,
+    table: Mutex<Table>,
+    error: PhantomData<fn() -> E>,
 }
 
-impl fmt::Debug for Memslots {
+impl<E> Memslots<E> {
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // Every critical section leaves the table consistent before it
+        // can fail.
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl<E> fmt::Debug for Memslots<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let table = self.lock();
         f.debug_struct("Memslots")
             .field("backend", &self.backend.name())
-            .field("slots", &self.lock().keys().collect::<Vec<_>>())
+            .field("slots", &table.slots.keys().collect::<Vec<_>>())
+            .field("mode", &self.mode)
+            .field("logging", &table.logging)
             .finish()
     }
 }
@@ -98,9 +198,11 @@ impl fmt::Debug for Memslots {
 /// ([`mmu_api::HostBacking::hpa`]), so on a hypervisor those addresses
 /// must be mapped by the hypervisor itself (on KVM: a memory region at
 /// that address, outside the MMU's control, which decides what the guest
-/// reaches).
+/// reaches). [`RegionMirror`](crate::ports::RegionMirror) implements it
+/// over any region port.
 pub trait HostMirror: Send + Sync + fmt::Debug {
-    /// Maps `slot`'s host memory at its host-physical address.
+    /// Maps `slot`'s host memory at its host-physical address, or, for a
+    /// slot already mapped, changes its flags (dirty logging).
     ///
     /// # Safety
     ///
@@ -121,23 +223,47 @@ pub trait HostMirror: Send + Sync + fmt::Debug {
     }
 }
 
-impl Memslots {
+fn mirror_error(what: &'static str, slot: SlotId) -> impl FnOnce(std::io::Error) -> SlotError {
+    move |e| SlotError::Hypervisor {
+        what,
+        slot,
+        source: PortError::failed("the shadow mirror's memory region", e),
+    }
+}
+
+impl Memslots<MemslotError> {
     /// Glue for `backend`, with no slots yet.
     pub fn new(backend: Arc<dyn MmuBackend>) -> Self {
-        Memslots {
-            backend,
-            mirror: None,
-            added: Mutex::new(BTreeMap::new()),
-        }
+        Self::for_host(backend, None, None)
     }
 
     /// Glue for `backend` whose slots `mirror` also maps at their
     /// host-physical addresses (a shadow backend hosted on a hypervisor).
     pub fn with_mirror(backend: Arc<dyn MmuBackend>, mirror: Arc<dyn HostMirror>) -> Self {
+        Self::for_host(backend, Some(mirror), None)
+    }
+}
+
+impl<E: From<SlotError>> Memslots<E> {
+    /// Glue for `backend` on a host: `mirror` maps the slots for the
+    /// hardware (a shadow backend), `port` is the hypervisor's region port,
+    /// whose [`DirtyLogMode`] the glue follows and whose VM-wide switch it
+    /// calls.
+    pub fn for_host(
+        backend: Arc<dyn MmuBackend>,
+        mirror: Option<Arc<dyn HostMirror>>,
+        port: Option<Arc<dyn RegionPort>>,
+    ) -> Self {
+        let mode = port
+            .as_ref()
+            .map_or(DirtyLogMode::PerSlot, |p| p.dirty_log_mode());
         Memslots {
             backend,
-            mirror: Some(mirror),
-            added: Mutex::new(BTreeMap::new()),
+            mirror,
+            switch: port,
+            mode,
+            table: Mutex::new(Table::default()),
+            error: PhantomData,
         }
     }
 
@@ -146,9 +272,9 @@ impl Memslots {
         &self.backend
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<SlotId, Option<KeepAlive>>> {
-        // Every critical section is a single insert or remove.
-        self.added.lock().unwrap_or_else(PoisonError::into_inner)
+    /// How this glue switches dirty logging.
+    pub fn dirty_log_mode(&self) -> DirtyLogMode {
+        self.mode
     }
 
     /// Adds a vm-memory region as slot `id` at its own guest address, and
@@ -158,7 +284,7 @@ impl Memslots {
         id: SlotId,
         region: &GuestRegionMmap<B>,
         flags: MemslotFlags,
-    ) -> Result<MemslotChange, MemslotError>
+    ) -> Result<MemslotChange, E>
     where
         B: Bitmap + Send + Sync + 'static,
     {
@@ -174,10 +300,10 @@ impl Memslots {
         let keep: KeepAlive = mapping;
         // SAFETY: the host range is `mapping`'s whole mmap'd range, readable
         // and writable (vm-memory maps guest memory PROT_READ | PROT_WRITE).
-        // We store `keep`, a clone of the Arc that owns the mapping, in
-        // `added` below; it is dropped only after `delete_memslot` for this
+        // We store `keep`, a clone of the Arc that owns the mapping, in the
+        // table below; it is dropped only after `delete_memslot` for this
         // slot has returned (in `delete` and `Drop`), or never.
-        unsafe { self.set(user.memslot(), Some(keep)) }
+        unsafe { self.add(user.memslot(), Some(keep)) }.map_err(E::from)
     }
 
     /// Adds every region of `memory` as one slot each, with ids from
@@ -187,7 +313,7 @@ impl Memslots {
         memory: &vm_memory::GuestRegionCollection<GuestRegionMmap<B>>,
         first_id: u32,
         flags: MemslotFlags,
-    ) -> Result<Vec<SlotId>, MemslotError>
+    ) -> Result<Vec<SlotId>, E>
     where
         B: Bitmap + Send + Sync + 'static,
     {
@@ -210,14 +336,60 @@ impl Memslots {
     /// `region.userspace_addr` must be valid for reads and writes of
     /// `region.memory_size` bytes until [`delete`](Self::delete) for the
     /// slot has returned, or until this glue is dropped.
-    pub unsafe fn add_user_region(
-        &self,
-        region: &UserRegion,
-    ) -> Result<MemslotChange, MemslotError> {
+    pub unsafe fn add_user_region(&self, region: &UserRegion) -> Result<MemslotChange, E> {
         // SAFETY: forwarded from our caller.
-        unsafe { self.set(region.memslot(), None) }
+        unsafe { self.add(region.memslot(), None) }.map_err(E::from)
     }
 
+    /// Adds or changes a slot the VMM asked for (`slot.flags` as asked):
+    /// records whether it is to be logged, and gives the backend the flags
+    /// the dirty-log mode calls for.
+    ///
+    /// # Safety
+    ///
+    /// As [`MmuBackend::set_memslot`], until the slot is deleted through
+    /// this glue or the glue is dropped; `keep` (if any) keeps the memory
+    /// mapped that long.
+    unsafe fn add(
+        &self,
+        mut slot: Memslot,
+        keep: Option<KeepAlive>,
+    ) -> Result<MemslotChange, SlotError> {
+        let logged = slot.flags.contains(MemslotFlags::LOG_DIRTY);
+        if self.mode == DirtyLogMode::VmWide
+            && logged
+            && slot.flags.contains(MemslotFlags::READONLY)
+        {
+            return Err(SlotError::ReadOnlyLogged(slot.id));
+        }
+        let mut table = self.lock();
+        // A per-slot host logs a recorded slot while a VM-wide start is in
+        // force even if the VMM re-adds it without the flag.
+        if self.mode == DirtyLogMode::PerSlot
+            && table.logging
+            && table.slots.get(&slot.id).is_some_and(|e| e.logged)
+        {
+            slot.flags.insert(MemslotFlags::LOG_DIRTY);
+        }
+        // SAFETY: forwarded from our caller.
+        let change = unsafe { self.set(&mut table, slot, keep) }?;
+        if let Some(entry) = table.slots.get_mut(&slot.id) {
+            entry.logged = logged;
+        }
+        Ok(change)
+    }
+
+    /// The backend's copy of slot `id`.
+    fn backend_slot(&self, id: SlotId) -> Result<Memslot, SlotError> {
+        self.backend
+            .memslots()
+            .into_iter()
+            .find(|s| s.id == id)
+            .ok_or(SlotError::Backend(MemslotError::UnknownSlot(id)))
+    }
+
+    /// Gives the backend (and the mirror) `slot` as it is to be now.
+    ///
     /// # Safety
     ///
     /// As [`MmuBackend::set_memslot`], until the slot is deleted through
@@ -225,26 +397,53 @@ impl Memslots {
     /// mapped that long.
     unsafe fn set(
         &self,
+        table: &mut Table,
         slot: Memslot,
         keep: Option<KeepAlive>,
-    ) -> Result<MemslotChange, MemslotError> {
-        let mut added = self.lock();
-        let new = !added.contains_key(&slot.id);
-        // The hardware must reach the memory before any SPTE can map it.
-        if new && let Some(mirror) = &self.mirror {
-            // SAFETY: forwarded from our caller; the mirror is removed in
-            // `delete` before the slot's memory is released.
-            unsafe { mirror.map(&slot) }
-                .map_err(|e| MemslotError::Hypervisor(HypervisorError::new(e)))?;
-        }
+    ) -> Result<MemslotChange, SlotError> {
+        let old = if table.slots.contains_key(&slot.id) {
+            Some(self.backend_slot(slot.id)?)
+        } else {
+            None
+        };
+        // The hardware must reach the memory before any SPTE can map it,
+        // and must log it before the backend hands out writable SPTEs
+        // that rely on the hardware's log.
+        let mirrored = match (&self.mirror, old) {
+            (Some(mirror), None) => {
+                // SAFETY: forwarded from our caller; the mirror is removed
+                // in `delete` before the slot's memory is released.
+                unsafe { mirror.map(&slot) }.map_err(mirror_error("map", slot.id))?;
+                true
+            }
+            (Some(mirror), Some(old)) if old.flags != slot.flags => {
+                // The same host range at the same host-physical address:
+                // the hypervisor changes the region's flags in place.
+                // SAFETY: as above; the slot keeps its host range (the
+                // backend refuses a new backing for a live slot, and the
+                // mirror is only touched here when the backend has it).
+                unsafe { mirror.map(&slot) }
+                    .map_err(mirror_error("change the flags of", slot.id))?;
+                true
+            }
+            _ => false,
+        };
         // SAFETY: forwarded from our caller.
         let change = match unsafe { self.backend.set_memslot(slot) } {
             Ok(change) => change,
             Err(e) => {
-                if new && let Some(mirror) = &self.mirror {
-                    let _ = mirror.unmap(&slot);
+                if mirrored && let Some(mirror) = &self.mirror {
+                    let undone = match old {
+                        // SAFETY: the old slot's host range, which the
+                        // backend still holds.
+                        Some(old) => unsafe { mirror.map(&old) },
+                        None => mirror.unmap(&slot),
+                    };
+                    if let Err(undo) = undone {
+                        warn!(slot = slot.id.0, error = %undo, "cannot undo the mirror change of a refused memslot");
+                    }
                 }
-                return Err(e);
+                return Err(SlotError::Backend(e));
             }
         };
         debug!(
@@ -256,80 +455,201 @@ impl Memslots {
             ?change,
             "memslot set"
         );
-        match added.get_mut(&slot.id) {
-            // A move or flag change keeps the backing, hence the mapping.
-            Some(_) => {}
-            None => {
-                added.insert(slot.id, keep);
-            }
-        }
+        // A move or flag change keeps the backing, hence the mapping.
+        table.slots.entry(slot.id).or_insert(Entry {
+            keep,
+            logged: slot.flags.contains(MemslotFlags::LOG_DIRTY),
+        });
         Ok(change)
     }
 
     /// Moves slot `id` to `guest_base` (same size and memory).
-    pub fn move_slot(&self, id: SlotId, guest_base: Gpa) -> Result<MemslotChange, MemslotError> {
-        let mut slot = self.slot(id)?;
+    pub fn move_slot(&self, id: SlotId, guest_base: Gpa) -> Result<MemslotChange, E> {
+        let mut table = self.lock();
+        let mut slot = self.known(&table, id)?;
         slot.guest_base = guest_base;
-        // SAFETY: `slot` was added through this glue (`self.slot` checks),
-        // so its host range is valid until it is deleted through the glue;
-        // a move keeps the host range (the table refuses a new backing).
-        unsafe { self.set(slot, None) }
+        // SAFETY: `slot` was added through this glue (`known` checks), so
+        // its host range is valid until it is deleted through the glue; a
+        // move keeps the host range (the backend refuses a new backing).
+        unsafe { self.set(&mut table, slot, None) }.map_err(E::from)
     }
 
     /// Turns dirty logging of slot `id` on or off (a migration starting or
-    /// ending). Turning it on starts a clean log.
-    pub fn set_dirty_logging(&self, id: SlotId, on: bool) -> Result<MemslotChange, MemslotError> {
-        let mut slot = self.slot(id)?;
+    /// ending) on a per-slot host. Turning it on starts a clean log.
+    ///
+    /// A host that switches logging VM-wide refuses
+    /// ([`SlotError::VmWideLogging`]).
+    pub fn set_dirty_logging(&self, id: SlotId, on: bool) -> Result<MemslotChange, E> {
+        if self.mode == DirtyLogMode::VmWide {
+            return Err(E::from(SlotError::VmWideLogging(id)));
+        }
+        let mut table = self.lock();
+        let change = self.switch_logging(&mut table, id, on).map_err(E::from)?;
+        if let Some(entry) = table.slots.get_mut(&id) {
+            entry.logged = on;
+        }
+        Ok(change)
+    }
+
+    fn switch_logging(
+        &self,
+        table: &mut Table,
+        id: SlotId,
+        on: bool,
+    ) -> Result<MemslotChange, SlotError> {
+        let mut slot = self.known(table, id)?;
         slot.flags.set(MemslotFlags::LOG_DIRTY, on);
         // SAFETY: as in `move_slot`: a slot of this glue, same host range.
-        unsafe { self.set(slot, None) }
+        unsafe { self.set(table, slot, None) }
+    }
+
+    /// Starts dirty logging of every slot added with logging (or switched
+    /// on): a migration's first pass. Each log starts clean.
+    ///
+    /// On a per-slot host the slots are switched one by one; on a VM-wide
+    /// host the hypervisor's switch is thrown once, and what the backend
+    /// logged before is discarded.
+    pub fn start_dirty_log(&self) -> Result<(), E> {
+        let mut table = self.lock();
+        self.start(&mut table).map_err(E::from)
+    }
+
+    fn start(&self, table: &mut Table) -> Result<(), SlotError> {
+        let logged: Vec<SlotId> = table
+            .slots
+            .iter()
+            .filter(|(_, e)| e.logged)
+            .map(|(id, _)| *id)
+            .collect();
+        match self.mode {
+            DirtyLogMode::PerSlot => {
+                for &id in &logged {
+                    self.switch_logging(table, id, false)?;
+                    self.switch_logging(table, id, true)?;
+                }
+            }
+            DirtyLogMode::VmWide => {
+                if let Some(port) = &self.switch {
+                    port.start_dirty_log()
+                        .map_err(|source| SlotError::Hypervisor {
+                            what: "start dirty logging with",
+                            slot: logged.first().copied().unwrap_or(SlotId(0)),
+                            source,
+                        })?;
+                }
+                for &id in &logged {
+                    // The backend logged this slot's emulated writes since
+                    // it was added: start from a clean log.
+                    self.harvest(id)?;
+                }
+            }
+        }
+        table.logging = true;
+        debug!(slots = logged.len(), mode = ?self.mode, "dirty logging started");
+        Ok(())
+    }
+
+    /// Stops dirty logging of every logged slot (the slots stay recorded
+    /// for the next start).
+    pub fn stop_dirty_log(&self) -> Result<(), E> {
+        let mut table = self.lock();
+        let logged: Vec<SlotId> = table
+            .slots
+            .iter()
+            .filter(|(_, e)| e.logged)
+            .map(|(id, _)| *id)
+            .collect();
+        match self.mode {
+            DirtyLogMode::PerSlot => {
+                for &id in &logged {
+                    self.switch_logging(&mut table, id, false)
+                        .map_err(E::from)?;
+                }
+            }
+            DirtyLogMode::VmWide => {
+                if let Some(port) = &self.switch {
+                    port.stop_dirty_log()
+                        .map_err(|source| SlotError::Hypervisor {
+                            what: "stop dirty logging with",
+                            slot: logged.first().copied().unwrap_or(SlotId(0)),
+                            source,
+                        })
+                        .map_err(E::from)?;
+                }
+            }
+        }
+        table.logging = false;
+        debug!(slots = logged.len(), mode = ?self.mode, "dirty logging stopped");
+        Ok(())
+    }
+
+    /// Whether a VM-wide [`start_dirty_log`](Self::start_dirty_log) is in
+    /// force.
+    pub fn is_logging(&self) -> bool {
+        self.lock().logging
     }
 
     /// The backend's slot `id`, if it was added through this glue.
-    fn slot(&self, id: SlotId) -> Result<Memslot, MemslotError> {
-        if !self.lock().contains_key(&id) {
-            return Err(MemslotError::UnknownSlot(id));
+    fn known(&self, table: &Table, id: SlotId) -> Result<Memslot, SlotError> {
+        if !table.slots.contains_key(&id) {
+            return Err(SlotError::Backend(MemslotError::UnknownSlot(id)));
         }
-        self.backend
-            .memslots()
-            .into_iter()
-            .find(|s| s.id == id)
-            .ok_or(MemslotError::UnknownSlot(id))
+        self.backend_slot(id)
     }
 
     /// Deletes slot `id`; once the backend has let go of it, its mapping
     /// (if the glue kept it) is released.
-    pub fn delete(&self, id: SlotId) -> Result<Memslot, MemslotError> {
-        let mut added = self.lock();
-        if !added.contains_key(&id) {
-            return Err(MemslotError::UnknownSlot(id));
+    pub fn delete(&self, id: SlotId) -> Result<Memslot, E> {
+        let mut table = self.lock();
+        if !table.slots.contains_key(&id) {
+            return Err(E::from(SlotError::Backend(MemslotError::UnknownSlot(id))));
         }
-        let old = self.backend.delete_memslot(id)?;
+        let old = self
+            .backend
+            .delete_memslot(id)
+            .map_err(|e| E::from(SlotError::Backend(e)))?;
         // The backend dropped every SPTE mapping it: now the hardware
         // mapping can go.
         if let Some(mirror) = &self.mirror {
             mirror
                 .unmap(&old)
-                .map_err(|e| MemslotError::Hypervisor(HypervisorError::new(e)))?;
+                .map_err(mirror_error("unmap", id))
+                .map_err(E::from)?;
         }
         debug!(
             backend = self.backend.name(),
             slot = id.0,
             "memslot deleted"
         );
-        added.remove(&id);
+        table.slots.remove(&id);
         Ok(old)
     }
 
     /// The pages of slot `id` written since the last call (guest writes and
     /// the VMM's own noted writes).
-    pub fn dirty_log(&self, id: SlotId) -> Result<DirtyBitmap, MemslotError> {
+    ///
+    /// On a VM-wide host, a slot is logged only between
+    /// [`start_dirty_log`](Self::start_dirty_log) and
+    /// [`stop_dirty_log`](Self::stop_dirty_log); outside that it is
+    /// [`MemslotError::NotLogging`].
+    pub fn dirty_log(&self, id: SlotId) -> Result<DirtyBitmap, E> {
+        let table = self.lock();
+        if !table.slots.contains_key(&id) {
+            return Err(E::from(SlotError::Backend(MemslotError::UnknownSlot(id))));
+        }
+        if self.mode == DirtyLogMode::VmWide && !table.logging {
+            return Err(E::from(SlotError::Backend(MemslotError::NotLogging(id))));
+        }
+        self.harvest(id).map_err(E::from)
+    }
+
+    fn harvest(&self, id: SlotId) -> Result<DirtyBitmap, SlotError> {
         let mut log = self.backend.get_dirty_log(id)?;
         if let Some(mirror) = &self.mirror {
-            let slot = self.slot(id)?;
+            let slot = self.backend_slot(id)?;
             let words = mirror
                 .dirty_log(&slot)
-                .map_err(|e| MemslotError::Hypervisor(HypervisorError::new(e)))?;
+                .map_err(mirror_error("read the dirty log of", id))?;
             if let Some(words) = words {
                 log.merge(&DirtyBitmap::from_words(slot.pages(), words));
             }
@@ -339,14 +659,20 @@ impl Memslots {
 
     /// The ids of the slots added through this glue, ascending.
     pub fn ids(&self) -> Vec<SlotId> {
-        self.lock().keys().copied().collect()
+        self.lock().slots.keys().copied().collect()
     }
 }
 
-impl Drop for Memslots {
+impl<E> Drop for Memslots<E> {
     fn drop(&mut self) {
-        let added = std::mem::take(&mut *self.lock());
-        for (id, keep) in added {
+        let slots = std::mem::take(
+            &mut self
+                .table
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .slots,
+        );
+        for (id, entry) in slots {
             let unmapped = match self.backend.delete_memslot(id) {
                 Ok(old) => match &self.mirror {
                     Some(mirror) => mirror.unmap(&old).map_err(|e| e.to_string()),
@@ -358,7 +684,7 @@ impl Drop for Memslots {
                 warn!(backend = self.backend.name(), slot = id.0, error = %e, "cannot delete a memslot; its memory stays mapped");
                 // The backend or the hardware may still reach the memory:
                 // never unmap it.
-                std::mem::forget(keep);
+                std::mem::forget(entry.keep);
             }
         }
     }
@@ -480,5 +806,200 @@ mod tests {
         assert!(matches!(err, MemslotError::Hypervisor(_)), "{err:?}");
         assert!(glue.ids().is_empty());
         assert!(port.regions().is_empty());
+    }
+}
+
+#[cfg(all(test, feature = "ept"))]
+mod vm_wide_tests {
+    use std::sync::Mutex;
+
+    use mmu_api::{Gpa, MemslotFlags, SlotId};
+    use mmu_backends::{BackendConfig, BackendKind, BackendParts};
+    use mmu_ept::testing::GuestRam;
+
+    use super::*;
+    use crate::ports::{RegionMemory, RegionPort};
+
+    /// A hypervisor that switches dirty logging VM-wide, as Cloud
+    /// Hypervisor does: it records the regions created with `log_dirty`
+    /// and logs them only between start and stop.
+    #[derive(Debug, Default)]
+    struct VmWideHost {
+        calls: Mutex<Vec<String>>,
+        logging: Mutex<bool>,
+        /// Pages the "guest" wrote while logging, per slot.
+        written: Mutex<BTreeMap<u32, Vec<u64>>>,
+    }
+
+    impl VmWideHost {
+        fn call(&self, what: String) {
+            self.calls.lock().unwrap().push(what);
+        }
+        fn guest_writes(&self, slot: u32, page: u64) {
+            if *self.logging.lock().unwrap() {
+                self.written
+                    .lock()
+                    .unwrap()
+                    .entry(slot)
+                    .or_default()
+                    .push(page);
+            }
+        }
+    }
+
+    impl RegionPort for VmWideHost {
+        unsafe fn set_region(&self, region: &UserRegion) -> Result<(), PortError> {
+            self.call(format!("set {} log={}", region.slot, region.log_dirty));
+            Ok(())
+        }
+        fn remove_region(&self, region: &UserRegion) -> Result<(), PortError> {
+            self.call(format!("remove {}", region.slot));
+            Ok(())
+        }
+        fn dirty_log(&self, region: &UserRegion) -> Result<Vec<u64>, PortError> {
+            if !*self.logging.lock().unwrap() {
+                return Err(PortError::failed(
+                    "get_dirty_log",
+                    std::io::Error::from_raw_os_error(libc::ENOENT),
+                ));
+            }
+            let mut words = vec![0u64; region.memory_size.div_ceil(4096 * 64) as usize];
+            for page in self
+                .written
+                .lock()
+                .unwrap()
+                .remove(&region.slot)
+                .unwrap_or_default()
+            {
+                words[(page / 64) as usize] |= 1 << (page % 64);
+            }
+            Ok(words)
+        }
+        fn dirty_log_mode(&self) -> DirtyLogMode {
+            DirtyLogMode::VmWide
+        }
+        fn start_dirty_log(&self) -> Result<(), PortError> {
+            self.call("start".into());
+            *self.logging.lock().unwrap() = true;
+            Ok(())
+        }
+        fn stop_dirty_log(&self) -> Result<(), PortError> {
+            self.call("stop".into());
+            *self.logging.lock().unwrap() = false;
+            Ok(())
+        }
+    }
+
+    fn ram() -> &'static GuestRam {
+        Box::leak(Box::new(GuestRam::new(0x4_0000)))
+    }
+
+    fn region(ram: &GuestRam, slot: u32, base: u64, readonly: bool, log_dirty: bool) -> UserRegion {
+        let memslot = ram.memslot(SlotId(slot), Gpa(base), MemslotFlags::empty());
+        UserRegion {
+            slot,
+            guest_phys_addr: base,
+            memory_size: memslot.size,
+            userspace_addr: memslot.backing.host_addr.0,
+            readonly,
+            log_dirty,
+        }
+    }
+
+    #[test]
+    fn vm_wide_logging_runs_between_start_and_stop() {
+        let host = Arc::new(VmWideHost::default());
+        let port: Arc<dyn RegionPort> = Arc::new(Arc::clone(&host));
+        let parts = BackendParts::new()
+            .with_hypervisor_memory(Arc::new(RegionMemory::new(Arc::clone(&port))));
+        let backend =
+            mmu_backends::create(BackendKind::Ept, &BackendConfig::default(), &parts).unwrap();
+        let glue = Memslots::<SlotError>::for_host(Arc::clone(&backend), None, Some(port));
+        assert_eq!(glue.dirty_log_mode(), DirtyLogMode::VmWide);
+
+        let (logged, plain) = (ram(), ram());
+        // SAFETY: both rams are leaked: valid for the whole process.
+        unsafe { glue.add_user_region(&region(logged, 0, 0, false, true)) }.unwrap();
+        // SAFETY: as above.
+        unsafe { glue.add_user_region(&region(plain, 1, 0x10_0000, false, false)) }.unwrap();
+        // The host sees the logging wish at creation (it records it).
+        assert_eq!(
+            *host.calls.lock().unwrap(),
+            ["set 0 log=true", "set 1 log=false"]
+        );
+
+        // Not logging before the VM-wide start; no per-slot switch.
+        assert!(matches!(
+            glue.dirty_log(SlotId(0)),
+            Err(SlotError::Backend(MemslotError::NotLogging(SlotId(0))))
+        ));
+        assert!(matches!(
+            glue.set_dirty_logging(SlotId(0), true),
+            Err(SlotError::VmWideLogging(SlotId(0)))
+        ));
+        // A write the VMM makes before the start is not in the first log.
+        let mut vcpu = crate::test_support::vcpu(&*backend, 0);
+        vcpu.write_guest(Gpa(0x1000), &[1]).unwrap();
+
+        glue.start_dirty_log().unwrap();
+        assert!(glue.is_logging());
+        host.guest_writes(0, 5);
+        vcpu.write_guest(Gpa(0x7008), &[2]).unwrap();
+        let log = glue.dirty_log(SlotId(0)).unwrap();
+        assert_eq!(log.iter_dirty().collect::<Vec<_>>(), [5, 7]);
+        assert_eq!(glue.dirty_log(SlotId(0)).unwrap().count(), 0);
+
+        glue.stop_dirty_log().unwrap();
+        assert!(matches!(
+            glue.dirty_log(SlotId(0)),
+            Err(SlotError::Backend(MemslotError::NotLogging(SlotId(0))))
+        ));
+        assert_eq!(
+            host.calls.lock().unwrap()[2..],
+            ["start".to_string(), "stop".to_string()]
+        );
+
+        // Read-only and logged is refused before anything reaches the host.
+        let rom = ram();
+        // SAFETY: as above.
+        let err =
+            unsafe { glue.add_user_region(&region(rom, 2, 0x20_0000, true, true)) }.unwrap_err();
+        assert!(
+            matches!(err, SlotError::ReadOnlyLogged(SlotId(2))),
+            "{err:?}"
+        );
+        assert_eq!(host.calls.lock().unwrap().len(), 4);
+        // The flattened form, for `Memslots<MemslotError>` callers.
+        assert_eq!(
+            MemslotError::from(err),
+            MemslotError::IllegalChange(SlotId(2))
+        );
+    }
+
+    #[test]
+    fn hypervisor_errors_keep_their_errno() {
+        let err = SlotError::Hypervisor {
+            what: "map",
+            slot: SlotId(3),
+            source: PortError::failed(
+                "KVM_SET_USER_MEMORY_REGION",
+                std::io::Error::from_raw_os_error(libc::EEXIST),
+            ),
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(err.to_string(), "the hypervisor could not map slot 3");
+        let flat = MemslotError::from(err);
+        let MemslotError::Hypervisor(kept) = &flat else {
+            panic!("{flat:?}");
+        };
+        assert_eq!(kept.raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(kept.to_string(), "the hypervisor could not map slot 3");
+        let source = std::error::Error::source(kept).expect("the port's error");
+        assert!(
+            source
+                .to_string()
+                .contains("KVM_SET_USER_MEMORY_REGION failed"),
+            "{source}"
+        );
     }
 }

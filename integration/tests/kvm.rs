@@ -456,3 +456,143 @@ fn shadow_pool_is_a_kvm_memslot_outside_guest_memory() {
     // SAFETY: KVM no longer maps the page.
     unsafe { libc::munmap(page, 4096) };
 }
+
+/// Under shadow, switching dirty logging on for a slot added without it
+/// must also switch it on for KVM's mirror of the slot: the harvest reads
+/// KVM's log too, and KVM answers ENOENT for a region that does not log.
+#[cfg(feature = "shadow")]
+#[test]
+fn shadow_dirty_logging_switched_on_later_reaches_kvm() {
+    if !kvm_or_skip("shadow_dirty_logging_switched_on_later_reaches_kvm") {
+        return;
+    }
+    let kvm = Kvm::new().unwrap();
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    let mmu = KvmMmu::new(
+        BackendKind::Shadow,
+        &BackendConfig::default(),
+        Arc::clone(&vm),
+    )
+    .unwrap();
+    let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x4_0000)]).unwrap();
+    let region = memory.find_region(GuestAddress(0)).unwrap();
+    let glue = mmu.memslots();
+    glue.add_region(RAM, region, MemslotFlags::empty()).unwrap();
+    assert_eq!(
+        glue.dirty_log(RAM).unwrap_err(),
+        MemslotError::NotLogging(RAM)
+    );
+    glue.set_dirty_logging(RAM, true).unwrap();
+    let log = glue.dirty_log(RAM).expect("KVM's mirror logs too");
+    assert_eq!(log.count(), 0);
+    // A write the VMM makes through the MMU is in the next harvest.
+    let mut exits = mmu
+        .create_vcpu(VcpuId(0), Arc::new(SingleThreaded))
+        .unwrap();
+    exits.write_guest(Gpa(0x2ff8), &[1; 16]).unwrap();
+    let log = glue.dirty_log(RAM).unwrap();
+    println!(
+        "dirty pages after a VMM write: {:?}",
+        log.iter_dirty().collect::<Vec<_>>()
+    );
+    assert_eq!(log.iter_dirty().collect::<Vec<_>>(), [2, 3]);
+    // Off again: KVM's mirror stops logging, and the glue says so.
+    glue.set_dirty_logging(RAM, false).unwrap();
+    assert_eq!(
+        glue.dirty_log(RAM).unwrap_err(),
+        MemslotError::NotLogging(RAM)
+    );
+    // The mirror region really stopped logging: KVM's own answer.
+    let mirror = mmu_integration::ports::RegionMirror::<VmFd>::region(
+        &mmu.backend().memslots()[0],
+        0x4_0000,
+    );
+    let err = mmu_integration::ports::RegionPort::dirty_log(&*vm, &mirror).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+}
+
+/// A hypervisor refusal keeps its errno with the typed glue.
+#[cfg(feature = "shadow")]
+#[test]
+fn shadow_mirror_refusals_keep_the_errno() {
+    if !kvm_or_skip("shadow_mirror_refusals_keep_the_errno") {
+        return;
+    }
+    let kvm = Kvm::new().unwrap();
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    let mmu = KvmMmu::<mmu_integration::SlotError>::with_options(
+        BackendKind::Shadow,
+        &BackendConfig::default(),
+        Arc::clone(&vm),
+        mmu_integration::host::HostOptions::default(),
+    )
+    .unwrap();
+    let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+    let region = memory.find_region(GuestAddress(0)).unwrap();
+    // A slot number beyond KVM_USER_MEM_SLOTS: the mirror's
+    // KVM_SET_USER_MEMORY_REGION fails with EINVAL.
+    let err = mmu
+        .memslots()
+        .add_region(SlotId(40_000), region, MemslotFlags::empty())
+        .unwrap_err();
+    println!("refusal: {err} (errno {:?})", err.raw_os_error());
+    assert!(
+        matches!(err, mmu_integration::SlotError::Hypervisor { .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+    assert!(mmu.memslots().ids().is_empty());
+    assert!(mmu.backend().memslots().is_empty());
+}
+
+/// On KVM (per-slot logging) the glue's VM-wide switch turns every slot
+/// recorded as logged off and on again, each with a clean log.
+#[test]
+fn vm_wide_switch_on_a_per_slot_host() {
+    if !kvm_or_skip("vm_wide_switch_on_a_per_slot_host") {
+        return;
+    }
+    let mut f = Fixture::new();
+    let glue = f.mmu.memslots();
+    assert_eq!(
+        glue.dirty_log_mode(),
+        mmu_integration::ports::DirtyLogMode::PerSlot
+    );
+    glue.stop_dirty_log().unwrap();
+    for slot in [RAM, SCRATCH] {
+        assert_eq!(
+            glue.dirty_log(slot).unwrap_err(),
+            MemslotError::NotLogging(slot)
+        );
+    }
+    // The guest writes the scratch region while logging is off.
+    let mut a = Asm::default();
+    a.mov_ax((SCRATCH_GPA >> 4) as u16)
+        .mov_es_ax()
+        .mov_ax(0x1111)
+        .store_ax(0x1000)
+        .hlt();
+    f.run(&a.code());
+    f.mmu.memslots().start_dirty_log().unwrap();
+    assert!(f.mmu.memslots().is_logging());
+    assert_eq!(f.mmu.memslots().dirty_log(SCRATCH).unwrap().count(), 0);
+    // And again with logging on: only that page.
+    let mut a = Asm::default();
+    a.mov_ax((SCRATCH_GPA >> 4) as u16)
+        .mov_es_ax()
+        .mov_ax(0x2222)
+        .store_ax(0x4000)
+        .hlt();
+    f.run(&a.code());
+    let log = f.mmu.memslots().dirty_log(SCRATCH).unwrap();
+    println!(
+        "scratch pages dirty after the restart: {:?}",
+        log.iter_dirty().collect::<Vec<_>>()
+    );
+    assert_eq!(log.iter_dirty().collect::<Vec<_>>(), [4]);
+    // The ROM was never logged and is not switched.
+    assert_eq!(
+        f.mmu.memslots().dirty_log(ROM).unwrap_err(),
+        MemslotError::NotLogging(ROM)
+    );
+}
