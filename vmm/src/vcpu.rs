@@ -658,14 +658,14 @@ fn read_area(run: &mut kvm_bindings::kvm_run, kind: ReadExit) -> Option<&mut [u8
             }
             let len = usize::from(io.size) * io.count as usize;
             let offset = usize::try_from(io.data_offset).ok()?;
-            let start = std::ptr::from_mut(run).cast::<u8>();
+            let data = std::ptr::from_mut(run).cast::<u8>().wrapping_add(offset);
             // SAFETY: for KVM_EXIT_IO, KVM puts the data `data_offset`
             // bytes into the vCPU's kvm_run mapping, which `fd` keeps
             // mapped and which holds `size * count` bytes there (the same
             // area kvm-ioctls hands out as `VcpuExit::IoIn`). The slice
             // borrows `run`, so it cannot outlive this borrow of the vCPU,
             // and nothing else writes the area before the next KVM_RUN.
-            Some(unsafe { std::slice::from_raw_parts_mut(start.add(offset), len) })
+            Some(unsafe { std::slice::from_raw_parts_mut(data, len) })
         }
         ReadExit::Mmio => {
             if run.exit_reason != kvm_bindings::KVM_EXIT_MMIO {
@@ -1049,27 +1049,20 @@ mod tests {
         // zeroes is a valid value.
         let mut run: kvm_bindings::kvm_run = unsafe { std::mem::zeroed() };
         run.exit_reason = kvm_bindings::KVM_EXIT_MMIO;
-        // SAFETY: writes plain integers into the `mmio` member.
-        unsafe {
-            run.__bindgen_anon_1.mmio.len = 4;
-            run.__bindgen_anon_1.mmio.is_write = 0;
-        }
+        run.__bindgen_anon_1.mmio.len = 4;
+        run.__bindgen_anon_1.mmio.is_write = 0;
         assert!(read_area(&mut run, ReadExit::Io).is_none());
         let area = read_area(&mut run, ReadExit::Mmio).expect("an MMIO read");
         assert_eq!(area.len(), 4);
         area.copy_from_slice(&[1, 2, 3, 4]);
         // SAFETY: the `mmio` member was written above.
         assert_eq!(unsafe { run.__bindgen_anon_1.mmio.data }[..4], [1, 2, 3, 4]);
-        // SAFETY: as above.
-        unsafe { run.__bindgen_anon_1.mmio.is_write = 1 };
+        run.__bindgen_anon_1.mmio.is_write = 1;
         assert!(read_area(&mut run, ReadExit::Mmio).is_none());
         // A port write is not a read: no area, whatever its offset says.
         run.exit_reason = kvm_bindings::KVM_EXIT_IO;
-        // SAFETY: writes plain integers into the `io` member.
-        unsafe {
-            run.__bindgen_anon_1.io.direction = kvm_bindings::KVM_EXIT_IO_OUT as u8;
-            run.__bindgen_anon_1.io.data_offset = 1 << 40;
-        }
+        run.__bindgen_anon_1.io.direction = kvm_bindings::KVM_EXIT_IO_OUT as u8;
+        run.__bindgen_anon_1.io.data_offset = 1 << 40;
         assert!(read_area(&mut run, ReadExit::Io).is_none());
         run.exit_reason = kvm_bindings::KVM_EXIT_HLT;
         assert!(read_area(&mut run, ReadExit::Mmio).is_none());
