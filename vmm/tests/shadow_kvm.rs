@@ -1,6 +1,7 @@
 //! The shadow backend hosted on KVM: remote flushes, root reloads and host
 //! coherence, seen by guest CPL3 code. Each test skips (and passes) where
-//! /dev/kvm cannot be opened.
+//! /dev/kvm cannot be opened, and fails there instead when
+//! `MMU_REQUIRE_KVM=1`.
 
 mod common;
 use common::kvm_or_skip;
