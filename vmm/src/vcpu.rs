@@ -724,6 +724,11 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
     let mut stats = ExitStats::default();
     let mut reports = Vec::new();
     let started = Instant::now();
+    // The one raw pointer of the loop: the kick signal handler, which
+    // cannot borrow anything, sets `immediate_exit` through it. It is
+    // never used to read or write an exit (those go through `fd`), and
+    // the guard unpublishes it before this function returns, while `fd`
+    // (and so the mapping) is still borrowed.
     let run_page: *mut kvm_bindings::kvm_run = fd.get_kvm_run();
     let _published = RunPageGuard::new(run_page);
     fd.set_kvm_immediate_exit(0);

@@ -1,5 +1,6 @@
 //! What a vCPU's exit loop sees, counted for a test thread to wait on
-//! (instead of sleeping and hoping the guest got somewhere).
+//! (instead of pausing for a fixed time and hoping the guest got
+//! somewhere).
 
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
