@@ -17,7 +17,7 @@
 //! Without `--bench` (`cargo test -p benches --benches`, the CI smoke) every
 //! bench runs once on tiny guests (16 MiB, 2 vCPUs). Where /dev/kvm cannot
 //! be opened each bench prints `SKIPPED (no /dev/kvm): <bench>` and does
-//! nothing. After the criterion output, a table gives each configuration's
+//! nothing (or fails, when `MMU_REQUIRE_KVM=1`). After the criterion output, a table gives each configuration's
 //! time until every vCPU ran CPL3 again after the churn, and the deferred
 //! reclaim of the fast zap, which criterion's number (the host call) leaves
 //! out. No bench asserts anything about time.
@@ -68,12 +68,35 @@ impl Scale {
     }
 }
 
+/// The environment variable that makes a bench fail, instead of skip,
+/// where `/dev/kvm` cannot be used (`.ci/run` sets it where `/dev/kvm`
+/// exists).
+const REQUIRE_KVM: &str = "MMU_REQUIRE_KVM";
+
+/// True if /dev/kvm can be used; otherwise prints
+/// `SKIPPED (no /dev/kvm): <bench>` and returns false, or panics when
+/// `MMU_REQUIRE_KVM=1` (unset, empty or `0` allow the skip; any other
+/// value panics, so a misspelt setting cannot let CI pass without KVM).
 fn kvm_or_skip(bench: &str) -> bool {
-    if std::fs::File::open("/dev/kvm").is_err() || !mmu_vmm::kvm_available() {
-        println!("SKIPPED (no /dev/kvm): {bench}");
-        return false;
+    let usable = std::fs::File::open("/dev/kvm").is_ok() && mmu_vmm::kvm_available();
+    let require = std::env::var_os(REQUIRE_KVM);
+    let required = match require.as_ref().map(|v| v.to_str()) {
+        None | Some(Some("")) | Some(Some("0")) => false,
+        Some(Some("1")) => true,
+        Some(other) => {
+            panic!("bench {bench}: {REQUIRE_KVM}={other:?} is neither 1 nor 0 (nor empty)")
+        }
+    };
+    if usable {
+        return true;
     }
-    true
+    if required {
+        panic!(
+            "bench {bench} cannot run: /dev/kvm cannot be opened as KVM, and {REQUIRE_KVM}=1 requires it"
+        );
+    }
+    println!("SKIPPED (no /dev/kvm): {bench}");
+    false
 }
 
 fn sum_churn(

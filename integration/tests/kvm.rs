@@ -1,6 +1,7 @@
 //! The KVM side on a real VM: the memory-region port (memslots, flags,
 //! dirty log), exits routed through the MMU, and actions applied to a
-//! vCPU. Each test skips (and passes) where `/dev/kvm` cannot be opened.
+//! vCPU. Each test skips (and passes) where `/dev/kvm` cannot be opened,
+//! and fails there instead when `MMU_REQUIRE_KVM=1`.
 //!
 //! The guest is the `host_vmm` example's real-mode program.
 #![cfg(all(feature = "kvm", feature = "ept"))]
@@ -27,13 +28,89 @@ use guest::{
     expected_reports, program, start_real_mode,
 };
 
-fn kvm_or_skip(name: &str) -> bool {
-    if Kvm::new().is_err() {
-        println!("SKIPPED (no /dev/kvm): {name}");
-        return false;
+/// The environment variable that makes a KVM test fail, instead of skip,
+/// where `/dev/kvm` cannot be used (`.ci/run` sets it where `/dev/kvm`
+/// exists).
+const REQUIRE_KVM: &str = "MMU_REQUIRE_KVM";
+
+/// What a KVM test does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum KvmGate {
+    /// Run the test.
+    Run,
+    /// Skip it (pass without running).
+    Skip,
+    /// Fail it, for this reason.
+    Fail(String),
+}
+
+/// The decision, given whether KVM can be used and the value of
+/// `MMU_REQUIRE_KVM`: `1` turns a skip into a failure; unset, empty or `0`
+/// allow the skip; any other value fails, so a misspelt setting cannot let
+/// a CI run pass without KVM.
+fn kvm_gate(kvm_usable: bool, require: Option<&str>) -> KvmGate {
+    let required = match require {
+        None | Some("") | Some("0") => false,
+        Some("1") => true,
+        Some(other) => {
+            return KvmGate::Fail(format!(
+                "{REQUIRE_KVM}={other:?} is neither 1 nor 0 (nor empty)"
+            ));
+        }
+    };
+    match (kvm_usable, required) {
+        (true, _) => KvmGate::Run,
+        (false, false) => KvmGate::Skip,
+        (false, true) => KvmGate::Fail(format!(
+            "/dev/kvm cannot be opened as KVM, and {REQUIRE_KVM}=1 requires it"
+        )),
     }
-    println!("KVM test ran: {name}");
-    true
+}
+
+/// True if /dev/kvm can be used (opened, and answering as KVM); prints
+/// `KVM test ran: <name>` or `SKIPPED (no /dev/kvm): <name>`. Panics
+/// instead of skipping when `MMU_REQUIRE_KVM=1`.
+fn kvm_or_skip(name: &str) -> bool {
+    let usable =
+        Kvm::new().is_ok_and(|kvm| kvm.get_api_version() == kvm_bindings::KVM_API_VERSION as i32);
+    let require = std::env::var_os(REQUIRE_KVM);
+    let require = require
+        .as_ref()
+        .map(|v| v.to_str().unwrap_or("(not UTF-8)"));
+    match kvm_gate(usable, require) {
+        KvmGate::Run => {
+            println!("KVM test ran: {name}");
+            true
+        }
+        KvmGate::Skip => {
+            println!("SKIPPED (no /dev/kvm): {name}");
+            false
+        }
+        KvmGate::Fail(why) => panic!("KVM test {name} cannot run: {why}"),
+    }
+}
+
+#[test]
+fn kvm_tests_fail_instead_of_skipping_when_kvm_is_required() {
+    for require in [None, Some(""), Some("0"), Some("1")] {
+        assert_eq!(kvm_gate(true, require), KvmGate::Run, "{require:?}");
+    }
+    for require in [None, Some(""), Some("0")] {
+        assert_eq!(kvm_gate(false, require), KvmGate::Skip, "{require:?}");
+    }
+    let KvmGate::Fail(why) = kvm_gate(false, Some("1")) else {
+        panic!("a required KVM that is missing must fail");
+    };
+    assert_eq!(
+        why,
+        "/dev/kvm cannot be opened as KVM, and MMU_REQUIRE_KVM=1 requires it"
+    );
+    for usable in [true, false] {
+        assert!(
+            matches!(kvm_gate(usable, Some("yes")), KvmGate::Fail(ref m) if m.contains("\"yes\"")),
+            "{usable}"
+        );
+    }
 }
 
 #[derive(Debug)]

@@ -528,24 +528,30 @@ pub(crate) struct VcpuRun<'a> {
     pub(crate) limit: Duration,
 }
 
-/// An exit, copied out of `kvm_run` so the vCPU can be used again.
+/// An exit, copied out of `kvm_run` while `KVM_RUN`'s borrow of the vCPU
+/// lasts, so the vCPU can be used again: every field is an owned value.
+/// The answer to a read (port or MMIO) is written back with
+/// [`complete_read`] through the vCPU itself, after the handler ran.
+#[derive(Debug)]
 enum Exit {
     /// The exit handler's `kvm_exit` served it; this is what remains to do.
     Routed(Action),
+    /// A port read of `len` bytes: the guest waits for the data.
     IoIn {
         port: u16,
-        data: *mut u8,
         len: usize,
     },
+    /// A port write of `data`.
     IoOut {
         port: u16,
         data: Vec<u8>,
     },
+    /// An MMIO read of `len` bytes: the guest waits for the data.
     MmioRead {
         gpa: u64,
-        data: *mut u8,
         len: usize,
     },
+    /// An MMIO write of `data`.
     MmioWrite {
         gpa: u64,
         data: Vec<u8>,
@@ -573,12 +579,13 @@ impl Exit {
         }
     }
 
+    /// Copies what the VMM needs out of `exit`; the borrow of the vCPU
+    /// ends with it.
     fn from_kvm(exit: VcpuExit<'_>) -> Exit {
         match exit {
             VcpuExit::IoIn(port, data) => Exit::IoIn {
                 port,
                 len: data.len(),
-                data: data.as_mut_ptr(),
             },
             VcpuExit::IoOut(port, data) => Exit::IoOut {
                 port,
@@ -587,7 +594,6 @@ impl Exit {
             VcpuExit::MmioRead(gpa, data) => Exit::MmioRead {
                 gpa,
                 len: data.len(),
-                data: data.as_mut_ptr(),
             },
             VcpuExit::MmioWrite(gpa, data) => Exit::MmioWrite {
                 gpa,
@@ -602,29 +608,78 @@ impl Exit {
     }
 }
 
-/// Where the answer to a read exit goes: inside the vCPU's `kvm_run` page.
-struct ReadBuffer {
-    data: *mut u8,
-    len: usize,
+/// The kind of read exit whose answer [`complete_read`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadExit {
+    /// A port read (`KVM_EXIT_IO`, direction in).
+    Io,
+    /// An MMIO read (`KVM_EXIT_MMIO`, not a write).
+    Mmio,
 }
 
-impl ReadBuffer {
-    /// Copies `bytes` (truncated or zero-padded to the access size) into
-    /// the exit's data area.
-    ///
-    /// # Safety
-    ///
-    /// `data..data + len` must be the data area of the exit just returned
-    /// by `KVM_RUN` on a `VcpuFd` that is still alive and has not been run
-    /// again.
-    unsafe fn fill(&self, bytes: &[u8]) {
-        let mut buf = vec![0u8; self.len];
-        let n = bytes.len().min(self.len);
-        buf[..n].copy_from_slice(&bytes[..n]);
-        // SAFETY: by the caller's contract the destination is `len` valid,
-        // writable bytes in the kvm_run mapping, which nothing else uses
-        // until the next KVM_RUN; `buf` is a distinct allocation.
-        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.data, self.len) };
+/// Writes `bytes` (truncated or zero-padded to the access size) as the
+/// answer to the read exit `KVM_RUN` last returned on `fd`, which KVM hands
+/// to the guest on the next `KVM_RUN`.
+///
+/// The data area is found again from `kvm_run` through this borrow of
+/// `fd` (nothing is kept from the exit but its kind and size), and only
+/// if `kvm_run` still describes a read exit of `kind` with `len` bytes.
+fn complete_read(
+    fd: &mut VcpuFd,
+    kind: ReadExit,
+    len: usize,
+    bytes: &[u8],
+) -> Result<(), VcpuError> {
+    let run = fd.get_kvm_run();
+    let Some(area) = read_area(run, kind).filter(|area| area.len() == len) else {
+        return Err(VcpuError::Handler(format!(
+            "the vCPU no longer holds the {kind:?} read exit of {len} bytes it is answered for"
+        )));
+    };
+    let n = bytes.len().min(len);
+    area[..n].copy_from_slice(&bytes[..n]);
+    area[n..].fill(0);
+    Ok(())
+}
+
+/// The data area of the read exit of `kind` that `run` describes, or None
+/// if it describes something else.
+fn read_area(run: &mut kvm_bindings::kvm_run, kind: ReadExit) -> Option<&mut [u8]> {
+    match kind {
+        ReadExit::Io => {
+            if run.exit_reason != kvm_bindings::KVM_EXIT_IO {
+                return None;
+            }
+            // SAFETY: the exit reason is KVM_EXIT_IO, so KVM filled the
+            // `io` member of the union; it is plain integers.
+            let io = unsafe { run.__bindgen_anon_1.io };
+            if u32::from(io.direction) != kvm_bindings::KVM_EXIT_IO_IN {
+                return None;
+            }
+            let len = usize::from(io.size) * io.count as usize;
+            let offset = usize::try_from(io.data_offset).ok()?;
+            let data = std::ptr::from_mut(run).cast::<u8>().wrapping_add(offset);
+            // SAFETY: for KVM_EXIT_IO, KVM puts the data `data_offset`
+            // bytes into the vCPU's kvm_run mapping, which `fd` keeps
+            // mapped and which holds `size * count` bytes there (the same
+            // area kvm-ioctls hands out as `VcpuExit::IoIn`). The slice
+            // borrows `run`, so it cannot outlive this borrow of the vCPU,
+            // and nothing else writes the area before the next KVM_RUN.
+            Some(unsafe { std::slice::from_raw_parts_mut(data, len) })
+        }
+        ReadExit::Mmio => {
+            if run.exit_reason != kvm_bindings::KVM_EXIT_MMIO {
+                return None;
+            }
+            // SAFETY: the exit reason is KVM_EXIT_MMIO, so KVM filled the
+            // `mmio` member of the union; it is plain integers and bytes.
+            let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+            if mmio.is_write != 0 {
+                return None;
+            }
+            let len = (mmio.len as usize).min(mmio.data.len());
+            Some(&mut mmio.data[..len])
+        }
     }
 }
 
@@ -669,6 +724,11 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
     let mut stats = ExitStats::default();
     let mut reports = Vec::new();
     let started = Instant::now();
+    // The one raw pointer of the loop: the kick signal handler, which
+    // cannot borrow anything, sets `immediate_exit` through it. It is
+    // never used to read or write an exit (those go through `fd`), and
+    // the guard unpublishes it before this function returns, while `fd`
+    // (and so the mapping) is still borrowed.
     let run_page: *mut kvm_bindings::kvm_run = fd.get_kvm_run();
     let _published = RunPageGuard::new(run_page);
     fd.set_kvm_immediate_exit(0);
@@ -733,7 +793,7 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
                 trace!(vcpu = id.0, ?action, "exit served by the exit handler");
                 handler.complete_exit(&mut ctx, action)?;
             }
-            Exit::IoIn { port, data, len } if (hypercall::BASE..hypercall::END).contains(&port) => {
+            Exit::IoIn { port, len } if (hypercall::BASE..hypercall::END).contains(&port) => {
                 if len != 4 {
                     return Err(VcpuError::BadHypercall {
                         port,
@@ -756,10 +816,7 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
                             });
                         }
                     };
-                // SAFETY: `data`/`len` describe this exit's data area in
-                // the kvm_run page of `fd`, which is alive (borrowed by
-                // this function) and has not been run since the exit.
-                unsafe { ReadBuffer { data, len }.fill(&answer.to_le_bytes()) };
+                complete_read(ctx.fd, ReadExit::Io, len, &answer.to_le_bytes())?;
             }
             Exit::IoOut { port, data } if (hypercall::BASE..hypercall::END).contains(&port) => {
                 return Err(VcpuError::BadHypercall {
@@ -768,14 +825,13 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
                     size: data.len(),
                 });
             }
-            Exit::IoIn { port, data, len } => {
+            Exit::IoIn { port, len } => {
                 let mut buf = vec![0u8; len];
                 if !handler.port_read(&mut ctx, port, &mut buf)? {
                     return Err(unknown_port(&mut ctx, port, IoDirection::Read, len));
                 }
                 stats.device_io += 1;
-                // SAFETY: as above, this exit's data area in a live kvm_run.
-                unsafe { ReadBuffer { data, len }.fill(&buf) };
+                complete_read(ctx.fd, ReadExit::Io, len, &buf)?;
             }
             Exit::IoOut { port, data } => {
                 if !handler.port_write(&mut ctx, port, &data)? {
@@ -783,7 +839,7 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
                 }
                 stats.device_io += 1;
             }
-            Exit::MmioRead { gpa, data, len } => {
+            Exit::MmioRead { gpa, len } => {
                 let mut buf = vec![0u8; len];
                 if !handler.mmio_read(&mut ctx, gpa, &mut buf)? {
                     return Err(VcpuError::UnknownMmio {
@@ -793,8 +849,7 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
                     });
                 }
                 stats.device_io += 1;
-                // SAFETY: as above, this exit's data area in a live kvm_run.
-                unsafe { ReadBuffer { data, len }.fill(&buf) };
+                complete_read(ctx.fd, ReadExit::Mmio, len, &buf)?;
             }
             Exit::MmioWrite { gpa, data } => {
                 if !handler.mmio_write(&mut ctx, gpa, &data)? {
@@ -991,6 +1046,32 @@ mod tests {
         assert_eq!(r.last(1), Some(7));
         assert_eq!(r.last(2), Some(6));
         assert_eq!(r.last(3), None);
+    }
+
+    #[test]
+    fn read_answers_go_only_to_the_read_exit_they_answer() {
+        // SAFETY: kvm_run is plain integers, bytes and unions of them; all
+        // zeroes is a valid value.
+        let mut run: kvm_bindings::kvm_run = unsafe { std::mem::zeroed() };
+        run.exit_reason = kvm_bindings::KVM_EXIT_MMIO;
+        run.__bindgen_anon_1.mmio.len = 4;
+        run.__bindgen_anon_1.mmio.is_write = 0;
+        assert!(read_area(&mut run, ReadExit::Io).is_none());
+        let area = read_area(&mut run, ReadExit::Mmio).expect("an MMIO read");
+        assert_eq!(area.len(), 4);
+        area.copy_from_slice(&[1, 2, 3, 4]);
+        // SAFETY: the `mmio` member was written above.
+        assert_eq!(unsafe { run.__bindgen_anon_1.mmio.data }[..4], [1, 2, 3, 4]);
+        run.__bindgen_anon_1.mmio.is_write = 1;
+        assert!(read_area(&mut run, ReadExit::Mmio).is_none());
+        // A port write is not a read: no area, whatever its offset says.
+        run.exit_reason = kvm_bindings::KVM_EXIT_IO;
+        run.__bindgen_anon_1.io.direction = kvm_bindings::KVM_EXIT_IO_OUT as u8;
+        run.__bindgen_anon_1.io.data_offset = 1 << 40;
+        assert!(read_area(&mut run, ReadExit::Io).is_none());
+        run.exit_reason = kvm_bindings::KVM_EXIT_HLT;
+        assert!(read_area(&mut run, ReadExit::Mmio).is_none());
+        assert!(read_area(&mut run, ReadExit::Io).is_none());
     }
 
     #[test]

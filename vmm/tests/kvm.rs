@@ -1,14 +1,19 @@
 //! Guests on real KVM. Each test skips (and passes) where /dev/kvm cannot
-//! be opened.
+//! be opened, and fails there instead when `MMU_REQUIRE_KVM=1`.
 
 mod common;
 use common::kvm_or_skip;
+#[path = "common/progress.rs"]
+mod progress;
+use progress::Progress;
 
 use std::time::Duration;
 
 use mmu_vmm::kit::abi::tag;
 use mmu_vmm::kit::workloads::{self, TouchKind};
-use mmu_vmm::{PagingOps, RunError, VcpuArgs, VcpuError, VcpuOutcome, Vm, VmConfig};
+use mmu_vmm::{
+    DefaultHandler, PagingOps, RunError, VcpuArgs, VcpuError, VcpuOutcome, Vm, VmConfig,
+};
 
 /// Hang protection only: no test asserts on time.
 const LIMIT: Duration = Duration::from_secs(30);
@@ -27,6 +32,33 @@ fn vcpu_error(result: Result<mmu_vmm::RunReport, RunError>) -> VcpuError {
     match result {
         Err(RunError::Vcpu { source, .. }) => source,
         other => panic!("expected a vCPU error, got {other:?}"),
+    }
+}
+
+/// The gate of every KVM test: with `MMU_REQUIRE_KVM=1` a missing KVM is
+/// a failure, not a skip.
+#[test]
+fn kvm_tests_fail_instead_of_skipping_when_kvm_is_required() {
+    use common::{KvmGate, kvm_gate};
+    for require in [None, Some(""), Some("0"), Some("1")] {
+        assert_eq!(kvm_gate(true, require), KvmGate::Run, "{require:?}");
+    }
+    for require in [None, Some(""), Some("0")] {
+        assert_eq!(kvm_gate(false, require), KvmGate::Skip, "{require:?}");
+    }
+    let KvmGate::Fail(why) = kvm_gate(false, Some("1")) else {
+        panic!("a required KVM that is missing must fail");
+    };
+    assert_eq!(
+        why,
+        "/dev/kvm cannot be opened as KVM, and MMU_REQUIRE_KVM=1 requires it"
+    );
+    // A misspelt setting fails too, with or without KVM.
+    for usable in [true, false] {
+        assert!(
+            matches!(kvm_gate(usable, Some("yes")), KvmGate::Fail(ref m) if m.contains("\"yes\"")),
+            "{usable}"
+        );
     }
 }
 
@@ -189,20 +221,34 @@ fn kick_from_another_thread_stops_a_busy_loop() {
     let mut vm = vm(2, PagingOps::Native);
     let program = workloads::spin().unwrap();
     let kickers: Vec<_> = (0..2).map(|i| vm.kicker(i).unwrap()).collect();
-    let stopper = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(200));
-        // A plain kick first: the vCPU leaves guest mode and re-enters.
-        kickers[0].kick();
-        std::thread::sleep(Duration::from_millis(50));
-        for k in &kickers {
-            k.stop();
-        }
-        kickers
+    let progress = Progress::new(2);
+    let handlers = (0..2)
+        .map(|i| progress.observe(i, DefaultHandler))
+        .collect();
+    let (report, kickers) = std::thread::scope(|s| {
+        let stopper = s.spawn(|| {
+            // Both vCPUs entered the guest, where `spin` never exits by
+            // itself.
+            progress.wait_for("entry into the guest", LIMIT, |c| {
+                c.finished || c.entries.iter().all(|&n| n >= 1)
+            });
+            // A plain kick first: the vCPU leaves guest mode and
+            // re-enters (its second entry).
+            kickers[0].kick();
+            progress.wait_for("re-entry after the kick", LIMIT, |c| {
+                c.finished || c.entries[0] >= 2
+            });
+            for k in &kickers {
+                k.stop();
+            }
+            kickers
+        });
+        let report = vm.run_with(&program, &[VcpuArgs::default(); 2], LIMIT, handlers);
+        progress.finish();
+        (report, stopper.join().unwrap())
     });
-    let report = vm
-        .run(&program, &[VcpuArgs::default(); 2], LIMIT)
-        .expect("a stopped run is not an error");
-    let kickers = stopper.join().unwrap();
+    let report = report.expect("a stopped run is not an error");
+    assert!(progress.snapshot().entries[0] >= 2);
     for vcpu in &report.vcpus {
         assert_eq!(vcpu.outcome, VcpuOutcome::Stopped);
         assert!(vcpu.stats.interrupted >= 1);

@@ -1,6 +1,7 @@
 //! Guests whose memory and exits go through an MMU backend (`MmuVm`,
 //! `mmu-vmm run`), and MMU actions applied to kit guests. Each test skips
-//! (and passes) where /dev/kvm cannot be opened.
+//! (and passes) where /dev/kvm cannot be opened, and fails there instead
+//! when `MMU_REQUIRE_KVM=1`.
 
 mod common;
 use common::kvm_or_skip;

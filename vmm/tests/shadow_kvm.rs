@@ -1,9 +1,13 @@
 //! The shadow backend hosted on KVM: remote flushes, root reloads and host
 //! coherence, seen by guest CPL3 code. Each test skips (and passes) where
-//! /dev/kvm cannot be opened.
+//! /dev/kvm cannot be opened, and fails there instead when
+//! `MMU_REQUIRE_KVM=1`.
 
 mod common;
 use common::kvm_or_skip;
+#[path = "common/progress.rs"]
+mod progress;
+use progress::Progress;
 
 use std::sync::Arc;
 use std::thread;
@@ -21,6 +25,10 @@ use mmu_vmm::{PagingOps, Program, VcpuArgs, VmConfig};
 /// Hang protection only: no test asserts on time.
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// Exits of the vCPUs (kicks, refaults, replays) the churn test waits for
+/// between two memslot cycles, so the guest runs between them.
+const CHURN_PROGRESS: u64 = 16;
+
 fn shadow_vm(vcpus: usize, coherence: HostCoherence) -> MmuVm {
     MmuVm::new(MmuVmConfig {
         kind: BackendKind::Shadow,
@@ -37,12 +45,20 @@ fn shadow_vm(vcpus: usize, coherence: HostCoherence) -> MmuVm {
     .expect("shadow VM")
 }
 
-/// `watch`: reads the quadword at RDI in a loop until the one at RSI is
-/// non-zero, then reads RDI once more and reports that value (tag VALUE):
-/// the first read made after the host's call returned.
+/// `watch`: reads the quadword at RDI and reports it (tag CHECKSUM: the
+/// vCPU now maps the page and has read it), then reads it in a loop until
+/// the quadword at RSI is non-zero, then reads RDI once more and reports
+/// that value (tag VALUE): the first read made after the host's call
+/// returned.
 fn watch() -> Program {
     Program::assemble("watch", Ring::User, |a| {
         let mut top = a.create_label();
+        a.mov(r12, rdi)?;
+        a.mov(r13, rsi)?;
+        a.mov(rdi, qword_ptr(rdi))?;
+        emit::report_rdi(a, tag::CHECKSUM)?;
+        a.mov(rdi, r12)?;
+        a.mov(rsi, r13)?;
         a.set_label(&mut top)?;
         a.mov(rax, qword_ptr(rdi))?;
         a.mov(rbx, qword_ptr(rsi))?;
@@ -86,22 +102,50 @@ fn watch_while(
     let backend = Arc::clone(vm.backend());
     let program = watch();
     let memory = vm.vm().memory().clone();
-    let report = thread::scope(|s| {
-        let host = s.spawn(move || {
-            // Let the watchers build their mappings and spin on them.
-            thread::sleep(Duration::from_millis(300));
-            change(&backend, &target);
-            vm_memory::Bytes::write_obj(&memory, 1u64, vm_memory::GuestAddress(stop)).unwrap();
-        });
-        let args = [
-            VcpuArgs([old_page, stop, 0, 0, 0, 0]),
-            VcpuArgs([old_page + 0x100, stop, 0, 0, 0, 0]),
-        ];
-        let report = vm.run(&program, &args, LIMIT);
-        host.join().unwrap();
-        report
-    })
-    .expect("watch run");
+    let progress = Progress::new(2);
+    let report = {
+        let (inner, handlers, _) = vm.parts();
+        let handlers = handlers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, h)| progress.observe(i, h))
+            .collect();
+        thread::scope(|s| {
+            let host = s.spawn(|| {
+                // Both watchers have mapped the old page and read it, and
+                // now spin on it.
+                let counts = progress.wait_for("first read of both watchers", LIMIT, |c| {
+                    c.finished || c.reports.iter().all(|r| !r.is_empty())
+                });
+                if !counts.finished {
+                    change(&backend, &target);
+                }
+                vm_memory::Bytes::write_obj(&memory, 1u64, vm_memory::GuestAddress(stop)).unwrap();
+                counts
+            });
+            let args = [
+                VcpuArgs([old_page, stop, 0, 0, 0, 0]),
+                VcpuArgs([old_page + 0x100, stop, 0, 0, 0, 0]),
+            ];
+            let report = inner.run_with(&program, &args, LIMIT, handlers);
+            progress.finish();
+            let counts = host.join().unwrap();
+            assert!(
+                !counts.finished,
+                "a watcher ended before the change: {report:?}"
+            );
+            report
+        })
+        .expect("watch run")
+    };
+    assert_eq!(
+        report.vcpus[0].reports[0],
+        mmu_vmm::Report {
+            tag: u64::from(tag::CHECKSUM),
+            value: 1
+        },
+        "the watcher read the old page first"
+    );
     let shadow = vm.shadow_backend().expect("shadow");
     shadow.audit().expect("audit after the run");
     let stats = vm.backend().stats();
@@ -199,31 +243,40 @@ fn memslot_churn_under_running_vcpus_fast_zaps_and_frees_obsolete_pages() {
         })
         .collect();
     let program = workloads::touch(TouchKind::Write).unwrap();
-    let stop = std::sync::atomic::AtomicBool::new(false);
     let churns = std::sync::atomic::AtomicU64::new(0);
     let shadow = vm.shadow_backend().expect("shadow").clone();
+    let progress = Progress::new(2);
     let report = {
         let (inner, handlers, glue) = vm.parts();
+        let handlers = handlers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, h)| progress.observe(i, h))
+            .collect();
         thread::scope(|s| {
             let host = s.spawn(|| {
                 // A bounded churn: each cycle's zapped frames are replayed by
                 // every vCPU (512 emulated re-assertions a frame), so an
-                // unbounded one would starve the guest on this host.
+                // unbounded one would starve the guest on this host. Each
+                // cycle waits for the vCPUs to run again: a few exits after
+                // the previous one (its kicks, refaults and replays).
                 for _ in 0..10 {
-                    if stop.load(std::sync::atomic::Ordering::Acquire) {
-                        break;
-                    }
                     glue.delete(spare_slot).unwrap();
                     glue.add_region(spare_slot, spare_region, mmu_api::MemslotFlags::empty())
                         .unwrap();
                     shadow.reclaim_obsolete();
                     churns.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    thread::sleep(Duration::from_millis(20));
+                    let seen = progress.snapshot().exits.iter().sum::<u64>();
+                    let counts = progress.wait_for("guest progress after a churn", LIMIT, |c| {
+                        c.finished || c.exits.iter().sum::<u64>() >= seen + CHURN_PROGRESS
+                    });
+                    if counts.finished {
+                        break;
+                    }
                 }
             });
-            let handlers: Vec<&mut mmu_vmm::mmu::MmuHandler> = handlers.iter_mut().collect();
             let report = inner.run_with(&program, &args, LIMIT, handlers);
-            stop.store(true, std::sync::atomic::Ordering::Release);
+            progress.finish();
             host.join().unwrap();
             report
         })

@@ -7,7 +7,7 @@
 //! deleted backing is unmapped as soon as the delete returns, the shadow
 //! backend passes its audit right after harvests and memslot changes of
 //! the first cycles, and a watchdog bounds the whole test. Skips (and passes) where /dev/kvm
-//! cannot be opened.
+//! cannot be opened, and fails there instead when `MMU_REQUIRE_KVM=1`.
 
 mod common;
 use common::kvm_or_skip;
