@@ -1,5 +1,5 @@
 //! Benches on real KVM guests, through the reference VMM's measuring code
-//! (`mmu_vmm::bench`, the same code as `mmu-vmm bench`):
+//! (`mmu_bench`, the same code as `mmu-vmm bench`):
 //!
 //! - `memslot_churn/<config>/<size>`: every vCPU has written every 4 KiB
 //!   page of its slice from CPL3 and waits (asleep in the host, as idle
@@ -26,7 +26,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
-use mmu_vmm::bench::{
+use mmu_bench::{
     Configuration, Step, StepResult, TouchVm, WaitMode, rr_vm, size_param, slots_param,
 };
 
@@ -78,7 +78,7 @@ fn kvm_or_skip(bench: &str) -> bool {
 
 fn sum_churn(
     results: &[StepResult],
-    mut pick: impl FnMut(&mmu_vmm::bench::ChurnSample) -> Duration,
+    mut pick: impl FnMut(&mmu_bench::ChurnSample) -> Duration,
 ) -> Duration {
     results
         .iter()
@@ -123,7 +123,7 @@ fn memslot_churn(c: &mut Criterion, scale: &Scale) {
                 });
             });
             let med = |v: &[f64]| {
-                mmu_vmm::bench::median(v).map_or_else(|| "-".to_string(), |m| format!("{m:.2}"))
+                mmu_bench::median(v).map_or_else(|| "-".to_string(), |m| format!("{m:.2}"))
             };
             note(format!(
                 "| {GROUP}/{}/{param} | until all vCPUs at CPL3: median {} ms | deferred reclaim + replay: median {} ms | {} churns |",

@@ -95,12 +95,11 @@
 //! ```
 #![deny(missing_docs)]
 
-pub mod bench;
 pub mod conformance;
 pub mod diff;
 mod error;
 pub mod insn;
-mod json;
+pub mod json;
 mod kick;
 pub mod kit;
 pub mod layout;
@@ -111,6 +110,7 @@ pub mod shadow_host;
 pub mod space;
 pub mod stress;
 pub mod tables;
+pub mod units;
 mod vcpu;
 mod vm;
 pub mod workload;

@@ -1,6 +1,6 @@
 //! Measurements of the MMU backends on real guests, shared by
 //! `mmu-vmm bench` / `mmu-vmm compare` and the criterion benches of the
-//! `benches` crate.
+//! `benches` crate. The guests run on the reference VMM ([`mmu_vmm`]).
 //!
 //! | bench | what is timed | configurations |
 //! | --- | --- | --- |
@@ -17,6 +17,7 @@
 //! On the host here `ept` means that KVM owns the second stage: with PVM it
 //! is KVM's own in-kernel shadow MMU with its own fast zap, which makes it
 //! the anchor the shadow backend is measured against.
+#![deny(missing_docs)]
 
 use std::fmt::Write as _;
 use std::str::FromStr;
@@ -25,7 +26,7 @@ use std::time::Duration;
 use mmu_backends::shadow::{ReclaimPolicy, ZapMode};
 use mmu_backends::{BackendConfig, BackendKind, EptConfig};
 
-use crate::json::{self, Object};
+use mmu_vmm::json::{self, Object};
 
 pub mod guest;
 mod kvm;
@@ -110,16 +111,16 @@ pub enum BenchError {
     Options(String),
     /// Building the VM failed.
     #[error("cannot build the VM")]
-    Setup(#[from] crate::SetupError),
+    Setup(#[from] mmu_vmm::SetupError),
     /// Assembling the guest program failed.
     #[error("cannot assemble the guest program")]
-    Kit(#[from] crate::KitError),
+    Kit(#[from] mmu_vmm::KitError),
     /// Setting up the workload failed.
     #[error("cannot set up the workload")]
-    Plan(#[from] crate::workload::PlanError),
+    Plan(#[from] mmu_vmm::workload::PlanError),
     /// The guest run failed.
     #[error("the guest run failed")]
-    Run(#[from] crate::RunError),
+    Run(#[from] mmu_vmm::RunError),
     /// A memslot change failed.
     #[error("a memslot change failed")]
     Memslot(#[from] mmu_api::MemslotError),
@@ -555,7 +556,7 @@ pub fn slots_param(slots: u32) -> String {
 pub fn parse_sizes(s: &str) -> Result<Vec<u64>, String> {
     let sizes = s
         .split(',')
-        .map(crate::run::parse_size)
+        .map(mmu_vmm::run::parse_size)
         .collect::<Result<Vec<u64>, String>>()?;
     if sizes.is_empty() || sizes.iter().any(|&s| s == 0 || s % (2 << 20) != 0) {
         return Err(format!(

@@ -16,7 +16,7 @@ use mmu_backends::shadow::{ReclaimPolicy, ShadowBackend, ShadowConfig};
 use super::BenchError;
 use super::guest::{GUEST_MAXPHYADDR, GuestBuilder};
 use super::slots::{RAM_HPA, add_slot};
-use crate::json::{self, Object};
+use mmu_vmm::json::{self, Object};
 
 /// The page limit of seed 004.
 pub const PAGE_LIMIT: u64 = 64;
