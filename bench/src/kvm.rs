@@ -114,7 +114,7 @@ pub enum WaitMode {
     /// CPL3 wait loop the vCPU exits (a REPORT system call) and its thread
     /// sleeps in the host until the host has a command or a wake-up for it.
     /// A sleeping vCPU is outside guest mode, so a memslot update need not
-    /// wait for it (seed 000: "all vCPUs waiting").
+    /// wait for it.
     #[default]
     Halt,
     /// Busy: the vCPU spins at CPL3 (each turn a PAUSE), always in guest
@@ -275,7 +275,7 @@ pub enum StepResult {
 /// A guest under one [`Configuration`] whose vCPUs each write every 4 KiB
 /// page of their slice of the data area from CPL3 (through the VMM's
 /// identity tables, 4 KiB pages) on command, and spin at CPL3 in between:
-/// the guest of the seed 000 experiment. A memslot of its own
+/// the guest of the churn bench. A memslot of its own
 /// ([`CHURN_SLOT`], which the guest never touches) is deleted and re-added,
 /// as in `mmu-vmm run --workload churn`: the delete zaps every shadow page
 /// all the same.

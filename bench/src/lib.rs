@@ -4,10 +4,10 @@
 //!
 //! | bench | what is timed | configurations |
 //! | --- | --- | --- |
-//! | [`BenchKind::Churn`] | vCPUs have written every 4 KiB page of their slice from CPL3 and spin at CPL3; one memslot delete + add (seed 000): the host call, and the time until every vCPU runs CPL3 again | shadow fast zap, shadow naive zap, ept |
+//! | [`BenchKind::Churn`] | vCPUs have written every 4 KiB page of their slice from CPL3 and spin at CPL3; one memslot delete + add: the host call, and the time until every vCPU runs CPL3 again | shadow fast zap, shadow naive zap, ept |
 //! | [`BenchKind::MmioRr`] | request/response transactions per second through an MMIO doorbell and status register (netperf TCP_RR style) | shadow MMIO caching on / off, ept MMIO classification cache on / off; 1 and 512 memslots |
 //! | [`BenchKind::Faults`] | first touch of the guest's memory, and a re-touch after a memslot churn | shadow prefetch on / off, ept |
-//! | [`BenchKind::Reclaim`] | shadow pages referenced and zapped over time at a 64-page limit (seed 004), on the soft vCPU | FIFO, parent-aware |
+//! | [`BenchKind::Reclaim`] | shadow pages referenced and zapped over time at a 64-page limit, on the soft vCPU | FIFO, parent-aware |
 //!
 //! Configurations are alternated within one run (A B C A B C ...), so a
 //! drift of the shared machine hits each of them alike; each reports the
@@ -45,13 +45,13 @@ pub use runner::{BenchOptions, compare, run_bench};
 /// A bench of `mmu-vmm bench`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BenchKind {
-    /// Memslot delete + add with every vCPU waiting (seed 000).
+    /// Memslot delete + add with every vCPU waiting.
     Churn,
-    /// MMIO request/response rate (seed 002).
+    /// MMIO request/response rate.
     MmioRr,
     /// First touch, and re-touch after a churn.
     Faults,
-    /// Reclaim policies at a 64-page limit (seed 004).
+    /// Reclaim policies at a 64-page limit.
     Reclaim,
 }
 
@@ -404,10 +404,10 @@ impl BenchReport {
             .collect();
         let _ = writeln!(
             out,
-            "bench {}: {} ({:.1} s)",
+            "bench {}: {} (in {})",
             self.bench,
             settings.join(" "),
-            self.elapsed.as_secs_f64()
+            mmu_vmm::units::duration(self.elapsed)
         );
         let _ = writeln!(
             out,
@@ -437,7 +437,7 @@ impl BenchReport {
                     r.param,
                     r.metric,
                     r.value
-                        .map_or_else(|| "-".to_string(), |v| format!("{v:.2}x"))
+                        .map_or_else(|| "-".to_string(), |v| format!("{}x", fmt_value(v)))
                 );
             }
         }
@@ -532,13 +532,13 @@ pub fn compare_json(quick: bool, reports: &[BenchReport], elapsed: Duration) -> 
 }
 
 /// A value for tables: three significant digits or so.
-fn fmt_value(v: f64) -> String {
-    if v.abs() >= 100.0 {
+/// A measured value: a whole number as it is, else to three significant
+/// figures.
+pub(crate) fn fmt_value(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
         format!("{v:.0}")
-    } else if v.abs() >= 1.0 {
-        format!("{v:.2}")
     } else {
-        format!("{v:.3}")
+        mmu_vmm::units::sig3(v)
     }
 }
 

@@ -229,8 +229,9 @@ pub(crate) struct BenchArgs {
     /// One JSON object instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
-    /// Also write an SVG plot to FILE (checked before the bench starts).
-    #[arg(long, value_name = "FILE.svg")]
+    /// Also write a plot to FILE: PNG if its name ends in .png, else SVG
+    /// (the path is checked before the bench starts).
+    #[arg(long, value_name = "FILE")]
     pub(crate) plot: Option<PathBuf>,
 }
 

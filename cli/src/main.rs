@@ -10,7 +10,7 @@
 //! mmu-vmm diff --workload W [--a shadow|ept] [--b shadow|ept] [run's options]
 //! mmu-vmm bench churn|mmio-rr|faults|reclaim [--vcpus N] [--mem SIZE[,SIZE...]]
 //!               [--runs N] [--ops N] [--slots N[,N...]] [--wait halt|spin]
-//!               [--quick] [--json] [--plot FILE.svg]
+//!               [--quick] [--json] [--plot FILE.svg|FILE.png]
 //! mmu-vmm compare [--quick] [--out DIR] [--json]
 //! ```
 //!
@@ -350,7 +350,7 @@ fn bench(a: &BenchArgs) -> Result<(), Failure> {
         println!("{}", report.text());
     }
     if let Some(path) = &a.plot {
-        mmu_bench::plot::write_svg(&report, &path.to_string_lossy()).map_err(|e| failed(&e))?;
+        mmu_bench::plot::write(&report, &path.to_string_lossy()).map_err(|e| failed(&e))?;
         eprintln!("plot written to {}", path.display());
     }
     Ok(())
