@@ -436,8 +436,10 @@ impl BenchReport {
                     r.name,
                     r.param,
                     r.metric,
-                    r.value
-                        .map_or_else(|| "-".to_string(), |v| format!("{}x", fmt_value(v)))
+                    r.value.map_or_else(
+                        || "-".to_string(),
+                        |v| format!("{}x", mmu_vmm::units::sig3(v))
+                    )
                 );
             }
         }
@@ -663,9 +665,13 @@ mod tests {
         assert_eq!(r.ratios[2].value, Some(1.5));
         assert_eq!(r.params(), ["256MiB", "4096MiB"]);
         let text = r.text();
-        assert!(text.starts_with("bench churn: vcpus=6 (1.5 s)"), "{text}");
+        assert!(
+            text.starts_with("bench churn: vcpus=6 (in 1.50 s)"),
+            "{text}"
+        );
         assert!(text.contains("b / a"), "{text}");
-        assert!(text.contains("21.00x"), "{text}");
+        assert!(text.contains("21.0x"), "{text}");
+        assert!(text.contains("  1 3 2\n"), "{text}");
     }
 
     #[test]
