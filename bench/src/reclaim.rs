@@ -199,7 +199,7 @@ mod tests {
             // Reclaim keeps the shadow pages near the limit, and frees some.
             let most = t.points.iter().map(|p| p.in_use).max().unwrap();
             assert!(
-                most >= PAGE_LIMIT - 8 && most <= PAGE_LIMIT + 8,
+                (PAGE_LIMIT - 8..=PAGE_LIMIT + 8).contains(&most),
                 "{name}: {most}"
             );
             assert!(t.points.windows(2).any(|w| w[1].in_use < w[0].in_use));

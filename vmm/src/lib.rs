@@ -23,10 +23,12 @@
 //!   guest workloads of [`workload`] in address spaces built by [`space`];
 //!   [`diff`] runs a workload under two backends and compares what the
 //!   guest observed ([`observe`]).
-//! - [`bench`](mod@bench): the measurements of `mmu-vmm bench` / `compare` and the
-//!   criterion benches on KVM guests (memslot churn, MMIO request/response,
-//!   faults) and on the soft vCPU (reclaim), with medians, ratios, JSON and
-//!   SVG plots.
+//! - [`json`] and [`units`]: the one-object JSON writer and the
+//!   three-significant-figure formatting of the command's outputs.
+//!
+//! The measurements of `mmu-vmm bench` / `compare` and of the criterion
+//! benches on KVM guests live in the `mmu-bench` crate, and the `mmu-vmm`
+//! command itself in `mmu-cli`; both are built on this library.
 //!
 //! # The guest ABI in brief
 //!
@@ -53,7 +55,7 @@
 //! workload under two backends, and every difference the guest could
 //! observe), `mmu-vmm bench churn|mmio-rr|faults|reclaim` and
 //! `mmu-vmm compare [--quick]` (the backends measured side by side:
-//! [`bench`](mod@bench)). The shadow backend cannot be hosted on KVM yet and is refused
+//! the `mmu-bench` crate). The shadow backend cannot be hosted on KVM yet and is refused
 //! with a typed error.
 //!
 //! A guest that triple-faults, runs past its time limit, touches a port or
