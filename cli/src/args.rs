@@ -146,15 +146,15 @@ pub(crate) struct WorkloadArgs {
     /// Guest memory: bytes or K/M/G, a multiple of 2 MiB (default 64M).
     #[arg(long, value_name = "SIZE", value_parser = guest_size)]
     pub(crate) mem: Option<u64>,
-    /// touch: read instead of writing.
+    /// touch reads its pages instead of writing them.
     #[arg(long)]
     pub(crate) read: bool,
-    /// touch 1, multi-as 4, churn 10; stress: host cycles (50).
+    /// Passes: touch 1, multi-as 4, churn 10; stress: host cycles (50).
     #[arg(long, value_name = "N", value_parser = count)]
     pub(crate) passes: Option<u64>,
-    /// pt-edit edits (480), multi-as address spaces (16), mmio-rr
-    /// transactions (1000), dirty writes (65536), stress pages per vCPU
-    /// (16).
+    /// Operations per vCPU: pt-edit edits (480), multi-as address spaces
+    /// (16), mmio-rr transactions (1000), dirty writes (65536), stress
+    /// pages per vCPU (16).
     #[arg(long, value_name = "N", value_parser = count)]
     pub(crate) ops: Option<u64>,
     /// Seed of the generated inputs.
@@ -163,9 +163,6 @@ pub(crate) struct WorkloadArgs {
     /// Seconds each round of the workload may take (default 60).
     #[arg(long, value_name = "SECS", value_parser = seconds)]
     pub(crate) time_limit: Option<Duration>,
-    /// Every counter of the backend and the exit handler, grouped.
-    #[arg(long)]
-    pub(crate) stats: bool,
     /// One JSON object instead of text.
     #[arg(long)]
     pub(crate) json: bool,
@@ -180,6 +177,10 @@ pub(crate) struct RunArgs {
     pub(crate) mmu: BackendKind,
     #[command(flatten)]
     pub(crate) workload: WorkloadArgs,
+    /// Every counter of the backend and the exit handler, zeros included,
+    /// grouped, each group with a line saying what it counts.
+    #[arg(long)]
+    pub(crate) stats: bool,
 }
 
 /// `diff`'s options.

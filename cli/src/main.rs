@@ -191,8 +191,8 @@ fn touch(a: &TouchArgs) -> Result<(), Failure> {
         let ok = got == Some(expected);
         bad += usize::from(!ok);
         println!(
-            "{}: {}, checksum {:#x} ({}), {} in the guest, {} exits",
-            vcpu.id,
+            "vCPU {}: {}, checksum {:#x} ({}), {} in the guest, {} exits",
+            vcpu.id.0,
             mmu_vmm::run::outcome_text(&vcpu.outcome),
             got.unwrap_or(0),
             if ok { "ok" } else { "MISMATCH" },
@@ -283,7 +283,7 @@ fn run(a: &RunArgs) -> Result<(), Failure> {
     drop(ticker);
     if a.workload.json {
         println!("{}", summary.json());
-    } else if a.workload.stats {
+    } else if a.stats {
         println!("{}", summary.text_with_stats());
     } else {
         println!("{}", summary.text());
@@ -415,4 +415,31 @@ fn write_compare(
     }
     std::fs::write(dir.join("compare.json"), json.to_string() + "\n").map_err(write_error)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn touch_sizes_its_guest_to_fit_its_pages() {
+        for (vcpus, pages) in [(1, 1), (2, 1024), (2, 1_000_000), (6, 300_000)] {
+            let size = touch_mem_size(vcpus, pages, 4).unwrap();
+            assert_eq!(size % MIB2, 0);
+            let layout = Layout::new(vcpus, size, 4).unwrap();
+            for i in 0..vcpus {
+                let slice = layout.data_slice(i, vcpus);
+                assert!(
+                    (slice.end - slice.start) / PAGE_SIZE >= pages,
+                    "{vcpus} {pages}"
+                );
+            }
+            // Not far too big either.
+            assert!(size <= (vcpus as u64 * pages * PAGE_SIZE) * 11 / 10 + (64 << 20));
+        }
+        assert!(matches!(
+            touch_mem_size(32, u64::MAX / 4096, 4),
+            Err(Failure::Usage(_))
+        ));
+    }
 }
