@@ -24,7 +24,7 @@ pub(crate) struct Ticker {
 impl Ticker {
     /// Starts reporting on `label`.
     pub(crate) fn start(label: &str) -> Ticker {
-        let step = Arc::new(Mutex::new(String::from("starting")));
+        let step = Arc::new(Mutex::new(String::from("running")));
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = {
             let (label, step) = (label.to_string(), Arc::clone(&step));
