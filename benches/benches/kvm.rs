@@ -1,10 +1,10 @@
-//! Benches on real KVM guests, through the reference VMM's measuring code
-//! (`mmu_vmm::bench`, the same code as `mmu-vmm bench`):
+//! Benches on real KVM guests, through the measuring code of `mmu-bench`
+//! (`mmu_bench`, the same code as `mmu-vmm bench`):
 //!
 //! - `memslot_churn/<config>/<size>`: every vCPU has written every 4 KiB
 //!   page of its slice from CPL3 and waits (asleep in the host, as idle
-//!   vCPUs halt); the time is one memslot delete + add, the host call
-//!   (seed 000). Shadow fast zap, shadow naive zap, ept (on this host KVM's
+//!   vCPUs halt); the time is one memslot delete + add, the host call.
+//!   Shadow fast zap, shadow naive zap, ept (on this host KVM's
 //!   own shadow MMU and its own fast zap: the anchor). Each iteration
 //!   touches all memory again first (untimed).
 //! - `mmio_rr/<config>/<slots>`: MMIO request/response transactions (doorbell
@@ -26,7 +26,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
-use mmu_vmm::bench::{
+use mmu_bench::{
     Configuration, Step, StepResult, TouchVm, WaitMode, rr_vm, size_param, slots_param,
 };
 
@@ -40,7 +40,7 @@ fn note(line: String) {
     NOTES.lock().unwrap_or_else(|e| e.into_inner()).push(line);
 }
 
-/// Sizes and vCPUs: the under `cargo bench`, tiny in the smoke.
+/// Sizes and vCPUs: the full sizes under `cargo bench`, tiny in the smoke.
 struct Scale {
     churn_sizes: Vec<u64>,
     fault_sizes: Vec<u64>,
@@ -101,7 +101,7 @@ fn kvm_or_skip(bench: &str) -> bool {
 
 fn sum_churn(
     results: &[StepResult],
-    mut pick: impl FnMut(&mmu_vmm::bench::ChurnSample) -> Duration,
+    mut pick: impl FnMut(&mmu_bench::ChurnSample) -> Duration,
 ) -> Duration {
     results
         .iter()
@@ -146,7 +146,7 @@ fn memslot_churn(c: &mut Criterion, scale: &Scale) {
                 });
             });
             let med = |v: &[f64]| {
-                mmu_vmm::bench::median(v).map_or_else(|| "-".to_string(), |m| format!("{m:.2}"))
+                mmu_bench::median(v).map_or_else(|| "-".to_string(), |m| format!("{m:.2}"))
             };
             note(format!(
                 "| {GROUP}/{}/{param} | until all vCPUs at CPL3: median {} ms | deferred reclaim + replay: median {} ms | {} churns |",

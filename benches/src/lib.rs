@@ -14,8 +14,8 @@ pub mod ept;
 pub mod shadow;
 
 /// Guests, guest RAM and memslot layouts for the soft vCPU; they live in
-/// `mmu_vmm::bench` because `mmu-vmm bench reclaim` uses them too.
-pub use mmu_vmm::bench::{guest, memory, slots};
+/// `mmu_bench` because `mmu-vmm bench reclaim` uses them too.
+pub use mmu_bench::{guest, memory, slots};
 
 pub use guest::{Guest, GuestBuilder};
 pub use memory::GuestMemory;

@@ -730,21 +730,27 @@ pub fn print(summary: &Summary, json: bool) {
             .mismatches
             .iter()
             .take(100)
-            .map(|m| format!("\"{}\"", m.to_string().replace('"', "'")))
+            .map(|m| crate::json::string(&m.to_string()))
             .collect();
         let skipped: Vec<String> = summary
             .skipped
             .iter()
-            .map(|(levels, why)| format!("{{\"levels\": {levels}, \"reason\": \"{why}\"}}"))
+            .map(|(levels, why)| {
+                format!(
+                    "{{\"levels\": {levels}, \"reason\": {}}}",
+                    crate::json::string(why)
+                )
+            })
             .collect();
         println!(
-            "{{\"cases\": {}, \"mismatches\": {}, \"faults\": {}, \"elapsed_s\": {:.3}, \"skipped\": [{}], \"first_mismatches\": [{}]}}",
+            "{{\"cases\": {}, \"mismatches\": {}, \"faults\": {}, \"elapsed_s\": {:.3}, \"skipped\": [{}], \"first_mismatches\": [{}], \"checks\": [{{\"what\": \"walker matches KVM\", \"ok\": {}}}]}}",
             summary.cases,
             summary.mismatches.len(),
             summary.faults,
             summary.elapsed.as_secs_f64(),
             skipped.join(", "),
-            mismatches.join(", ")
+            mismatches.join(", "),
+            summary.mismatches.is_empty()
         );
     } else {
         for m in &summary.mismatches {
@@ -754,10 +760,19 @@ pub fn print(summary: &Summary, json: bool) {
             println!("skipped {levels}-level paging: {why}");
         }
         println!(
-            "conformance: {} cases, {} mismatches",
+            "conformance: {} cases ({} of them faulted on KVM) in {}",
             summary.cases,
-            summary.mismatches.len()
+            summary.faults,
+            crate::units::duration(summary.elapsed)
         );
+        if summary.mismatches.is_empty() {
+            println!("walker matches KVM: ok");
+        } else {
+            println!(
+                "walker matches KVM: FAILED ({} mismatches)",
+                summary.mismatches.len()
+            );
+        }
     }
 }
 

@@ -159,13 +159,14 @@ impl DiffSummary {
                     let failed: Vec<&str> = s.failed_checks().map(|c| c.what.as_str()).collect();
                     let _ = writeln!(
                         out,
-                        "  {name} ({}): {:?}, data {:#018x}, tables {:#018x}, {} A/D entries, {} faults, checks {}",
+                        "  {name} ({}): {} in the guest, data hash {:#018x}, tables hash {:#018x}, {} A/D entries, {} faults, {} checks: {}",
                         side.mmu,
-                        s.elapsed,
+                        crate::units::duration(s.elapsed),
                         obs.data_hash(),
                         obs.tables_hash(),
                         obs.ad.len(),
                         obs.faults(),
+                        s.checks.len(),
                         if failed.is_empty() {
                             "ok".to_string()
                         } else {

@@ -1,10 +1,11 @@
-//! A small JSON writer for the command's one-object outputs (the
-//! workspace has no serde; what is written is flat and known).
+//! A small JSON writer for the one-object outputs of `mmu-vmm` and its
+//! benches (no serde: what is written is flat and known). Keys and strings
+//! are escaped; numbers are written as given, floats with six decimals.
 
 use std::fmt::Write as _;
 
 /// A JSON string literal for `s`.
-pub(crate) fn string(s: &str) -> String {
+pub fn string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -25,47 +26,52 @@ pub(crate) fn string(s: &str) -> String {
 }
 
 /// A JSON array of already-rendered values.
-pub(crate) fn array(items: impl IntoIterator<Item = String>) -> String {
+pub fn array(items: impl IntoIterator<Item = String>) -> String {
     let items: Vec<String> = items.into_iter().collect();
     format!("[{}]", items.join(", "))
 }
 
 /// A JSON object, built member by member.
 #[derive(Debug, Default)]
-pub(crate) struct Object {
+pub struct Object {
     members: Vec<String>,
 }
 
 impl Object {
-    pub(crate) fn new() -> Self {
+    /// An empty object.
+    pub fn new() -> Self {
         Object::default()
     }
 
     /// A member whose value is already JSON.
-    pub(crate) fn raw(mut self, key: &str, json: impl Into<String>) -> Self {
+    pub fn raw(mut self, key: &str, json: impl Into<String>) -> Self {
         self.members
             .push(format!("{}: {}", string(key), json.into()));
         self
     }
 
-    pub(crate) fn num(self, key: &str, value: u64) -> Self {
+    /// A member with an integer value.
+    pub fn num(self, key: &str, value: u64) -> Self {
         self.raw(key, value.to_string())
     }
 
-    pub(crate) fn float(self, key: &str, value: f64) -> Self {
+    /// A member with a float value (six decimals).
+    pub fn float(self, key: &str, value: f64) -> Self {
         self.raw(key, format!("{value:.6}"))
     }
 
-    pub(crate) fn bool(self, key: &str, value: bool) -> Self {
+    /// A member with a boolean value.
+    pub fn bool(self, key: &str, value: bool) -> Self {
         self.raw(key, value.to_string())
     }
 
-    pub(crate) fn str(self, key: &str, value: &str) -> Self {
+    /// A member with a string value (escaped).
+    pub fn str(self, key: &str, value: &str) -> Self {
         self.raw(key, string(value))
     }
 
     /// Named counters as members of a nested object.
-    pub(crate) fn counters<'a>(
+    pub fn counters<'a>(
         self,
         key: &str,
         counters: impl IntoIterator<Item = (&'a str, u64)>,
@@ -76,7 +82,8 @@ impl Object {
         self.raw(key, inner.finish())
     }
 
-    pub(crate) fn finish(self) -> String {
+    /// The object as JSON text, on one line.
+    pub fn finish(self) -> String {
         format!("{{{}}}", self.members.join(", "))
     }
 }

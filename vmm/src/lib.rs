@@ -23,10 +23,12 @@
 //!   guest workloads of [`workload`] in address spaces built by [`space`];
 //!   [`diff`] runs a workload under two backends and compares what the
 //!   guest observed ([`observe`]).
-//! - [`bench`](mod@bench): the measurements of `mmu-vmm bench` / `compare` and the
-//!   criterion benches on KVM guests (memslot churn, MMIO request/response,
-//!   faults) and on the soft vCPU (reclaim), with medians, ratios, JSON and
-//!   SVG plots.
+//! - [`json`] and [`units`]: the one-object JSON writer and the
+//!   three-significant-figure formatting of the command's outputs.
+//!
+//! The measurements of `mmu-vmm bench` / `compare` and of the criterion
+//! benches on KVM guests live in the `mmu-bench` crate, and the `mmu-vmm`
+//! command itself in `mmu-cli`; both are built on this library.
 //!
 //! # The guest ABI in brief
 //!
@@ -53,8 +55,8 @@
 //! workload under two backends, and every difference the guest could
 //! observe), `mmu-vmm bench churn|mmio-rr|faults|reclaim` and
 //! `mmu-vmm compare [--quick]` (the backends measured side by side:
-//! [`bench`](mod@bench)). Both backends run guests on KVM; under `shadow` the
-//! kit's paravirtual paging calls and #PF stub reach the MMU
+//! the `mmu-bench` crate). Both backends run guests on KVM; under `shadow`
+//! the kit's paravirtual paging calls and #PF stub reach the MMU
 //! ([`shadow_host`]).
 //!
 //! A guest that triple-faults, runs past its time limit, touches a port or
@@ -96,12 +98,11 @@
 //! ```
 #![deny(missing_docs)]
 
-pub mod bench;
 pub mod conformance;
 pub mod diff;
 mod error;
 pub mod insn;
-mod json;
+pub mod json;
 mod kick;
 pub mod kit;
 pub mod layout;
@@ -112,6 +113,7 @@ pub mod shadow_host;
 pub mod space;
 pub mod stress;
 pub mod tables;
+pub mod units;
 mod vcpu;
 mod vm;
 pub mod workload;

@@ -47,6 +47,7 @@ use crate::layout::{MAX_VCPUS, PAGE_SIZE};
 use crate::mmu::{DATA_SLOT, Devices, MmuVm, MmuVmConfig, NoDevices};
 use crate::observe::{Observation, VcpuObservation, observe};
 use crate::stress::{Audit, StressDevice, StressHost, StressShared, StressStats};
+use crate::units;
 use crate::vcpu::{Report, VcpuOutcome};
 use crate::vm::{RunReport, VcpuArgs, VmConfig};
 use crate::workload::{
@@ -271,31 +272,44 @@ impl RunSummary {
             .join(" ")
     }
 
-    /// The summary as lines of text.
+    /// The summary as lines of text: the run, each vCPU, every check by
+    /// name, and the non-zero counters by group.
     pub fn text(&self) -> String {
+        self.render(false)
+    }
+
+    /// [`text`](Self::text) with every counter of the backend and the exit
+    /// handler, zeros included, each group with a line saying what it
+    /// counts.
+    pub fn text_with_stats(&self) -> String {
+        self.render(true)
+    }
+
+    fn render(&self, all_counters: bool) -> String {
         let o = &self.options;
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "run: {} under the {} MMU backend, {} vCPUs, {} MiB, {} ({} rounds), in {:?}",
+            "run: {} under the {} MMU backend, {} vCPUs, {} MiB, {} ({} {}), {}",
             o.workload,
             o.mmu,
             o.vcpus,
             o.mem_size >> 20,
             self.parameters_text(),
             self.rounds,
-            self.elapsed
+            if self.rounds == 1 { "round" } else { "rounds" },
+            units::duration(self.elapsed)
         );
         for v in &self.vcpus {
             let _ = writeln!(
                 out,
-                "  {}: {:?}, {}, {} faults delivered, {} exits, {:?}",
-                v.id,
-                v.outcome,
+                "  vCPU {}: {}, {}, {} faults delivered, {} exits, {} in the guest",
+                v.id.0,
+                outcome_text(&v.outcome),
                 reports_text(&v.reports),
                 v.faults.count,
                 v.stats.exits,
-                v.elapsed
+                units::duration(v.elapsed)
             );
         }
         let passed = self.checks.iter().filter(|c| c.ok).count();
@@ -304,31 +318,62 @@ impl RunSummary {
             "checks: {passed} passed, {} failed",
             self.checks.len() - passed
         );
-        for c in self.failed_checks() {
-            let _ = writeln!(out, "  FAILED {}: {}", c.what, c.detail);
+        for c in &self.checks {
+            if c.ok {
+                let _ = writeln!(out, "  {}: ok", c.what);
+            } else {
+                let _ = writeln!(out, "  {}: FAILED ({})", c.what, c.detail);
+            }
         }
         let d = &self.dirty;
         let _ = writeln!(
             out,
-            "dirty log of the data area: {} pages; {} written by the guest, {} of them missing",
+            "dirty log of the data area: {} pages logged; {} written by the guest, {} of them missing",
             d.dirty_pages, d.written_pages, d.missing
         );
         if !self.host.is_empty() {
-            let host: Vec<String> = self.host.iter().map(|(n, v)| format!("{n}={v}")).collect();
-            let _ = writeln!(out, "host: {}", host.join(" "));
+            let _ = writeln!(out, "host: {}", counters_text(self.host.iter().copied()));
         }
         let obs = &self.observation;
         let _ = writeln!(
             out,
-            "observed: data {:#018x}, tables {:#018x} ({} frames from {} roots), A/D of {} entries",
+            "observed by the guest: data hash {:#018x}, tables hash {:#018x} ({} frames from {} roots), A/D bits of {} entries",
             obs.data_hash(),
             obs.tables_hash(),
             obs.tables.len(),
             obs.roots.len(),
             obs.ad.len()
         );
-        let _ = writeln!(out, "backend stats: {}", self.backend);
-        let _ = writeln!(out, "exit handler: {}", self.exits);
+        let _ = writeln!(
+            out,
+            "counters of the {} backend and the exit handler{}:",
+            self.backend.backend,
+            if all_counters {
+                ""
+            } else {
+                " (non-zero; --stats for all)"
+            }
+        );
+        let mut counters: Vec<(&str, u64)> = self.backend.counters.clone();
+        counters.extend(exit_counters(&self.exits));
+        for group in GROUPS {
+            let members: Vec<(&str, u64)> = counters
+                .iter()
+                .copied()
+                .filter(|&(name, value)| {
+                    group_of(name).name == group.name && (all_counters || value != 0)
+                })
+                .collect();
+            if members.is_empty() {
+                continue;
+            }
+            if all_counters {
+                let _ = writeln!(out, "  {}: {}", group.name, group.legend);
+                let _ = writeln!(out, "    {}", counters_text(members));
+            } else {
+                let _ = writeln!(out, "  {}: {}", group.name, counters_text(members));
+            }
+        }
         let _ = write!(out, "result: {}", if self.ok() { "ok" } else { "FAILED" });
         out
     }
@@ -373,6 +418,13 @@ impl RunSummary {
                 .str("detail", &c.detail)
                 .finish()
         });
+        let all = self.checks.iter().map(|c| {
+            Object::new()
+                .str("what", &c.what)
+                .bool("ok", c.ok)
+                .str("detail", &c.detail)
+                .finish()
+        });
         let d = &self.dirty;
         let obs = &self.observation;
         Object::new()
@@ -391,6 +443,7 @@ impl RunSummary {
                 Object::new()
                     .num("passed", self.checks.iter().filter(|c| c.ok).count() as u64)
                     .raw("failed", json::array(failed))
+                    .raw("all", json::array(all))
                     .finish(),
             )
             .raw(
@@ -428,7 +481,7 @@ impl RunSummary {
                     .counters("counters", self.backend.counters.iter().copied())
                     .finish(),
             )
-            .counters("exit_handler", self.exits.counters())
+            .counters("exit_handler", exit_counters(&self.exits))
     }
 }
 
@@ -447,6 +500,136 @@ const CHURN_PROGRESS_WAIT: Duration = Duration::from_millis(200);
 /// The shadow backend's count of faults it fixed.
 fn faults_fixed(shadow: &mmu_backends::shadow::ShadowBackend) -> u64 {
     shadow.stats().get("faults_fixed").unwrap_or(0)
+}
+
+/// How a vCPU's run ended, in words (`exited 0`, `stopped`).
+pub fn outcome_text(outcome: &VcpuOutcome) -> String {
+    match outcome {
+        VcpuOutcome::Done { exit_code } => format!("exited {exit_code}"),
+        VcpuOutcome::Stopped => "stopped before it exited".to_string(),
+    }
+}
+
+/// `name=value` pairs.
+fn counters_text<'a>(counters: impl IntoIterator<Item = (&'a str, u64)>) -> String {
+    counters
+        .into_iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The exit handler's counters under names that say what they count (the
+/// backend has a `root_loads` of its own).
+fn exit_counters(exits: &ExitStats) -> Vec<(&'static str, u64)> {
+    exits
+        .counters()
+        .into_iter()
+        .map(|(name, value)| match name {
+            "root_loads" => ("entries_needing_root_or_flush", value),
+            "unhandled" => ("exits_for_the_vmm", value),
+            _ => (name, value),
+        })
+        .collect()
+}
+
+/// A group of counters in the text output.
+#[derive(Clone, Copy, Debug)]
+struct Group {
+    name: &'static str,
+    legend: &'static str,
+}
+
+/// The groups, in the order they are printed.
+const GROUPS: [Group; 10] = [
+    Group {
+        name: "exits",
+        legend: "exits the MMU exit handler saw, by what they needed; exits_for_the_vmm are port I/O and hypercalls it left to the VMM (not errors)",
+    },
+    Group {
+        name: "faults",
+        legend: "guest page faults the backend handled: fixed, given back to the guest, MMIO, write-protected, prefetched entries",
+    },
+    Group {
+        name: "shadow pages",
+        legend: "shadow page-table pages allocated, zapped, freed and in use",
+    },
+    Group {
+        name: "zaps",
+        legend: "shadow pages torn down: fast (generation) and naive zaps, obsolete pages waiting, zapped, reused and freed",
+    },
+    Group {
+        name: "reclaim",
+        legend: "shadow pages reclaimed at the page limit, by kind",
+    },
+    Group {
+        name: "mmio",
+        legend: "MMIO accesses recognised from cached entries, and cache misses",
+    },
+    Group {
+        name: "roots and tlb",
+        legend: "page-table roots loaded and found cached, TLB hits, misses and flushes, translations",
+    },
+    Group {
+        name: "memslots and dirty log",
+        legend: "memslot updates, pages logged dirty and harvests, host writes noted",
+    },
+    Group {
+        name: "replay",
+        legend: "guest page-table writes replayed into the host's view of the tables",
+    },
+    Group {
+        name: "other",
+        legend: "counters of no group above",
+    },
+];
+
+/// The group a counter belongs to.
+fn group_of(name: &str) -> Group {
+    let index = if [
+        "mmio_exits",
+        "device_reads",
+        "device_writes",
+        "rom_writes",
+        "memory_races",
+        "page_faults",
+        "faults_for_guest",
+        "emulations",
+        "entries_needing_root_or_flush",
+        "exits_for_the_vmm",
+    ]
+    .contains(&name)
+    {
+        0
+    } else if name.contains("reclaim") || name.contains("over_limit") || name.contains("quarantin")
+    {
+        4
+    } else if name.starts_with("mmio") {
+        5
+    } else if name.contains("fault")
+        || name.contains("write_protect")
+        || name.contains("emulated")
+        || name.contains("prefetch")
+    {
+        1
+    } else if name.starts_with("sps_") {
+        2
+    } else if name.contains("zap") || name.contains("obsolete") || name.contains("generation") {
+        3
+    } else if name.contains("root")
+        || name.contains("tlb")
+        || name.contains("flush")
+        || name == "translations"
+    {
+        6
+    } else if name.contains("memslot") || name.contains("dirty") || name.contains("host_writes") {
+        7
+    } else if name.contains("replay") {
+        8
+    } else {
+        9
+    };
+    GROUPS[index]
 }
 
 fn tag_name(tag: u64) -> String {
@@ -620,8 +803,54 @@ fn inspect(e: impl std::fmt::Display) -> RunCommandError {
     RunCommandError::Inspect(e.to_string())
 }
 
+/// What `run` is doing, for a progress display.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Step {
+    /// Building the VM, the backend and the workload.
+    Setup,
+    /// Running round `round` (from 1) of `rounds` on every vCPU.
+    Round {
+        /// This round.
+        round: usize,
+        /// Rounds in all.
+        rounds: usize,
+    },
+    /// Checking what the guest did against the host's model.
+    Check,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Setup => f.write_str("building the VM and the workload"),
+            Step::Round { round, rounds } => write!(f, "running round {round} of {rounds}"),
+            Step::Check => f.write_str("checking the guest against the host's model"),
+        }
+    }
+}
+
 /// Runs `options.workload` under `options.mmu` on KVM and checks it.
 pub fn run(options: RunOptions) -> Result<RunSummary, RunCommandError> {
+    run_with_progress(options, &|_| {})
+}
+
+/// [`run`], telling `progress` each [`Step`] as it starts.
+pub fn run_with_progress(
+    options: RunOptions,
+    progress: &dyn Fn(Step),
+) -> Result<RunSummary, RunCommandError> {
+    validate(&options)?;
+    progress(Step::Setup);
+    let mut setup = setup(&options)?;
+    let executed = execute(&mut setup, &options, progress)?;
+    progress(Step::Check);
+    let checked = check(&mut setup, &executed)?;
+    Ok(summarize(setup, options, executed, checked))
+}
+
+/// Refuses what cannot run before anything is created.
+fn validate(options: &RunOptions) -> Result<(), RunCommandError> {
     check_hostable(options.mmu).map_err(|source| RunCommandError::NotHostable {
         mmu: options.mmu,
         source,
@@ -638,6 +867,23 @@ pub fn run(options: RunOptions) -> Result<RunSummary, RunCommandError> {
             options.mem_size
         )));
     }
+    Ok(())
+}
+
+/// The VM, its devices and the workload, ready to run.
+struct Setup {
+    workload: Workload,
+    vm: MmuVm,
+    plan: workload::Plan,
+    /// mmio-rr: each vCPU's device counters.
+    counters: Vec<Arc<RrCounters>>,
+    stress_shared: Arc<StressShared>,
+    /// churn: the memory of the memslot the host deletes and re-adds.
+    churn_memory: Option<GuestMemoryMmap>,
+}
+
+/// Builds the VM under the backend, its devices, and the workload.
+fn setup(options: &RunOptions) -> Result<Setup, RunCommandError> {
     let workload = options.workload;
     let counters: Vec<Arc<RrCounters>> = (0..options.vcpus)
         .map(|_| Arc::new(RrCounters::default()))
@@ -655,7 +901,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary, RunCommandError> {
         log_dirty_data: true,
         coherence: mmu_integration::kvm::HostCoherence::Detect,
     };
-    let mut vm = MmuVm::with_devices(config, |id| -> Box<dyn Devices> {
+    let vm = MmuVm::with_devices(config, |id| -> Box<dyn Devices> {
         let index = id.0 as usize;
         match (workload, counters.get(index)) {
             (Workload::MmioRr, Some(c)) => {
@@ -666,7 +912,6 @@ pub fn run(options: RunOptions) -> Result<RunSummary, RunCommandError> {
         }
     })?;
     let plan = workload::plan(vm.vm(), workload, &options.params)?;
-
     let churn_memory = if workload == Workload::Churn {
         let memory =
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(CHURN_GPA), CHURN_SIZE as usize)])
@@ -686,319 +931,452 @@ pub fn run(options: RunOptions) -> Result<RunSummary, RunCommandError> {
     };
     // The VMM's own writes are not guest writes: start the log now.
     vm.memslots().dirty_log(DATA_SLOT)?;
+    Ok(Setup {
+        workload,
+        vm,
+        plan,
+        counters,
+        stress_shared,
+        churn_memory,
+    })
+}
 
-    let mut vcpus: Vec<VcpuSummary> = (0..options.vcpus)
-        .map(|i| VcpuSummary {
-            id: VcpuId(i as u32),
-            outcome: VcpuOutcome::Stopped,
-            reports: Vec::new(),
-            faults: FaultLog::default(),
-            stats: crate::ExitStats::default(),
-            elapsed: Duration::ZERO,
-        })
-        .collect();
-    let mut churn = None;
-    let mut stress = None;
-    let mut elapsed = Duration::ZERO;
-    for args in &plan.rounds {
-        let report = match (&churn_memory, &plan.stress) {
+/// What the rounds left: per vCPU, and the host threads' figures.
+struct Executed {
+    vcpus: Vec<VcpuSummary>,
+    churn: Option<ChurnStats>,
+    stress: Option<StressStats>,
+    elapsed: Duration,
+}
+
+/// Runs every round of the workload (beside the churn or stress host
+/// thread where it has one).
+fn execute(
+    setup: &mut Setup,
+    options: &RunOptions,
+    progress: &dyn Fn(Step),
+) -> Result<Executed, RunCommandError> {
+    let mut executed = Executed {
+        vcpus: (0..options.vcpus)
+            .map(|i| VcpuSummary {
+                id: VcpuId(i as u32),
+                outcome: VcpuOutcome::Stopped,
+                reports: Vec::new(),
+                faults: FaultLog::default(),
+                stats: crate::ExitStats::default(),
+                elapsed: Duration::ZERO,
+            })
+            .collect(),
+        churn: None,
+        stress: None,
+        elapsed: Duration::ZERO,
+    };
+    let Setup {
+        vm,
+        plan,
+        churn_memory,
+        stress_shared,
+        ..
+    } = setup;
+    let rounds = plan.rounds.len();
+    for (round, args) in plan.rounds.iter().enumerate() {
+        progress(Step::Round {
+            round: round + 1,
+            rounds,
+        });
+        let report = match (&*churn_memory, &plan.stress) {
             (Some(memory), _) => {
                 let (report, stats) =
-                    run_churning(&mut vm, &plan.program, args, options.time_limit, memory)?;
-                churn = Some(stats);
+                    run_churning(vm, &plan.program, args, options.time_limit, memory)?;
+                executed.churn = Some(stats);
                 report
             }
             (None, Some((controls, pages))) => {
                 let cycles = options.params.passes.unwrap_or(STRESS_CYCLES);
                 let (report, stats) = run_stressing(
-                    &mut vm,
+                    vm,
                     &plan.program,
                     args,
                     options.time_limit,
-                    (controls, *pages, cycles, &stress_shared),
+                    (controls, *pages, cycles, stress_shared),
                 )?;
-                stress = Some(stats);
+                executed.stress = Some(stats);
                 report
             }
             (None, None) => vm.run(&plan.program, args, options.time_limit)?,
         };
-        elapsed += report.elapsed;
-        for (i, (summary, report)) in vcpus.iter_mut().zip(report.vcpus).enumerate() {
+        executed.elapsed += report.elapsed;
+        for (i, (summary, report)) in executed.vcpus.iter_mut().zip(report.vcpus).enumerate() {
             let faults = vm.vm().fault_log(i).map_err(inspect)?;
             summary.absorb(report, faults);
         }
     }
+    Ok(executed)
+}
 
-    let log = vm.memslots().dirty_log(DATA_SLOT)?;
-    let data_base = vm.vm().layout().data().start;
-    let mut dirty = DirtySummary {
-        dirty_pages: log.count(),
-        ..DirtySummary::default()
+/// Every check, the dirty log's figures and the host's own figures.
+struct Checked {
+    checks: Vec<Check>,
+    dirty: DirtySummary,
+    host: Vec<(&'static str, u64)>,
+}
+
+/// Checks what the guest did, and the backend, against the host's model.
+fn check(setup: &mut Setup, executed: &Executed) -> Result<Checked, RunCommandError> {
+    let log = setup.vm.memslots().dirty_log(DATA_SLOT)?;
+    let mut checked = Checked {
+        checks: Vec::new(),
+        dirty: DirtySummary {
+            dirty_pages: log.count(),
+            ..DirtySummary::default()
+        },
+        host: Vec::new(),
     };
-    let mut checks = Vec::new();
-    for (i, (summary, expect)) in vcpus.iter().zip(&plan.expect).enumerate() {
-        let name = |what: &str| format!("vCPU {i} {what}");
-        checks.push(Check::new(
-            name("finished"),
-            summary.outcome == VcpuOutcome::Done { exit_code: 0 },
-            format!("{:?}", summary.outcome),
-        ));
-        if workload.deterministic() {
-            checks.push(Check::new(
-                name("reports"),
-                summary.reports == expect.reports,
-                format!(
-                    "expected {}, got {}",
-                    reports_text(&expect.reports),
-                    reports_text(&summary.reports)
-                ),
-            ));
-        } else {
-            // Counts that depend on timing: each tag once, in order.
-            let tags: Vec<u64> = summary.reports.iter().map(|r| r.tag).collect();
-            let want: Vec<u64> = STRESS_TAGS.iter().map(|&t| u64::from(t)).collect();
-            checks.push(Check::new(
-                name("reports"),
-                tags == want,
-                format!(
-                    "expected the tags {}, got {}",
-                    STRESS_TAGS.map(|t| tag_name(u64::from(t))).join(" "),
-                    reports_text(&summary.reports)
-                ),
-            ));
+    for (i, summary) in executed.vcpus.iter().enumerate() {
+        check_vcpu(setup, i, summary, &log, &mut checked)?;
+    }
+    if setup.workload == Workload::MmioRr {
+        check_devices(setup, &mut checked);
+    }
+    if let Some(stats) = &executed.churn {
+        check_churn(stats, &mut checked);
+    }
+    if let Some(shadow) = setup.vm.shadow_backend() {
+        check_shadow(shadow, &mut checked.checks);
+    }
+    if let Some(stats) = &executed.stress {
+        check_stress(setup, &executed.vcpus, stats, &mut checked)?;
+    }
+    Ok(checked)
+}
+
+/// One vCPU: finished, reports, fault log, memory, dirty log and
+/// translations.
+fn check_vcpu(
+    setup: &mut Setup,
+    i: usize,
+    summary: &VcpuSummary,
+    log: &mmu_api::DirtyBitmap,
+    checked: &mut Checked,
+) -> Result<(), RunCommandError> {
+    let expect = &setup.plan.expect[i];
+    let vm = &mut setup.vm;
+    let checks = &mut checked.checks;
+    let name = |what: &str| format!("vCPU {i} {what}");
+    checks.push(Check::new(
+        name("finished"),
+        summary.outcome == VcpuOutcome::Done { exit_code: 0 },
+        outcome_text(&summary.outcome),
+    ));
+    checks.push(reports_check(
+        name("reports"),
+        setup.workload,
+        &summary.reports,
+        &expect.reports,
+    ));
+    checks.push(fault_check(
+        name("fault log"),
+        &summary.faults,
+        &expect.faults,
+    ));
+    let mut wrong = Vec::new();
+    for word in &expect.memory {
+        let got = vm.vm().read_u64(word.gpa).map_err(inspect)?;
+        if got & word.mask != word.value & word.mask {
+            wrong.push((word.gpa, word.value, got));
         }
-        checks.push(fault_check(
-            name("fault log"),
-            &summary.faults,
-            &expect.faults,
-        ));
-        let mut wrong = Vec::new();
-        for word in &expect.memory {
-            let got = vm.vm().read_u64(word.gpa).map_err(inspect)?;
-            if got & word.mask != word.value & word.mask {
-                wrong.push((word.gpa, word.value, got));
-            }
-        }
-        checks.push(Check::new(
-            name("memory"),
-            wrong.is_empty(),
-            match wrong.first() {
-                Some((gpa, want, got)) => format!(
-                    "{} of {} words differ; first at {gpa:#x}: expected {want:#x}, got {got:#x}",
-                    wrong.len(),
-                    expect.memory.len()
-                ),
-                None => format!("{} words as expected", expect.memory.len()),
-            },
-        ));
-        let mut missing = 0;
-        for page in &expect.written {
-            let logged = page
+    }
+    checks.push(Check::new(
+        name("memory"),
+        wrong.is_empty(),
+        match wrong.first() {
+            Some((gpa, want, got)) => format!(
+                "{} of {} words differ; first at {gpa:#x}: expected {want:#x}, got {got:#x}",
+                wrong.len(),
+                expect.memory.len()
+            ),
+            None => format!("{} words as expected", expect.memory.len()),
+        },
+    ));
+    let data_base = vm.vm().layout().data().start;
+    let missing = expect
+        .written
+        .iter()
+        .filter(|page| {
+            !page
                 .checked_sub(data_base)
-                .is_some_and(|offset| log.is_dirty(offset / PAGE_SIZE));
-            missing += u64::from(!logged);
+                .is_some_and(|offset| log.is_dirty(offset / PAGE_SIZE))
+        })
+        .count() as u64;
+    checked.dirty.written_pages += expect.written.len() as u64;
+    checked.dirty.missing += missing;
+    checks.push(Check::new(
+        name("dirty log"),
+        missing == 0,
+        format!(
+            "{missing} of {} written pages missing",
+            expect.written.len()
+        ),
+    ));
+    if !expect.translations.is_empty() {
+        let handler = vm
+            .handler(i)
+            .ok_or_else(|| inspect(format!("no handler for vCPU {i}")))?;
+        checks.push(translation_check(
+            name("translations"),
+            handler,
+            &expect.translations,
+        ));
+    }
+    Ok(())
+}
+
+/// The REPORTs: exactly the model's for a deterministic workload, each
+/// stress tag once, in order, for `stress`.
+fn reports_check(what: String, workload: Workload, got: &[Report], want: &[Report]) -> Check {
+    if workload.deterministic() {
+        return Check::new(
+            what,
+            got == want,
+            format!("expected {}, got {}", reports_text(want), reports_text(got)),
+        );
+    }
+    // Counts that depend on timing: each tag once, in order.
+    let tags: Vec<u64> = got.iter().map(|r| r.tag).collect();
+    let want: Vec<u64> = STRESS_TAGS.iter().map(|&t| u64::from(t)).collect();
+    Check::new(
+        what,
+        tags == want,
+        format!(
+            "expected the tags {}, got {}",
+            STRESS_TAGS.map(|t| tag_name(u64::from(t))).join(" "),
+            reports_text(got)
+        ),
+    )
+}
+
+/// The backend's guest-virtual translations of the workload's window.
+fn translation_check(
+    what: String,
+    handler: &mut crate::mmu::MmuHandler,
+    translations: &[(u64, u64)],
+) -> Check {
+    let mut bad = Vec::new();
+    for &(gva, gpa) in translations {
+        let segments = handler.exits().mmu().translate(
+            Gva(gva),
+            8,
+            Access::user(AccessKind::Read),
+            WalkOptions::without_accessed_dirty(),
+        );
+        let got = segments.ok().and_then(|s| s.first().map(|s| s.gpa.raw()));
+        if got != Some(gpa) {
+            bad.push((gva, gpa, got));
         }
-        dirty.written_pages += expect.written.len() as u64;
-        dirty.missing += missing;
-        checks.push(Check::new(
-            name("dirty log"),
-            missing == 0,
+    }
+    Check::new(
+        what,
+        bad.is_empty(),
+        match bad.first() {
+            Some((gva, want, got)) => format!(
+                "{} of {} differ; first {gva:#x}: expected {want:#x}, got {}",
+                bad.len(),
+                translations.len(),
+                got.map_or_else(|| "no translation".to_string(), |g| format!("{g:#x}"))
+            ),
+            None => format!("{} pages", translations.len()),
+        },
+    )
+}
+
+/// mmio-rr: what each vCPU's device counted against what the guest
+/// reported.
+fn check_devices(setup: &Setup, checked: &mut Checked) {
+    let (mut doorbells, mut reads, mut idle) = (0, 0, 0);
+    for (i, (c, expect)) in setup.counters.iter().zip(&setup.plan.expect).enumerate() {
+        let (d, r, n) = c.snapshot();
+        let find = |t: u32| {
+            expect
+                .reports
+                .iter()
+                .find(|r| r.tag == u64::from(t))
+                .map_or(0, |r| r.value)
+        };
+        let want = (find(tag::TRANSACTIONS), find(tag::POLLS), 0);
+        checked.checks.push(Check::new(
+            format!("vCPU {i} device"),
+            (d, r, n) == want,
             format!(
-                "{missing} of {} written pages missing",
-                expect.written.len()
+                "expected {} doorbells, {} status reads and {} idle reads; the device counted {d}, {r} and {n}",
+                want.0, want.1, want.2
             ),
         ));
-        if !expect.translations.is_empty() {
-            let handler = vm
-                .handler(i)
-                .ok_or_else(|| inspect(format!("no handler for vCPU {i}")))?;
-            let mut bad = Vec::new();
-            for &(gva, gpa) in &expect.translations {
-                let segments = handler.exits().mmu().translate(
-                    Gva(gva),
-                    8,
-                    Access::user(AccessKind::Read),
-                    WalkOptions::without_accessed_dirty(),
-                );
-                let got = segments.ok().and_then(|s| s.first().map(|s| s.gpa.raw()));
-                if got != Some(gpa) {
-                    bad.push((gva, gpa, got));
+        doorbells += d;
+        reads += r;
+        idle += n;
+    }
+    checked.host.extend([
+        ("doorbells", doorbells),
+        ("status_reads", reads),
+        ("idle_reads", idle),
+    ]);
+}
+
+/// churn: the memslot changed while the guest ran.
+fn check_churn(stats: &ChurnStats, checked: &mut Checked) {
+    let mut times = stats.times.clone();
+    times.sort_unstable();
+    let micros = |d: Option<&Duration>| d.map_or(0, |d| d.as_micros() as u64);
+    checked.host.extend([
+        ("churn_cycles", stats.cycles),
+        ("churn_cycles_during_run", stats.during_run),
+        ("churn_median_us", micros(times.get(times.len() / 2))),
+        ("churn_max_us", micros(times.last())),
+        ("churn_obsolete_reclaimed", stats.reclaimed),
+    ]);
+    checked.checks.push(Check::new(
+        "memslot churned while the guest ran".to_string(),
+        stats.during_run > 0,
+        format!(
+            "{} of {} cycles during the run",
+            stats.during_run, stats.cycles
+        ),
+    ));
+}
+
+/// The shadow backend's own audit and reclaim order.
+fn check_shadow(shadow: &mmu_backends::shadow::ShadowBackend, checks: &mut Vec<Check>) {
+    let audit = shadow.audit();
+    checks.push(Check::new(
+        "shadow MMU audit".to_string(),
+        audit.is_ok(),
+        match audit {
+            Ok(()) => "every shadow page, rmap and counter consistent".to_string(),
+            Err(e) => e.to_string(),
+        },
+    ));
+    let early = shadow
+        .stats()
+        .get("valid_reclaimed_with_obsolete_pending")
+        .unwrap_or(0);
+    checks.push(Check::new(
+        "no valid page reclaimed while obsolete pages wait".to_string(),
+        early == 0,
+        format!("{early} valid pages reclaimed with obsolete pages pending"),
+    ));
+}
+
+/// stress: no stale read, no lost dirty page, and the memslot changes
+/// happened while the guest ran.
+fn check_stress(
+    setup: &Setup,
+    vcpus: &[VcpuSummary],
+    stats: &StressStats,
+    checked: &mut Checked,
+) -> Result<(), RunCommandError> {
+    let Some((controls, _)) = &setup.plan.stress else {
+        return Ok(());
+    };
+    for (i, (v, &control)) in vcpus.iter().zip(controls).enumerate() {
+        let stale = v.total(tag::STALE).unwrap_or(0);
+        let detail = if stale == 0 {
+            "0 stale reads".to_string()
+        } else {
+            let word = |k: u64| setup.vm.vm().read_u64(control + 8 * k).map_err(inspect);
+            let (ctl, value, page) = (word(1)?, word(2)?, word(3)?);
+            format!(
+                "{stale} stale or wrong reads; the last: {value:#x} from page {} of window {} under control word {ctl:#x}",
+                page & !workloads::stress::PROBE_BIT,
+                if page & workloads::stress::PROBE_BIT != 0 {
+                    "not holding the slot (probe)"
+                } else {
+                    "holding the slot"
                 }
-            }
-            checks.push(Check::new(
-                name("translations"),
-                bad.is_empty(),
-                match bad.first() {
-                    Some((gva, want, got)) => format!(
-                        "{} of {} differ; first {gva:#x}: expected {want:#x}, got {got:x?}",
-                        bad.len(),
-                        expect.translations.len()
-                    ),
-                    None => format!("{} pages", expect.translations.len()),
-                },
-            ));
-        }
-    }
-    let mut host = Vec::new();
-    if workload == Workload::MmioRr {
-        let (mut doorbells, mut reads, mut idle) = (0, 0, 0);
-        for (i, (c, expect)) in counters.iter().zip(&plan.expect).enumerate() {
-            let (d, r, n) = c.snapshot();
-            let find = |t: u32| {
-                expect
-                    .reports
-                    .iter()
-                    .find(|r| r.tag == u64::from(t))
-                    .map_or(0, |r| r.value)
-            };
-            let want = (find(tag::TRANSACTIONS), find(tag::POLLS), 0);
-            checks.push(Check::new(
-                format!("vCPU {i} device"),
-                (d, r, n) == want,
-                format!(
-                    "expected (doorbells, status reads, idle reads) {want:?}, the device counted {:?}",
-                    (d, r, n)
-                ),
-            ));
-            doorbells += d;
-            reads += r;
-            idle += n;
-        }
-        host.extend([
-            ("doorbells", doorbells),
-            ("status_reads", reads),
-            ("idle_reads", idle),
-        ]);
-    }
-    if let Some(stats) = &churn {
-        let mut times = stats.times.clone();
-        times.sort_unstable();
-        let micros = |d: Option<&Duration>| d.map_or(0, |d| d.as_micros() as u64);
-        host.extend([
-            ("churn_cycles", stats.cycles),
-            ("churn_cycles_during_run", stats.during_run),
-            ("churn_median_us", micros(times.get(times.len() / 2))),
-            ("churn_max_us", micros(times.last())),
-            ("churn_obsolete_reclaimed", stats.reclaimed),
-        ]);
-        checks.push(Check::new(
-            "memslot churned while the guest ran".to_string(),
-            stats.during_run > 0,
-            format!(
-                "{} of {} cycles during the run",
-                stats.during_run, stats.cycles
-            ),
+            )
+        };
+        checked.checks.push(Check::new(
+            format!("vCPU {i} stale reads"),
+            stale == 0,
+            detail,
         ));
     }
-
-    if let Some(shadow) = vm.shadow_backend() {
-        let audit = shadow.audit();
-        checks.push(Check::new(
-            "shadow MMU audit".to_string(),
-            audit.is_ok(),
-            match audit {
-                Ok(()) => "every shadow page, rmap and counter consistent".to_string(),
-                Err(e) => e.to_string(),
-            },
-        ));
-        let stats = shadow.stats();
-        let early = stats
-            .get("valid_reclaimed_with_obsolete_pending")
-            .unwrap_or(0);
-        checks.push(Check::new(
-            "no valid page reclaimed while obsolete pages wait".to_string(),
-            early == 0,
-            format!("{early} valid pages reclaimed with obsolete pages pending"),
-        ));
-    }
-
-    if let (Some(stats), Some((controls, _))) = (&stress, &plan.stress) {
-        let total = |t: u32| vcpus.iter().filter_map(|v| v.total(t)).sum::<u64>();
-        for (i, (v, &control)) in vcpus.iter().zip(controls).enumerate() {
-            let stale = v.total(tag::STALE).unwrap_or(0);
-            let detail = if stale == 0 {
-                "0 stale reads".to_string()
-            } else {
-                let word = |k: u64| vm.vm().read_u64(control + 8 * k).map_err(inspect);
-                let (ctl, value, page) = (word(1)?, word(2)?, word(3)?);
-                format!(
-                    "{stale} stale or wrong reads; the last: {value:#x} from page {} of window {} under control word {ctl:#x}",
-                    page & !workloads::stress::PROBE_BIT,
-                    if page & workloads::stress::PROBE_BIT != 0 {
-                        "not holding the slot (probe)"
-                    } else {
-                        "holding the slot"
-                    }
-                )
-            };
-            checks.push(Check::new(
-                format!("vCPU {i} stale reads"),
-                stale == 0,
-                detail,
-            ));
-        }
-        checks.push(Check::new(
+    let verified = stats.verified_exact + stats.verified_late;
+    checked.checks.extend([
+        Check::new(
             "stress: no lost dirty page".to_string(),
             stats.lost == 0,
             match &stats.first_lost {
                 Some(first) => format!(
-                    "{} of {} checked writes missing ({} of them in the next harvest); first: {first}",
-                    stats.lost,
-                    stats.verified_exact + stats.verified_late,
-                    stats.lost_logged_next
+                    "{} of {verified} checked writes missing ({} of them in the next harvest); first: {first}",
+                    stats.lost, stats.lost_logged_next
                 ),
-                None => format!(
-                    "{} checked writes logged",
-                    stats.verified_exact + stats.verified_late
-                ),
+                None => format!("{verified} checked writes logged"),
             },
-        ));
-        checks.push(Check::new(
+        ),
+        Check::new(
             "stress: memslot changes while the guest ran".to_string(),
             stats.deletes > 0 && stats.moves > 0 && stats.harvests > 0,
             format!(
                 "{} harvests, {} moves, {} deletes",
                 stats.harvests, stats.moves, stats.deletes
             ),
-        ));
-        checks.push(Check::new(
+        ),
+        Check::new(
             "stress: each deleted backing unmapped at once".to_string(),
             stats.unmapped == stats.deletes,
             format!("{} of {} deletes", stats.unmapped, stats.deletes),
-        ));
-        host.extend([
-            ("stress_cycles", stats.cycles),
-            ("harvests", stats.harvests),
-            ("moves", stats.moves),
-            ("deletes", stats.deletes),
-            ("adds", stats.adds),
-            ("backings_unmapped", stats.unmapped),
-            ("deletes_seen_by_every_vcpu", stats.absent_seen),
-            ("writes", total(tag::WRITES)),
-            (
-                "dirty_pages_verified",
-                stats.verified_exact + stats.verified_late,
-            ),
-            ("verified_in_own_interval", stats.verified_exact),
-            ("verified_late", stats.verified_late),
-            ("lost", stats.lost),
-            ("lost_but_in_next_harvest", stats.lost_logged_next),
-            ("reads_checked", total(tag::READS_CHECKED)),
-            ("absent_reads_checked", total(tag::ABSENT)),
-            ("stale", total(tag::STALE)),
-            ("reads_unchecked", total(tag::UNCHECKED)),
-            ("mmio_absent_reads", stats.absent_reads),
-            ("mmio_absent_writes", stats.absent_writes),
-            ("mmio_raced_reads", stats.raced_reads),
-            ("max_memslot_change_us", stats.max_change_us),
-            ("backend_audits", stats.audits),
-        ]);
-    }
+        ),
+    ]);
+    checked.host.extend(stress_figures(vcpus, stats));
+    Ok(())
+}
 
+/// The stress host loop's figures and the guest's totals.
+fn stress_figures(vcpus: &[VcpuSummary], stats: &StressStats) -> [(&'static str, u64); 22] {
+    let total = |t: u32| vcpus.iter().filter_map(|v| v.total(t)).sum::<u64>();
+    [
+        ("stress_cycles", stats.cycles),
+        ("harvests", stats.harvests),
+        ("moves", stats.moves),
+        ("deletes", stats.deletes),
+        ("adds", stats.adds),
+        ("backings_unmapped", stats.unmapped),
+        ("deletes_seen_by_every_vcpu", stats.absent_seen),
+        ("writes", total(tag::WRITES)),
+        (
+            "dirty_pages_verified",
+            stats.verified_exact + stats.verified_late,
+        ),
+        ("verified_in_own_interval", stats.verified_exact),
+        ("verified_late", stats.verified_late),
+        ("lost", stats.lost),
+        ("lost_but_in_next_harvest", stats.lost_logged_next),
+        ("reads_checked", total(tag::READS_CHECKED)),
+        ("absent_reads_checked", total(tag::ABSENT)),
+        ("stale", total(tag::STALE)),
+        ("reads_unchecked", total(tag::UNCHECKED)),
+        ("mmio_absent_reads", stats.absent_reads),
+        ("mmio_absent_writes", stats.absent_writes),
+        ("mmio_raced_reads", stats.raced_reads),
+        ("max_memslot_change_us", stats.max_change_us),
+        ("backend_audits", stats.audits),
+    ]
+}
+
+/// Puts the summary together: what the guest can observe, the backend's
+/// and the exit handler's counters.
+fn summarize(
+    setup: Setup,
+    options: RunOptions,
+    executed: Executed,
+    checked: Checked,
+) -> RunSummary {
+    let Setup { vm, plan, .. } = setup;
     let observation = observe(
         vm.vm(),
         &plan.roots,
-        vcpus
+        executed
+            .vcpus
             .iter()
             .map(|v| VcpuObservation {
                 outcome: v.outcome,
@@ -1011,18 +1389,45 @@ pub fn run(options: RunOptions) -> Result<RunSummary, RunCommandError> {
     for stats in vm.exit_stats() {
         exits.add(&stats);
     }
-    Ok(RunSummary {
+    RunSummary {
         options,
         parameters: plan.parameters,
         rounds: plan.rounds.len(),
-        vcpus,
-        checks,
-        dirty,
-        host,
+        vcpus: executed.vcpus,
+        checks: checked.checks,
+        dirty: checked.dirty,
+        host: checked.host,
         backend: vm.backend().stats(),
         exits,
-        elapsed,
+        elapsed: executed.elapsed,
         observation,
+    }
+}
+
+/// A workload built in a VM for other drivers of the guest (the benches):
+/// the program, its rounds and what each vCPU must report.
+#[derive(Clone, Debug)]
+pub struct GuestPlan {
+    /// The guest program.
+    pub program: Program,
+    /// Per round, each vCPU's arguments.
+    pub rounds: Vec<Vec<VcpuArgs>>,
+    /// Per vCPU, the REPORTs the host's model predicts.
+    pub reports: Vec<Vec<Report>>,
+}
+
+/// Builds `workload` in `vm` (whose guest has not run yet), as `run` does,
+/// for a caller that runs the guest itself.
+pub fn guest_plan(
+    vm: &crate::Vm,
+    workload: Workload,
+    params: &Params,
+) -> Result<GuestPlan, PlanError> {
+    let plan = workload::plan(vm, workload, params)?;
+    Ok(GuestPlan {
+        program: plan.program,
+        rounds: plan.rounds,
+        reports: plan.expect.into_iter().map(|e| e.reports).collect(),
     })
 }
 
@@ -1213,7 +1618,9 @@ pub(crate) mod tests {
             json.contains("\"exit_handler\": {\"mmio_exits\": 0"),
             "{json}"
         );
-        assert!(json.contains("\"checks\": {\"passed\": 1, \"failed\": []}"));
+        assert!(json.contains(
+            "\"checks\": {\"passed\": 1, \"failed\": [], \"all\": [{\"what\": \"vCPU 0 reports\", \"ok\": true"
+        ));
         assert_eq!(json.matches('{').count(), json.matches('}').count());
         assert!(!json.contains('\n'));
 
@@ -1227,9 +1634,16 @@ pub(crate) mod tests {
         let text = bad.text();
         assert!(text.ends_with("result: FAILED"), "{text}");
         assert!(
-            text.contains("FAILED vCPU 0 memory: 1 of 3 words differ"),
+            text.contains("  vCPU 0 memory: FAILED (1 of 3 words differ)"),
             "{text}"
         );
+        assert!(text.contains("  vCPU 0 reports: ok"), "{text}");
+        assert!(text.contains("vCPU 0: exited 0, "), "{text}");
+        assert!(!text.contains("Done {"), "{text}");
+        assert!(text.contains("  roots and tlb: translations=3\n"), "{text}");
+        let all = bad.text_with_stats();
+        assert!(all.contains("tlb_hits=0"), "{all}");
+        assert!(all.contains("exits_for_the_vmm=0"), "{all}");
         assert!(
             text.contains("checksum=0x28 checksum=0x2 faults=1"),
             "{text}"

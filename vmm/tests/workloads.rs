@@ -5,7 +5,6 @@
 mod common;
 use common::kvm_or_skip;
 
-use std::process::Command;
 use std::time::Duration;
 
 use mmu_backends::BackendKind;
@@ -227,47 +226,6 @@ fn other_inputs_are_seen_as_differences() {
     // And a run compared with itself has none.
     let (none, more) = mmu_vmm::diff::differences(&a.observation, &a.observation);
     assert!(none.is_empty() && more == 0);
-}
-
-#[test]
-fn the_command_prints_one_json_object() {
-    if !kvm_or_skip("the_command_prints_one_json_object") {
-        return;
-    }
-    let vmm = env!("CARGO_BIN_EXE_mmu-vmm");
-    let common = ["--vcpus", "2", "--mem", "16M", "--ops", "50", "--json"];
-    let out = Command::new(vmm)
-        .args(["diff", "--a", "ept", "--b", "ept", "--workload", "mmio-rr"])
-        .args(common)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{stdout}");
-    assert_eq!(stdout.lines().count(), 1, "{stdout}");
-    assert!(
-        stdout.starts_with("{\"workload\": \"mmio-rr\", \"a\": \"ept\", \"b\": \"ept\""),
-        "{stdout}"
-    );
-    assert!(stdout.contains("\"identical\": true"), "{stdout}");
-
-    let out = Command::new(vmm)
-        .args(["run", "--mmu", "ept", "--workload", "pt-edit"])
-        .args(common)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("\"ok\": true"), "{stdout}");
-
-    // Shadow against ept: the guest sees the same.
-    let out = Command::new(vmm)
-        .args(["diff", "--workload", "touch", "--json"])
-        .args(common)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("\"identical\": true"), "{stdout}");
 }
 
 /// Issue #6's check: every workload under the shadow backend (hosted on

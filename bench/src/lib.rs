@@ -1,13 +1,13 @@
 //! Measurements of the MMU backends on real guests, shared by
 //! `mmu-vmm bench` / `mmu-vmm compare` and the criterion benches of the
-//! `benches` crate.
+//! `benches` crate. The guests run on the reference VMM ([`mmu_vmm`]).
 //!
 //! | bench | what is timed | configurations |
 //! | --- | --- | --- |
-//! | [`BenchKind::Churn`] | vCPUs have written every 4 KiB page of their slice from CPL3 and spin at CPL3; one memslot delete + add (seed 000): the host call, and the time until every vCPU runs CPL3 again | shadow fast zap, shadow naive zap, ept |
+//! | [`BenchKind::Churn`] | vCPUs have written every 4 KiB page of their slice from CPL3 and spin at CPL3; one memslot delete + add: the host call, and the time until every vCPU runs CPL3 again | shadow fast zap, shadow naive zap, ept |
 //! | [`BenchKind::MmioRr`] | request/response transactions per second through an MMIO doorbell and status register (netperf TCP_RR style) | shadow MMIO caching on / off, ept MMIO classification cache on / off; 1 and 512 memslots |
 //! | [`BenchKind::Faults`] | first touch of the guest's memory, and a re-touch after a memslot churn | shadow prefetch on / off, ept |
-//! | [`BenchKind::Reclaim`] | shadow pages referenced and zapped over time at a 64-page limit (seed 004), on the soft vCPU | FIFO, parent-aware |
+//! | [`BenchKind::Reclaim`] | shadow pages referenced and zapped over time at a 64-page limit, on the soft vCPU | FIFO, parent-aware |
 //!
 //! Configurations are alternated within one run (A B C A B C ...), so a
 //! drift of the shared machine hits each of them alike; each reports the
@@ -17,6 +17,7 @@
 //! On the host here `ept` means that KVM owns the second stage: with PVM it
 //! is KVM's own in-kernel shadow MMU with its own fast zap, which makes it
 //! the anchor the shadow backend is measured against.
+#![deny(missing_docs)]
 
 use std::fmt::Write as _;
 use std::str::FromStr;
@@ -25,7 +26,7 @@ use std::time::Duration;
 use mmu_backends::shadow::{ReclaimPolicy, ZapMode};
 use mmu_backends::{BackendConfig, BackendKind, EptConfig};
 
-use crate::json::{self, Object};
+use mmu_vmm::json::{self, Object};
 
 pub mod guest;
 mod kvm;
@@ -44,13 +45,13 @@ pub use runner::{BenchOptions, compare, run_bench};
 /// A bench of `mmu-vmm bench`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BenchKind {
-    /// Memslot delete + add with every vCPU waiting (seed 000).
+    /// Memslot delete + add with every vCPU waiting.
     Churn,
-    /// MMIO request/response rate (seed 002).
+    /// MMIO request/response rate.
     MmioRr,
     /// First touch, and re-touch after a churn.
     Faults,
-    /// Reclaim policies at a 64-page limit (seed 004).
+    /// Reclaim policies at a 64-page limit.
     Reclaim,
 }
 
@@ -110,16 +111,16 @@ pub enum BenchError {
     Options(String),
     /// Building the VM failed.
     #[error("cannot build the VM")]
-    Setup(#[from] crate::SetupError),
+    Setup(#[from] mmu_vmm::SetupError),
     /// Assembling the guest program failed.
     #[error("cannot assemble the guest program")]
-    Kit(#[from] crate::KitError),
+    Kit(#[from] mmu_vmm::KitError),
     /// Setting up the workload failed.
     #[error("cannot set up the workload")]
-    Plan(#[from] crate::workload::PlanError),
+    Plan(#[from] mmu_vmm::workload::PlanError),
     /// The guest run failed.
     #[error("the guest run failed")]
-    Run(#[from] crate::RunError),
+    Run(#[from] mmu_vmm::RunError),
     /// A memslot change failed.
     #[error("a memslot change failed")]
     Memslot(#[from] mmu_api::MemslotError),
@@ -403,10 +404,10 @@ impl BenchReport {
             .collect();
         let _ = writeln!(
             out,
-            "bench {}: {} ({:.1} s)",
+            "bench {}: {} (in {})",
             self.bench,
             settings.join(" "),
-            self.elapsed.as_secs_f64()
+            mmu_vmm::units::duration(self.elapsed)
         );
         let _ = writeln!(
             out,
@@ -435,8 +436,10 @@ impl BenchReport {
                     r.name,
                     r.param,
                     r.metric,
-                    r.value
-                        .map_or_else(|| "-".to_string(), |v| format!("{v:.2}x"))
+                    r.value.map_or_else(
+                        || "-".to_string(),
+                        |v| format!("{}x", mmu_vmm::units::sig3(v))
+                    )
                 );
             }
         }
@@ -531,13 +534,13 @@ pub fn compare_json(quick: bool, reports: &[BenchReport], elapsed: Duration) -> 
 }
 
 /// A value for tables: three significant digits or so.
-fn fmt_value(v: f64) -> String {
-    if v.abs() >= 100.0 {
+/// A measured value: a whole number as it is, else to three significant
+/// figures.
+pub(crate) fn fmt_value(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
         format!("{v:.0}")
-    } else if v.abs() >= 1.0 {
-        format!("{v:.2}")
     } else {
-        format!("{v:.3}")
+        mmu_vmm::units::sig3(v)
     }
 }
 
@@ -555,7 +558,7 @@ pub fn slots_param(slots: u32) -> String {
 pub fn parse_sizes(s: &str) -> Result<Vec<u64>, String> {
     let sizes = s
         .split(',')
-        .map(crate::run::parse_size)
+        .map(mmu_vmm::run::parse_size)
         .collect::<Result<Vec<u64>, String>>()?;
     if sizes.is_empty() || sizes.iter().any(|&s| s == 0 || s % (2 << 20) != 0) {
         return Err(format!(
@@ -662,9 +665,13 @@ mod tests {
         assert_eq!(r.ratios[2].value, Some(1.5));
         assert_eq!(r.params(), ["256MiB", "4096MiB"]);
         let text = r.text();
-        assert!(text.starts_with("bench churn: vcpus=6 (1.5 s)"), "{text}");
+        assert!(
+            text.starts_with("bench churn: vcpus=6 (in 1.50 s)"),
+            "{text}"
+        );
         assert!(text.contains("b / a"), "{text}");
-        assert!(text.contains("21.00x"), "{text}");
+        assert!(text.contains("21.0x"), "{text}");
+        assert!(text.contains("  1 3 2\n"), "{text}");
     }
 
     #[test]

@@ -11,18 +11,18 @@ use mmu_backends::BackendKind;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{BenchError, Configuration};
-use crate::kit::abi::tag;
-use crate::kit::{Program, Ring, emit};
-use crate::layout::PAGE_SIZE;
-use crate::mmu::{Devices, MmuVm, MmuVmConfig};
-use crate::workload::{self, CHURN_GPA, CHURN_SIZE, CHURN_SLOT, RrCounters, RrDevice, Workload};
-use crate::{
-    ExceptionAction, ExitHandler, GuestException, Kicker, PagingOp, PagingOps, Report, VcpuArgs,
-    VcpuContext, VcpuError, VmConfig,
-};
 use kvm_ioctls::VcpuExit;
 use mmu_integration::Action;
 use mmu_integration::kvm::Routed;
+use mmu_vmm::kit::abi::tag;
+use mmu_vmm::kit::{Program, Ring, emit};
+use mmu_vmm::layout::PAGE_SIZE;
+use mmu_vmm::mmu::{Devices, MmuVm, MmuVmConfig};
+use mmu_vmm::workload::{self, CHURN_GPA, CHURN_SIZE, CHURN_SLOT, RrCounters, RrDevice, Workload};
+use mmu_vmm::{
+    ExceptionAction, ExitHandler, GuestException, Kicker, PagingOp, PagingOps, Report, VcpuArgs,
+    VcpuContext, VcpuError, VmConfig,
+};
 
 /// Most memslots an [`RrVm`] takes (guest RAM is two of them).
 pub(crate) const MAX_SLOTS: u32 = 4096;
@@ -49,7 +49,7 @@ mod ctl {
 /// with tag [`WAIT_TAG`], which the host holds until it has news), 0 to
 /// spin. Each touch writes `address ^ seed` into the first quadword of
 /// each page. Reports the number of touches (tag VALUE).
-fn touch_wait() -> Result<Program, crate::KitError> {
+fn touch_wait() -> Result<Program, mmu_vmm::KitError> {
     Program::assemble("touch-wait", Ring::User, |a| {
         let mut top = a.create_label();
         let mut idle = a.create_label();
@@ -114,7 +114,7 @@ pub enum WaitMode {
     /// CPL3 wait loop the vCPU exits (a REPORT system call) and its thread
     /// sleeps in the host until the host has a command or a wake-up for it.
     /// A sleeping vCPU is outside guest mode, so a memslot update need not
-    /// wait for it (seed 000: "all vCPUs waiting").
+    /// wait for it.
     #[default]
     Halt,
     /// Busy: the vCPU spins at CPL3 (each turn a PAUSE), always in guest
@@ -181,7 +181,7 @@ impl Bell {
 
 /// A vCPU's MMU handler, with the `touch-wait` program's waits served.
 struct Waiting<'a> {
-    inner: &'a mut crate::mmu::MmuHandler,
+    inner: &'a mut mmu_vmm::mmu::MmuHandler,
     bell: &'a Bell,
     /// The bell's count when the vCPU last left its wait.
     seen: u64,
@@ -275,7 +275,7 @@ pub enum StepResult {
 /// A guest under one [`Configuration`] whose vCPUs each write every 4 KiB
 /// page of their slice of the data area from CPL3 (through the VMM's
 /// identity tables, 4 KiB pages) on command, and spin at CPL3 in between:
-/// the guest of the seed 000 experiment. A memslot of its own
+/// the guest of the churn bench. A memslot of its own
 /// ([`CHURN_SLOT`], which the guest never touches) is deleted and re-added,
 /// as in `mmu-vmm run --workload churn`: the delete zaps every shadow page
 /// all the same.
@@ -351,10 +351,10 @@ impl TouchVm {
         mem_size: u64,
         wait: WaitMode,
     ) -> Result<Self, BenchError> {
-        if vcpus == 0 || vcpus > crate::layout::MAX_VCPUS {
+        if vcpus == 0 || vcpus > mmu_vmm::layout::MAX_VCPUS {
             return Err(BenchError::Options(format!(
                 "{vcpus} vCPUs requested; 1..={} are supported",
-                crate::layout::MAX_VCPUS
+                mmu_vmm::layout::MAX_VCPUS
             )));
         }
         if mem_size > workload::MAX_MEM_SIZE {
@@ -363,10 +363,12 @@ impl TouchVm {
                 workload::MAX_MEM_SIZE
             )));
         }
-        let vm = mmu_vm(config, vcpus, mem_size, |_| Box::new(crate::mmu::NoDevices))?;
+        let vm = mmu_vm(config, vcpus, mem_size, |_| {
+            Box::new(mmu_vmm::mmu::NoDevices)
+        })?;
         let churn =
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(CHURN_GPA), CHURN_SIZE as usize)])
-                .map_err(|source| crate::SetupError::AllocateMemory {
+                .map_err(|source| mmu_vmm::SetupError::AllocateMemory {
                 size: CHURN_SIZE,
                 source,
             })?;
@@ -724,7 +726,7 @@ pub fn rr_vm(
         ops: Some(transactions),
         ..workload::Params::default()
     };
-    let plan = workload::plan(vm.vm(), Workload::MmioRr, &params)?;
+    let plan = mmu_vmm::run::guest_plan(vm.vm(), Workload::MmioRr, &params)?;
     let extra_count = slots.saturating_sub(2);
     let extra = if extra_count > 0 {
         let ranges: Vec<(GuestAddress, usize)> = (0..u64::from(extra_count))
@@ -736,7 +738,7 @@ pub fn rr_vm(
             })
             .collect();
         let memory = GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|source| {
-            crate::SetupError::AllocateMemory {
+            mmu_vmm::SetupError::AllocateMemory {
                 size: u64::from(extra_count) * PAGE_SIZE,
                 source,
             }
@@ -760,7 +762,7 @@ pub fn rr_vm(
         counters,
         program: plan.program,
         args,
-        expect: plan.expect.into_iter().map(|e| e.reports).collect(),
+        expect: plan.reports,
         _extra: extra,
     })
 }

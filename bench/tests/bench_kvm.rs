@@ -9,7 +9,7 @@ use common::kvm_or_skip;
 
 use std::time::Duration;
 
-use mmu_vmm::bench::{BenchKind, BenchOptions, run_bench};
+use mmu_bench::{BenchKind, BenchOptions, run_bench};
 
 fn tiny() -> BenchOptions {
     BenchOptions {

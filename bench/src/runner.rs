@@ -1,6 +1,8 @@
 //! The benches as `mmu-vmm bench` and `compare` run them: every
 //! configuration alternated within one run, medians and ratios.
 
+use std::io::IsTerminal as _;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -32,7 +34,8 @@ pub struct BenchOptions {
     pub quick: bool,
     /// Bounds every wait for the guest.
     pub time_limit: Duration,
-    /// Draw a progress bar on stderr (hidden when stderr is no terminal).
+    /// Show progress on stderr: a bar on a terminal, else a plain line
+    /// every few seconds.
     pub progress: bool,
 }
 
@@ -94,9 +97,19 @@ impl BenchOptions {
     }
 }
 
-fn progress(options: &BenchOptions, bench: BenchKind, total: u64) -> ProgressBar {
+fn progress(options: &BenchOptions, bench: BenchKind, total: u64) -> Progress {
     if !options.progress {
-        return ProgressBar::hidden();
+        return Progress::Bar(ProgressBar::hidden());
+    }
+    if !std::io::stderr().is_terminal() {
+        return Progress::Lines(Mutex::new(Lines {
+            bench,
+            total,
+            done: 0,
+            message: String::new(),
+            started: Instant::now(),
+            printed: None,
+        }));
     }
     let bar = ProgressBar::new(total);
     if let Ok(style) =
@@ -105,7 +118,84 @@ fn progress(options: &BenchOptions, bench: BenchKind, total: u64) -> ProgressBar
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_prefix(bench.name());
-    bar
+    Progress::Bar(bar)
+}
+
+/// How often the plain progress lines are printed at most.
+const LINE_EVERY: Duration = Duration::from_secs(3);
+
+/// A bench's progress on stderr: a bar on a terminal (indicatif draws
+/// nothing elsewhere), else a plain line per step, every few seconds at
+/// most.
+#[derive(Debug)]
+enum Progress {
+    Bar(ProgressBar),
+    Lines(Mutex<Lines>),
+}
+
+/// The state of the plain progress lines.
+#[derive(Debug)]
+struct Lines {
+    bench: BenchKind,
+    total: u64,
+    done: u64,
+    message: String,
+    started: Instant,
+    printed: Option<Instant>,
+}
+
+impl Lines {
+    fn print(&mut self, force: bool) {
+        if !force && self.printed.is_some_and(|t| t.elapsed() < LINE_EVERY) {
+            return;
+        }
+        self.printed = Some(Instant::now());
+        eprintln!(
+            "bench {}: {}/{} {} ({} so far)",
+            self.bench,
+            self.done,
+            self.total,
+            self.message,
+            mmu_vmm::units::duration(self.started.elapsed())
+        );
+    }
+}
+
+impl Progress {
+    fn set_message(&self, message: String) {
+        match self {
+            Progress::Bar(bar) => bar.set_message(message),
+            Progress::Lines(lines) => {
+                if let Ok(mut l) = lines.lock() {
+                    l.message = message;
+                    l.print(false);
+                }
+            }
+        }
+    }
+
+    fn inc(&self, n: u64) {
+        match self {
+            Progress::Bar(bar) => bar.inc(n),
+            Progress::Lines(lines) => {
+                if let Ok(mut l) = lines.lock() {
+                    l.done += n;
+                }
+            }
+        }
+    }
+
+    fn finish_and_clear(&self) {
+        match self {
+            Progress::Bar(bar) => bar.finish_and_clear(),
+            Progress::Lines(lines) => {
+                if let Ok(mut l) = lines.lock() {
+                    l.message = "done".to_string();
+                    l.print(true);
+                }
+            }
+        }
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -147,7 +237,7 @@ fn settings(report: &mut BenchReport, options: &BenchOptions, bench: BenchKind) 
 /// configurations filled in), its progress bar and its dimensions.
 struct SizedBench {
     report: BenchReport,
-    bar: ProgressBar,
+    bar: Progress,
     vcpus: usize,
     sizes: Vec<u64>,
     runs: usize,

@@ -1,4 +1,4 @@
-//! `reclaim`: the seed 004 picture on the soft vCPU (no KVM). The shadow
+//! `reclaim`: shadow reclaim at a page limit on the soft vCPU (no KVM). The shadow
 //! backend runs on `mmu_shadow::soft::SoftVcpu` with a 64-page limit; the
 //! guest's working set needs 86 shadow pages, so every round reclaims.
 //! The timeline records, after each page table's pages are read, the
@@ -16,9 +16,9 @@ use mmu_backends::shadow::{ReclaimPolicy, ShadowBackend, ShadowConfig};
 use super::BenchError;
 use super::guest::{GUEST_MAXPHYADDR, GuestBuilder};
 use super::slots::{RAM_HPA, add_slot};
-use crate::json::{self, Object};
+use mmu_vmm::json::{self, Object};
 
-/// The page limit of seed 004.
+/// The page limit of the reclaim bench.
 pub const PAGE_LIMIT: u64 = 64;
 
 /// Page directories of the guest (one per GiB of guest-virtual space).
@@ -39,6 +39,8 @@ pub struct ReclaimPoint {
     pub zapped: u64,
     /// Of which directory (non-leaf) pages.
     pub zapped_directories: u64,
+    /// Shadow pages in use now (up to the limit, down after each reclaim).
+    pub in_use: u64,
 }
 
 /// Faults and zaps over time under one reclaim policy.
@@ -63,11 +65,15 @@ impl ReclaimTimeline {
                 p.faults.to_string(),
                 p.zapped.to_string(),
                 p.zapped_directories.to_string(),
+                p.in_use.to_string(),
             ])
         });
         Object::new()
             .str("config", &self.config)
-            .str("columns", "accesses faults zapped zapped_directories")
+            .str(
+                "columns",
+                "accesses faults zapped zapped_directories in_use",
+            )
             .raw("points", json::array(points))
             .finish()
     }
@@ -93,7 +99,7 @@ fn shuffled_orders(tables: &[Gva], rounds: usize, seed: u64) -> Vec<Vec<Gva>> {
         .collect()
 }
 
-/// Runs `rounds` rounds of the seed 004 workload (each page table visited
+/// Runs `rounds` rounds of the reclaim workload (each page table visited
 /// once per round, in a fresh pseudo-random order from `seed`, the same
 /// for every policy) under `policy` at a [`PAGE_LIMIT`]-page limit.
 pub fn reclaim_timeline(
@@ -164,6 +170,7 @@ pub fn reclaim_timeline(
                 faults: stat("faults"),
                 zapped: leaves + directories,
                 zapped_directories: directories,
+                in_use: stat("sps_in_use"),
             });
         }
     }
@@ -189,6 +196,13 @@ mod tests {
             // 86 shadow pages do not fit in 64: something was zapped.
             assert!(last.zapped > 0, "{name}: {last:?}");
             assert!(last.zapped_directories <= last.zapped);
+            // Reclaim keeps the shadow pages near the limit, and frees some.
+            let most = t.points.iter().map(|p| p.in_use).max().unwrap();
+            assert!(
+                (PAGE_LIMIT - 8..=PAGE_LIMIT + 8).contains(&most),
+                "{name}: {most}"
+            );
+            assert!(t.points.windows(2).any(|w| w[1].in_use < w[0].in_use));
             assert!(
                 t.points
                     .windows(2)
