@@ -213,7 +213,7 @@ fn without_replay_cpl3_runs_on_stale_entries_here() {
     }
 }
 
-/// The churn of seed 000 on the shadow backend: two vCPUs write their
+/// Memslot churn on the shadow backend: two vCPUs write their
 /// slices of the data area from CPL3, pass after pass, while the host
 /// deletes and re-adds a memslot the guest does not use, and reclaims
 /// obsolete pages as a VMM's background reclaimer would. Every delete is a

@@ -228,7 +228,7 @@ fn other_inputs_are_seen_as_differences() {
     assert!(none.is_empty() && more == 0);
 }
 
-/// Issue #6's check: every workload under the shadow backend (hosted on
+/// The shadow backend end to end: every workload under the shadow backend (hosted on
 /// KVM, 2 vCPUs) shows the guest exactly what ept shows it, and each
 /// shadow run passes its checks, among them `audit()` after the run.
 #[test]
@@ -256,8 +256,8 @@ fn every_workload_under_shadow_matches_ept_and_passes_audit() {
             .expect("the shadow run audits the MMU");
         assert!(audit.ok, "{workload}: {}", audit.detail);
         if workload == Workload::Churn {
-            // The churn thread reclaims obsolete pages after each update
-            // (issue #5): fast zaps happened, obsolete pages were freed,
+            // The churn thread reclaims obsolete pages after each update:
+            // fast zaps happened, obsolete pages were freed,
             // and no valid page went while obsolete ones waited.
             let stat = |n: &str| shadow.backend.get(n).unwrap_or(0);
             println!(
