@@ -38,7 +38,7 @@ pub mod slots;
 
 pub use kvm::{ChurnSample, RrSample, RrVm, Step, StepResult, TouchVm, WAIT_TAG, WaitMode, rr_vm};
 pub use reclaim::{
-    PAGE_LIMIT as BENCH_RECLAIM_LIMIT, ReclaimPoint, ReclaimTimeline, reclaim_timeline,
+    PAGE_LIMIT as SHADOW_PAGE_LIMIT, ReclaimPoint, ReclaimTimeline, reclaim_timeline,
 };
 pub use runner::{BenchOptions, compare, run_bench};
 

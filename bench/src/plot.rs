@@ -319,7 +319,7 @@ fn reclaim(report: &BenchReport, root: &Area<'_>) -> PlotResult {
     let root = root.titled(
         &format!(
             "reclaim: shadow pages at a {}-page limit on the soft vCPU, by reclaim policy",
-            super::BENCH_RECLAIM_LIMIT
+            super::SHADOW_PAGE_LIMIT
         ),
         (FONT, 22),
     )?;
