@@ -12,8 +12,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{BenchError, Configuration};
 use kvm_ioctls::VcpuExit;
-use mmu_integration::Action;
 use mmu_integration::kvm::Routed;
+use mmu_integration::{Action, MmioServiceTimes};
 use mmu_vmm::kit::abi::tag;
 use mmu_vmm::kit::{Program, Ring, emit};
 use mmu_vmm::layout::PAGE_SIZE;
@@ -661,12 +661,15 @@ impl Host<'_> {
 }
 
 /// The figures of one `mmio-rr` run.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RrSample {
     /// Transactions, over every vCPU.
     pub transactions: u64,
     /// Wall time of the guest run.
     pub elapsed: Duration,
+    /// How long the MMU took to serve each MMIO access, over every vCPU
+    /// (the exit and the device excluded), by cache path.
+    pub mmio_service: MmioServiceTimes,
 }
 
 impl RrSample {
@@ -787,7 +790,18 @@ impl RrVm {
     /// devices' counters against the host's model.
     pub fn run(&mut self, limit: Duration) -> Result<RrSample, BenchError> {
         let before: Vec<(u64, u64, u64)> = self.counters.iter().map(|c| c.snapshot()).collect();
+        for i in 0..self.args.len() {
+            if let Some(handler) = self.vm.handler(i) {
+                handler.exits().record_mmio_service_times(true);
+            }
+        }
         let report = self.vm.run(&self.program, &self.args, limit)?;
+        let mut mmio_service = MmioServiceTimes::default();
+        for i in 0..self.args.len() {
+            if let Some(handler) = self.vm.handler(i) {
+                mmio_service.extend(handler.exits().take_mmio_service_times());
+            }
+        }
         let mut transactions = 0;
         for (i, (vcpu, expect)) in report.vcpus.iter().zip(&self.expect).enumerate() {
             if &vcpu.reports != expect {
@@ -815,6 +829,7 @@ impl RrVm {
         Ok(RrSample {
             transactions,
             elapsed: report.elapsed,
+            mmio_service,
         })
     }
 }

@@ -290,6 +290,13 @@ pub fn metric_description(metric: &str) -> &'static str {
         "first_touch_ms" => "first touch of every page (ms)",
         "retouch_ms" => "re-touch after a delete + add (ms)",
         "rr_per_s" => "MMIO transactions per second",
+        "mmio_service_median_ns" => "MMU service of an MMIO access, median (ns, exit excluded)",
+        "cached_median_ns" => {
+            "MMIO served from the cache (MMIO SPTE / classification), median (ns)"
+        }
+        "cached_p99_ns" => "MMIO served from the cache, 99th percentile (ns)",
+        "uncached_median_ns" => "MMIO served by walk and memslot search, median (ns)",
+        "uncached_p99_ns" => "MMIO served by walk and memslot search, 99th percentile (ns)",
         "faults" => "faults the backend served",
         "zapped" => "shadow pages zapped",
         "zapped_directories" => "directory pages zapped (still in use)",

@@ -375,12 +375,23 @@ fn mmio_rr(options: &BenchOptions) -> Result<BenchReport, BenchError> {
                 bar.set_message(format!("{param} run {} {}", run + 1, vm.config()));
                 let sample = vm.run(options.time_limit)?;
                 report.push(vm.config(), &param, "rr_per_s", sample.rate());
+                push_service_times(&mut report, vm.config(), &param, &sample.mmio_service);
                 bar.inc(1);
             }
         }
         report.add_ratio("shadow-cache-on", "shadow-cache-off", &param, "rr_per_s");
         report.add_ratio("ept-cache-on", "ept-cache-off", &param, "rr_per_s");
         report.add_ratio("shadow-cache-on", "ept-cache-on", &param, "rr_per_s");
+        // The MMU's own service time, which the exit's cost hides in the
+        // end-to-end rate: cache off over cache on.
+        for backend in ["shadow", "ept"] {
+            report.add_ratio(
+                &format!("{backend}-cache-off"),
+                &format!("{backend}-cache-on"),
+                &param,
+                "mmio_service_median_ns",
+            );
+        }
     }
     bar.finish_and_clear();
     report.notes.push(
@@ -389,6 +400,43 @@ fn mmio_rr(options: &BenchOptions) -> Result<BenchReport, BenchError> {
             .to_string(),
     );
     Ok(report)
+}
+
+/// One run's MMIO service times: the median over every access, and the
+/// median and 99th percentile of each cache path that served any.
+fn push_service_times(
+    report: &mut BenchReport,
+    config: &str,
+    param: &str,
+    times: &mmu_integration::MmioServiceTimes,
+) {
+    let all: Vec<u64> = times.all_ns().collect();
+    let paths: [(&[u64], &'static str, &'static str); 3] = [
+        (&all, "mmio_service_median_ns", ""),
+        (&times.cached_ns, "cached_median_ns", "cached_p99_ns"),
+        (&times.uncached_ns, "uncached_median_ns", "uncached_p99_ns"),
+    ];
+    for (samples, median, p99) in paths {
+        if let Some(m) = percentile(samples, 50.0) {
+            report.push(config, param, median, m as f64);
+        }
+        if !p99.is_empty()
+            && let Some(p) = percentile(samples, 99.0)
+        {
+            report.push(config, param, p99, p as f64);
+        }
+    }
+}
+
+/// The `pct`-th percentile of `samples` (nearest rank), if any.
+fn percentile(samples: &[u64], pct: f64) -> Option<u64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let rank = ((pct / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
 fn faults(options: &BenchOptions) -> Result<BenchReport, BenchError> {
@@ -484,6 +532,43 @@ fn reclaim(options: &BenchOptions) -> Result<BenchReport, BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(percentile(&[7], 99.0), Some(7));
+        let samples: Vec<u64> = (1..=100).rev().collect();
+        assert_eq!(percentile(&samples, 50.0), Some(50));
+        assert_eq!(percentile(&samples, 99.0), Some(99));
+        assert_eq!(percentile(&samples, 100.0), Some(100));
+    }
+
+    #[test]
+    fn service_times_become_rows_per_path() {
+        let mut report = BenchReport::new(BenchKind::MmioRr);
+        let times = mmu_integration::MmioServiceTimes {
+            cached_ns: vec![100, 200, 300],
+            uncached_ns: vec![5000],
+        };
+        push_service_times(&mut report, "shadow-cache-on", "1 memslot", &times);
+        let median = |m| report.median("shadow-cache-on", "1 memslot", m);
+        assert_eq!(median("mmio_service_median_ns"), Some(200.0));
+        assert_eq!(median("cached_median_ns"), Some(200.0));
+        assert_eq!(median("cached_p99_ns"), Some(300.0));
+        assert_eq!(median("uncached_median_ns"), Some(5000.0));
+        // A path that served nothing has no row.
+        push_service_times(
+            &mut report,
+            "ept-cache-off",
+            "1 memslot",
+            &Default::default(),
+        );
+        assert!(
+            report
+                .row("ept-cache-off", "1 memslot", "cached_median_ns")
+                .is_none()
+        );
+    }
 
     #[test]
     fn defaults_follow_the_bench_and_quick() {

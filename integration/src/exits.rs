@@ -2,6 +2,7 @@
 //! into, and the action the vCPU loop takes next.
 
 use std::fmt;
+use std::time::Instant;
 
 use mmu_api::{
     FaultOutcome, Gpa, Gva, MmioClass, MmuVcpu, PAGE_SIZE, PagingContext, PfErrorCode, RootLoad,
@@ -161,6 +162,36 @@ impl fmt::Display for ExitStats {
 pub struct VcpuExits {
     mmu: Box<dyn MmuVcpu>,
     stats: ExitStats,
+    /// MMIO service times, when they are recorded.
+    mmio_times: Option<MmioServiceTimes>,
+}
+
+/// How long the MMU took to serve each MMIO access of one vCPU, in
+/// nanoseconds, from the exit reaching the handler to the MMU's answer
+/// (the exit itself and the device are not included), split by whether
+/// the backend's MMIO cache answered ([`MmuVcpu::last_mmio_cached`]).
+/// Accesses of a backend that does not say are not timed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MmioServiceTimes {
+    /// Accesses the cache answered: an MMIO SPTE (shadow paging), a
+    /// classification-cache hit (EPT).
+    pub cached_ns: Vec<u64>,
+    /// Accesses that took the full path: a guest walk and a memslot
+    /// search (shadow), a memslot search (EPT).
+    pub uncached_ns: Vec<u64>,
+}
+
+impl MmioServiceTimes {
+    /// Appends `other`'s samples.
+    pub fn extend(&mut self, other: MmioServiceTimes) {
+        self.cached_ns.extend(other.cached_ns);
+        self.uncached_ns.extend(other.uncached_ns);
+    }
+
+    /// Every sample, cached and uncached.
+    pub fn all_ns(&self) -> impl Iterator<Item = u64> + '_ {
+        self.cached_ns.iter().chain(&self.uncached_ns).copied()
+    }
 }
 
 impl VcpuExits {
@@ -170,6 +201,36 @@ impl VcpuExits {
         VcpuExits {
             mmu,
             stats: ExitStats::default(),
+            mmio_times: None,
+        }
+    }
+
+    /// Starts (or stops) timing the MMU's service of every MMIO access
+    /// ([`MmioServiceTimes`]); off by default, when it costs nothing.
+    pub fn record_mmio_service_times(&mut self, on: bool) {
+        self.mmio_times = on.then(MmioServiceTimes::default);
+    }
+
+    /// The MMIO service times recorded since the last call (empty when
+    /// recording is off); recording goes on.
+    pub fn take_mmio_service_times(&mut self) -> MmioServiceTimes {
+        self.mmio_times
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Records one MMIO access served in `elapsed`, on the path the MMU
+    /// says it took.
+    fn record_mmio(&mut self, started: Option<Instant>) {
+        let (Some(started), Some(times)) = (started, self.mmio_times.as_mut()) else {
+            return;
+        };
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        match self.mmu.last_mmio_cached() {
+            Some(true) => times.cached_ns.push(ns),
+            Some(false) => times.uncached_ns.push(ns),
+            None => {}
         }
     }
 
@@ -238,7 +299,9 @@ impl VcpuExits {
     /// Classifies an access to `gpa` that exited as MMIO, and counts it.
     pub fn classify(&mut self, gpa: Gpa, is_write: bool) -> MmioClass {
         self.stats.mmio_exits += 1;
+        let started = self.mmio_times.is_some().then(Instant::now);
         let class = self.mmu.classify_mmio(gpa, is_write);
+        self.record_mmio(started);
         trace!(
             vcpu = self.id().0,
             gpa = gpa.raw(),
@@ -329,7 +392,11 @@ impl VcpuExits {
     /// backend's own tables faulted, or the VMM intercepts guest #PFs).
     pub fn page_fault(&mut self, gva: Gva, error_code: PfErrorCode) -> Result<Action, ExitError> {
         self.stats.page_faults += 1;
+        let started = self.mmio_times.is_some().then(Instant::now);
         let outcome = self.mmu.handle_page_fault(gva, error_code)?;
+        if matches!(outcome, FaultOutcome::Mmio { .. }) {
+            self.record_mmio(started);
+        }
         let action = Action::from_fault_outcome(outcome)?;
         match action {
             Action::InjectPageFault { .. } | Action::InjectGeneralProtection => {
@@ -453,6 +520,29 @@ mod tests {
         // The second exit to the page was a classification cache hit.
         assert_eq!(backend.stats().get("mmio_cache_hits"), Some(1));
         assert_eq!(backend.stats().get("mmio_cache_misses"), Some(1));
+    }
+
+    #[test]
+    fn mmio_service_times_are_split_by_cache_path() {
+        let (_port, backend) = ept();
+        let mut exits = vcpu(&*backend, 0);
+        let mut bus = RecordingBus::default();
+        let mut data = [0u8; 4];
+        // Off by default: nothing recorded.
+        exits.mmio_read(DEVICE, &mut data, &mut bus).unwrap();
+        assert_eq!(exits.take_mmio_service_times(), MmioServiceTimes::default());
+        exits.record_mmio_service_times(true);
+        // A new page misses the cache, then hits it twice.
+        let other = Gpa(0xd000_1000);
+        for _ in 0..3 {
+            exits.mmio_read(other, &mut data, &mut bus).unwrap();
+        }
+        let times = exits.take_mmio_service_times();
+        assert_eq!((times.cached_ns.len(), times.uncached_ns.len()), (2, 1));
+        assert_eq!(times.all_ns().count(), 3);
+        // Taken: the next harvest starts empty, and recording goes on.
+        exits.mmio_read(other, &mut data, &mut bus).unwrap();
+        assert_eq!(exits.take_mmio_service_times().cached_ns.len(), 1);
     }
 
     #[test]

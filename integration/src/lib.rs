@@ -139,6 +139,6 @@ mod test_support;
 pub use apply::{ApplyError, apply_action};
 pub use bus::{BusError, Direction, MmioBus};
 pub use error::ExitError;
-pub use exits::{Action, ExitStats, VcpuExits};
+pub use exits::{Action, ExitStats, MmioServiceTimes, VcpuExits};
 pub use memslots::{HostMirror, Memslots, SlotError, UserRegion};
 pub use mmu_backends;

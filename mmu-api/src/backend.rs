@@ -269,4 +269,15 @@ pub trait MmuVcpu: Send + fmt::Debug {
     /// Called right after every guest exit: marks the vCPU as outside guest
     /// mode, so requests no longer wait for it.
     fn exit_guest(&mut self);
+
+    /// Whether the MMIO access this vCPU served last (a
+    /// [`FaultOutcome::Mmio`] from [`handle_page_fault`](Self::handle_page_fault),
+    /// or [`classify_mmio`](Self::classify_mmio)) was answered from the
+    /// backend's MMIO cache (an MMIO SPTE under shadow paging, the
+    /// classification cache under EPT) rather than by a guest walk and a
+    /// memslot search. `None` when the backend does not say. Lets a VMM
+    /// time the fast and slow paths apart.
+    fn last_mmio_cached(&self) -> Option<bool> {
+        None
+    }
 }

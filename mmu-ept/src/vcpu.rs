@@ -53,6 +53,8 @@ pub struct EptVcpu {
     tlb_generation: MemslotGeneration,
     /// The zap epoch the TLB and MMIO cache were last made consistent with.
     zap_epoch: u64,
+    /// Whether the last MMIO classification was a cache hit.
+    last_mmio_cached: Option<bool>,
 }
 
 impl fmt::Debug for EptVcpu {
@@ -82,6 +84,7 @@ impl EptVcpu {
             mmio,
             tlb_generation,
             zap_epoch,
+            last_mmio_cached: None,
         }
     }
 
@@ -180,9 +183,11 @@ impl MmuVcpu for EptVcpu {
         let gfn = gpa.gfn();
         if let Some(kind) = self.mmio.lookup(gfn, generation) {
             self.counters.bump(VcpuCounter::MmioCacheHit);
+            self.last_mmio_cached = Some(true);
             return kind.classify(is_write);
         }
         self.counters.bump(VcpuCounter::MmioCacheMiss);
+        self.last_mmio_cached = Some(false);
         let kind = match self.shared.read_slots().table.find(gpa) {
             None => FrameKind::Mmio,
             Some(slot) => FrameKind::Memory {
@@ -325,4 +330,8 @@ impl MmuVcpu for EptVcpu {
 
     /// Nothing to do: see [`prepare_entry`](Self::prepare_entry).
     fn exit_guest(&mut self) {}
+
+    fn last_mmio_cached(&self) -> Option<bool> {
+        self.last_mmio_cached
+    }
 }
