@@ -203,10 +203,12 @@ impl Configuration {
         ]
     }
 
-    /// `faults`: shadow with prefetch (8 neighbours) and without, and ept
-    /// (KVM's own fault path, which has its own prefetch).
+    /// `faults`: shadow prefetching the whole guest table (every present,
+    /// accessed entry of the 512), 8 neighbours (KVM's choice) and none,
+    /// and ept (KVM's own fault path, which has its own prefetch).
     pub fn faults() -> Vec<Configuration> {
         vec![
+            Configuration::shadow("shadow-prefetch-table", |c| c.prefetch = 512),
             Configuration::shadow("shadow-prefetch-on", |c| c.prefetch = 8),
             Configuration::shadow("shadow-prefetch-off", |c| c.prefetch = 0),
             Configuration::ept("ept", EptConfig::default()),

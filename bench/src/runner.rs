@@ -473,7 +473,14 @@ fn faults(options: &BenchOptions) -> Result<BenchReport, BenchError> {
         }
         for metric in ["first_touch_ms", "retouch_ms"] {
             report.add_ratio("shadow-prefetch-off", "shadow-prefetch-on", &param, metric);
+            report.add_ratio(
+                "shadow-prefetch-on",
+                "shadow-prefetch-table",
+                &param,
+                metric,
+            );
             report.add_ratio("shadow-prefetch-on", "ept", &param, metric);
+            report.add_ratio("shadow-prefetch-table", "ept", &param, metric);
         }
     }
     bar.finish_and_clear();

@@ -56,11 +56,36 @@ fn every_kvm_bench_measures_every_configuration_on_tiny_guests() {
         for slots in ["1slots", "8slots"] {
             let median = rr.median(config, slots, "rr_per_s");
             assert!(median.is_some_and(|m| m > 0.0), "{config} {slots}");
+            let service = rr.median(config, slots, "mmio_service_median_ns");
+            assert!(service.is_some_and(|ns| ns > 0.0), "{config} {slots}");
         }
+    }
+    // With caching on, repeated MMIO to a page is served from the cache;
+    // with it off, never.
+    for backend in ["shadow", "ept"] {
+        let on = format!("{backend}-cache-on");
+        let off = format!("{backend}-cache-off");
+        assert!(
+            rr.median(&on, "1slots", "cached_median_ns").is_some(),
+            "{on}"
+        );
+        assert!(
+            rr.median(&off, "1slots", "cached_median_ns").is_none(),
+            "{off}"
+        );
+        assert!(
+            rr.median(&off, "1slots", "uncached_median_ns").is_some(),
+            "{off}"
+        );
     }
 
     let faults = run_bench(BenchKind::Faults, &tiny()).expect("faults");
-    for config in ["shadow-prefetch-on", "shadow-prefetch-off", "ept"] {
+    for config in [
+        "shadow-prefetch-table",
+        "shadow-prefetch-on",
+        "shadow-prefetch-off",
+        "ept",
+    ] {
         assert!(faults.median(config, "16MiB", "first_touch_ms").is_some());
         assert!(faults.median(config, "16MiB", "retouch_ms").is_some());
     }
