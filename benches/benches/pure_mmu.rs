@@ -117,7 +117,7 @@ fn fault_first_touch(c: &mut Criterion) {
     g.finish();
 }
 
-/// Zap-all against a populated shadow (seed 000): the fast zap (a
+/// Zap-all against a populated shadow: the fast zap (a
 /// generation bump and the reload handshake), a second fast zap right after
 /// it, the obsolete pages they leave being reclaimed later
 /// (`reclaim_obsolete`, the deferred half), and the naive zap (every page
@@ -403,7 +403,7 @@ const MMIO_GVA: Gva = Gva(0x20_0000);
 
 /// Repeated MMIO reads of one device page through the shadow MMU: with
 /// MMIO caching each read after the first is a reserved-bit fault on the
-/// MMIO SPTE, answered with no guest walk and no memslot search (seed 002);
+/// MMIO SPTE, answered with no guest walk and no memslot search;
 /// without it every read takes the full fault path. With 1 and 512
 /// memslots.
 fn shadow_mmio(c: &mut Criterion) {
@@ -560,7 +560,7 @@ impl ReclaimWorkload {
     }
 }
 
-/// Reclaim at a 64-page limit (seed 004): FIFO (KVM) against parent-aware
+/// Reclaim at a 64-page limit: FIFO (KVM) against parent-aware
 /// (a new child makes its parents young; leaves go before directories), and
 /// no limit as the floor, for both access orders. Time is per 10 rounds on
 /// a fresh backend; the counters table shows the pages each policy

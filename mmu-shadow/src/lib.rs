@@ -60,13 +60,20 @@ mod backend;
 mod fault;
 #[doc(hidden)]
 pub mod fuzzing;
+mod memslots;
+mod mmio;
+mod page;
 mod pool;
-mod role;
+mod reclaim;
+mod rmap;
+mod root;
 pub mod soft;
 mod spte;
 mod state;
 mod stats;
 mod vcpu;
+mod write_track;
+mod zap;
 
 pub use audit::AuditError;
 pub use backend::{MIN_PAGE_LIMIT, ReplayBatch, ShadowBackend};
@@ -77,7 +84,7 @@ pub use pool::PoolError;
 pub enum ZapMode {
     /// The generation ("fast") zap: bump the valid generation, make every
     /// vCPU load a fresh root, and reclaim the obsolete pages later, first
-    /// in line, in lock-breaking batches (seeds 000, 001, 003).
+    /// in line, in lock-breaking batches.
     #[default]
     Fast,
     /// Walk and zap every page under the lock (the baseline).
@@ -113,7 +120,7 @@ pub enum ReclaimPolicy {
     #[default]
     Fifo,
     /// Linking a child makes its parent young, and leaves are reclaimed
-    /// before directories (seed 004).
+    /// before directories.
     ParentAware,
 }
 pub use vcpu::ShadowVcpu;
@@ -181,7 +188,7 @@ pub struct ShadowConfig {
     pub zap_batch: usize,
     /// Which valid pages reclaim takes.
     pub reclaim: ReclaimPolicy,
-    /// Cache MMIO translations in reserved-bit SPTEs (seed 002). Needs a
+    /// Cache MMIO translations in reserved-bit SPTEs. Needs a
     /// host MAXPHYADDR of at most 51.
     pub mmio_caching: bool,
     /// Memslot-generation bits stored in an MMIO SPTE (1..=19; KVM: 19).
@@ -192,6 +199,11 @@ pub struct ShadowConfig {
     pub host_maxphyaddr: u8,
     /// How SPTE writes reach the hardware (chosen at VM creation).
     pub coherence: Coherence,
+    /// Serve the guest walk, the memslot lookup and the MMIO fast path
+    /// without the MMU lock, rechecking the MMU's invalidation count under
+    /// it (as KVM does). Off: every fault runs under the lock (the
+    /// baseline, for comparison).
+    pub lockless_faults: bool,
 }
 
 impl Default for ShadowConfig {
@@ -209,6 +221,7 @@ impl Default for ShadowConfig {
             mmio_gen_bits: 19,
             host_maxphyaddr: 46,
             coherence: Coherence::Direct,
+            lockless_faults: true,
         }
     }
 }
