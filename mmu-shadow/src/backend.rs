@@ -64,28 +64,39 @@ impl Inner {
     /// without the lock, obsolete pages reclaimed later) or naive (zap and
     /// flush everything). The caller holds `zap_serial`.
     fn zap_all_locked_out(&self) {
-        self.zap_all_from(self.lock());
+        self.zap_all_then(self.lock(), |_| ());
     }
 
     /// As [`zap_all_locked_out`](Self::zap_all_locked_out), starting in the
-    /// caller's critical section (a memslot change zaps in the same one, so
-    /// no one sees valid pages for a slot that is gone). The lock is
-    /// dropped before any vCPU is waited for.
-    fn zap_all_from(&self, mut st: MutexGuard<'_, MmuState>) {
+    /// caller's critical section, and running `then` in it once every vCPU
+    /// has been asked to reload or flush. A memslot change publishes its new
+    /// snapshot there: a vCPU that sees the new memslots also sees the
+    /// request, so it cannot enter with a translation through a slot that
+    /// is gone, and no audit sees valid pages for it. The lock is dropped
+    /// before any vCPU is waited for.
+    fn zap_all_then<R>(
+        &self,
+        mut st: MutexGuard<'_, MmuState>,
+        then: impl FnOnce(&mut MmuState) -> R,
+    ) -> R {
         match self.config.zap {
             ZapMode::Fast => {
                 let (vcpus, generation) = st.begin_fast_zap();
+                let result = then(&mut st);
                 drop(st);
                 for v in vcpus {
                     v.wait_out_of_guest_or_ack(Requests::RELOAD_ROOT);
                 }
                 self.lock().finish_fast_zap(generation);
+                result
             }
             ZapMode::Naive => {
                 let flush = st.zap_all_pages();
                 let commit = st.prepare_commit(flush);
+                let result = then(&mut st);
                 drop(st);
                 self.finish_commit(commit);
+                result
             }
         }
     }
@@ -385,11 +396,11 @@ impl MmuBackend for ShadowBackend {
         } else {
             slots.dirty.remove(&slot.id);
         }
-        let old = st.publish_slots(slots);
         let first = slot.base_gfn();
         let end = Gfn(first.raw() + slot.pages());
         let mut zap = false;
         let mut flush = crate::zap::Flush::NONE;
+        st.counters.memslot_updates += 1;
         match change {
             // MMIO SPTEs for the new range carry an older generation: they
             // miss from now on, with no zap.
@@ -404,15 +415,15 @@ impl MmuBackend for ShadowBackend {
             }
             MemslotChange::Unchanged => {}
         }
-        st.counters.memslot_updates += 1;
-        if zap {
-            let _no_leaf_left: crate::zap::Flush = flush;
-            self.inner.zap_all_from(st);
+        let old = if zap {
+            self.inner.zap_all_then(st, |st| st.publish_slots(slots))
         } else {
+            let old = st.publish_slots(slots);
             let commit = st.prepare_commit(flush);
             drop(st);
             self.inner.finish_commit(commit);
-        }
+            old
+        };
         // A moved slot's old placement may still be in a lock-free walk.
         Memslots::wait_for_readers(old);
         tracing::debug!(
@@ -441,10 +452,9 @@ impl MmuBackend for ShadowBackend {
             }
         };
         slots.dirty.remove(&id);
-        let old = st.publish_slots(slots);
         st.counters.memslot_updates += 1;
         // As KVM by default: a delete zaps everything.
-        self.inner.zap_all_from(st);
+        let old = self.inner.zap_all_then(st, |st| st.publish_slots(slots));
         // The slot's backing stays valid until no lock-free reader can
         // still reach it through the old snapshot.
         Memslots::wait_for_readers(old);

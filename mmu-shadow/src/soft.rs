@@ -260,6 +260,12 @@ impl SoftVcpu {
         let access = Access { kind, mode };
         let page = gva.page_number();
         for _ in 0..MAX_FAULTS_PER_ACCESS {
+            // The memory the hardware reaches, as of before the entry: a
+            // memslot deleted after this point is waited out (the delete's
+            // reload handshake) before its backing goes, and one deleted
+            // before it has asked this vCPU to reload, so no translation
+            // through the old slot survives the entry.
+            let slots = self.backend.inner.memslots.load();
             self.enter()?;
             let guest = *self.mmu.paging_context();
             let root = self.root.ok_or(VcpuError::OutOfPages)?;
@@ -273,7 +279,6 @@ impl SoftVcpu {
                     // entry and walks the tables.
                     self.tlb.remove(&page);
                     // The hardware walks without the MMU lock.
-                    let slots = self.backend.inner.memslots.load();
                     let walk = |refresh| {
                         walk_with(
                             &hw,
@@ -297,7 +302,6 @@ impl SoftVcpu {
                         Err(_) if self.host.is_some() => walk(true),
                         r => r,
                     };
-                    drop(slots);
                     match r {
                         Ok(t) => {
                             let frame = Hpa(t.page_gpa().raw()
@@ -320,6 +324,7 @@ impl SoftVcpu {
                 Ok(f) => f,
                 Err(WalkError::PageFault(pf)) => {
                     self.mmu.exit_guest();
+                    drop(slots);
                     match self.mmu.handle_page_fault(gva, pf.error_code)? {
                         FaultOutcome::Retry => continue,
                         FaultOutcome::InjectPageFault { error_code, cr2 } => {
@@ -347,42 +352,47 @@ impl SoftVcpu {
                 }
             };
             let hpa = Hpa(frame.raw() + gva.page_offset());
-            let result = self.host_access(hpa, kind, size, value);
+            // The slot may have been deleted and created again since the
+            // entry, with the translation made afterwards: then the current
+            // memslots hold it.
+            let result = match hpa_to_gpa(&slots, hpa) {
+                Some(_) => host_access(&slots, hpa, kind, size, value),
+                None => host_access(&self.backend.inner.memslots.load(), hpa, kind, size, value),
+            };
             self.mmu.exit_guest();
             return result.map(SoftOutcome::Done);
         }
         self.mmu.exit_guest();
         Err(SoftError::NoProgress(MAX_FAULTS_PER_ACCESS))
     }
+}
 
-    /// Reads or writes guest memory at a host-physical address, as the
-    /// memory bus would.
-    fn host_access(
-        &self,
-        hpa: Hpa,
-        kind: AccessKind,
-        size: u8,
-        value: u64,
-    ) -> Result<u64, SoftError> {
-        let slots = self.backend.inner.memslots.load();
-        let gpa = hpa_to_gpa(&slots, hpa).ok_or(SoftError::StaleFrame(hpa))?;
-        let mem = slots.guest_mem();
-        if kind == AccessKind::Write {
-            write_bytes(&mem, gpa, &value.to_le_bytes()[..usize::from(size)])
-                .map_err(|_| SoftError::StaleFrame(hpa))?;
-            return Ok(value);
-        }
-        let word = mem
-            .read_u64(Gpa(gpa.raw() & !7))
+/// Reads or writes guest memory at a host-physical address, as the memory
+/// bus would.
+fn host_access(
+    slots: &Slots,
+    hpa: Hpa,
+    kind: AccessKind,
+    size: u8,
+    value: u64,
+) -> Result<u64, SoftError> {
+    let gpa = hpa_to_gpa(slots, hpa).ok_or(SoftError::StaleFrame(hpa))?;
+    let mem = slots.guest_mem();
+    if kind == AccessKind::Write {
+        write_bytes(&mem, gpa, &value.to_le_bytes()[..usize::from(size)])
             .map_err(|_| SoftError::StaleFrame(hpa))?;
-        let shift = (gpa.raw() & 7) * 8;
-        let mask = if size == 8 {
-            u64::MAX
-        } else {
-            (1u64 << (u32::from(size) * 8)) - 1
-        };
-        Ok((word >> shift) & mask)
+        return Ok(value);
     }
+    let word = mem
+        .read_u64(Gpa(gpa.raw() & !7))
+        .map_err(|_| SoftError::StaleFrame(hpa))?;
+    let shift = (gpa.raw() & 7) * 8;
+    let mask = if size == 8 {
+        u64::MAX
+    } else {
+        (1u64 << (u32::from(size) * 8)) - 1
+    };
+    Ok((word >> shift) & mask)
 }
 
 impl Drop for SoftVcpu {

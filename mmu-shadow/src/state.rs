@@ -108,9 +108,13 @@ impl MmuState {
     /// the caller waits for ([`Memslots::wait_for_readers`]) without the
     /// lock when a slot's backing went away.
     pub(crate) fn publish_slots(&mut self, new: Slots) -> Arc<Slots> {
-        self.invalidate_begin();
         self.slots = Arc::new(new);
-        self.memslots.publish(self.slots.clone())
+        let old = self.memslots.publish(self.slots.clone());
+        // After the publish: a fault reads the count, then the snapshot, so
+        // one that read the count after this bump reads the new snapshot,
+        // and one that read it before sees the count move under the lock.
+        self.invalidate_begin();
+        old
     }
 
     /// Shadow pages currently allocated (including invalid roots and pages
