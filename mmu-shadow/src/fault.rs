@@ -26,7 +26,7 @@ use crate::memslots::Slots;
 use crate::mmio::mmio_fast_path;
 use crate::page::{Access3, PtLevel, Role, SpKey};
 use crate::pool::{ENTRIES_PER_PAGE, FrameId};
-use crate::root::{in_window, root_level};
+use crate::root::{in_window, root_level, root_page_key};
 use crate::spte::{Spte, mmio};
 use crate::state::MmuState;
 use crate::stats::LocalCounters;
@@ -76,6 +76,10 @@ pub(crate) struct GuestWalk {
     pub(crate) cache_mmio: Option<u8>,
     /// Neighbours to prefetch, walked without the lock.
     pub(crate) prefetch: Vec<PrefetchCandidate>,
+    /// The root key the path was computed for, and the keys of the shadow
+    /// pages on the path below it.
+    pub(crate) root_key: SpKey,
+    pub(crate) path: Vec<SpKey>,
 }
 
 /// A neighbouring guest PTE found present and accessed.
@@ -178,6 +182,74 @@ fn access_of(error_code: PfErrorCode) -> Access {
     Access { kind, mode }
 }
 
+/// The key of the shadow page at `level` on the path to `gva`.
+fn path_key(ctx: &PagingContext, root: &SpKey, t: &Translation, gva: u64, level: PtLevel) -> SpKey {
+    let base = Role::base(ctx);
+    let mode = ctx.mode();
+    let direct = |level: PtLevel, gpa: u64, access: Access3| SpKey {
+        gfn: Gfn((gpa & !(level.coverage() - 1)) >> 12),
+        role: Role {
+            level,
+            direct: true,
+            access,
+            ..base
+        },
+    };
+    if mode == PagingMode::NoPaging {
+        return direct(level, gva & 0xffff_ffff, Access3::ALL);
+    }
+    let leaf_level = t.leaf().map_or(1, |s| s.level);
+    if level.get() < leaf_level {
+        // Pieces of a guest large page. A clean large page never shares
+        // a page with a dirty mapping of the same range (whose SPTEs may
+        // be writable), so its first write faults and sets D.
+        let mut key = direct(level, t.gpa.raw(), t.rights.into());
+        key.role.guest_dirty = t
+            .leaf()
+            .is_some_and(|l| l.entry.raw() & PteFlags::DIRTY.bits() != 0);
+        return key;
+    }
+    let table_gfn = |l: PtLevel| {
+        t.steps()
+            .iter()
+            .find(|s| s.level == l.get())
+            .map_or(Gfn(0), |s| s.entry_gpa.gfn())
+    };
+    let mut key = SpKey {
+        gfn: table_gfn(level),
+        role: Role {
+            level,
+            access: access_above(ctx, t, level),
+            ..base
+        },
+    };
+    match mode {
+        PagingMode::Pae | PagingMode::Bits32 if level == PtLevel::PDPT => {
+            // The PDPT level: owned by the root, not in guest memory.
+            key = *root;
+            key.role.level = PtLevel::PDPT;
+        }
+        PagingMode::Bits32 if level == PtLevel::PD => {
+            key.role.quadrant = ((gva >> 30) & 3) as u8;
+        }
+        PagingMode::Bits32 => key.role.quadrant = ((gva >> 21) & 1) as u8,
+        _ => {}
+    }
+    key
+}
+
+/// The keys of the shadow pages on the path to `gva` below a root keyed
+/// `root`, from the level below the root down to the page table.
+fn path_keys(ctx: &PagingContext, root: &SpKey, t: &Translation, gva: u64) -> Vec<SpKey> {
+    let mut keys = Vec::with_capacity(4);
+    let mut level = root.role.level;
+    while let Some(below) = level.below() {
+        keys.push(path_key(ctx, root, t, gva, below));
+        level = below;
+    }
+    keys
+}
+
 impl PageFault {
     /// A fault at `addr` on `root`, the root of `ctx`.
     pub(crate) fn new(
@@ -264,6 +336,8 @@ impl PageFault {
         } else {
             Vec::new()
         };
+        let root_key = root_page_key(&self.ctx);
+        let path = path_keys(&self.ctx, &root_key, &t, self.addr.raw());
         self.walk = Some(GuestWalk {
             t,
             gptes,
@@ -271,6 +345,8 @@ impl PageFault {
             slot,
             cache_mmio,
             prefetch,
+            root_key,
+            path,
         });
         Ok(None)
     }
@@ -456,11 +532,18 @@ impl MmuState {
         // Build the path down to the level-1 shadow page.
         let mut write_protected = Flush::NONE;
         let root_key = self.page(pf.root).key;
+        let recomputed;
+        let path = if root_key == w.root_key {
+            &w.path
+        } else {
+            recomputed = path_keys(ctx, &root_key, t, gva.raw());
+            &recomputed
+        };
         let mut sp = pf.root;
         let mut level = root_key.role.level;
-        while let Some(below) = level.below() {
+        for &child_key in path {
             let index = level.index(gva.raw());
-            let child_key = self.path_key(ctx, &root_key, t, gva.raw(), below);
+            let below = child_key.role.level;
             let spte = Spte(self.pool.load(sp, index));
             let mut linked = None;
             if spte.is_present() {
@@ -483,7 +566,13 @@ impl MmuState {
                     c
                 }
             };
-            self.page_mut(child).write_flooding = 0;
+            // Used: the write-flooding count starts over. Written only when
+            // it changes, so vCPUs faulting under the same directory do not
+            // bounce its metadata between them.
+            let page = self.page_mut(child);
+            if page.write_flooding != 0 {
+                page.write_flooding = 0;
+            }
             sp = child;
             level = below;
         }
@@ -555,69 +644,6 @@ impl MmuState {
             "shadow fault fixed"
         );
         Ok(Some(FaultOutcome::Retry))
-    }
-
-    /// The key of the shadow page at `level` on the path to `gva`.
-    fn path_key(
-        &self,
-        ctx: &PagingContext,
-        root: &SpKey,
-        t: &Translation,
-        gva: u64,
-        level: PtLevel,
-    ) -> SpKey {
-        let base = Role::base(ctx);
-        let mode = ctx.mode();
-        let direct = |level: PtLevel, gpa: u64, access: Access3| SpKey {
-            gfn: Gfn((gpa & !(level.coverage() - 1)) >> 12),
-            role: Role {
-                level,
-                direct: true,
-                access,
-                ..base
-            },
-        };
-        if mode == PagingMode::NoPaging {
-            return direct(level, gva & 0xffff_ffff, Access3::ALL);
-        }
-        let leaf_level = t.leaf().map_or(1, |s| s.level);
-        if level.get() < leaf_level {
-            // Pieces of a guest large page. A clean large page never shares
-            // a page with a dirty mapping of the same range (whose SPTEs may
-            // be writable), so its first write faults and sets D.
-            let mut key = direct(level, t.gpa.raw(), t.rights.into());
-            key.role.guest_dirty = t
-                .leaf()
-                .is_some_and(|l| l.entry.raw() & PteFlags::DIRTY.bits() != 0);
-            return key;
-        }
-        let table_gfn = |l: PtLevel| {
-            t.steps()
-                .iter()
-                .find(|s| s.level == l.get())
-                .map_or(Gfn(0), |s| s.entry_gpa.gfn())
-        };
-        let mut key = SpKey {
-            gfn: table_gfn(level),
-            role: Role {
-                level,
-                access: access_above(ctx, t, level),
-                ..base
-            },
-        };
-        match mode {
-            PagingMode::Pae | PagingMode::Bits32 if level == PtLevel::PDPT => {
-                // The PDPT level: owned by the root, not in guest memory.
-                key = *root;
-                key.role.level = PtLevel::PDPT;
-            }
-            PagingMode::Bits32 if level == PtLevel::PD => {
-                key.role.quadrant = ((gva >> 30) & 3) as u8;
-            }
-            PagingMode::Bits32 => key.role.quadrant = ((gva >> 21) & 1) as u8,
-            _ => {}
-        }
-        key
     }
 
     /// Maps the neighbours of `index` in level-1 page `sp` whose guest PTEs

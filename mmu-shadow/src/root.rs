@@ -61,40 +61,50 @@ pub(crate) fn in_window(window: Option<Gva>, gva: Gva, level: PtLevel) -> bool {
     })
 }
 
+/// The key of the root page for a guest context (the guest's registers
+/// alone: a PAE root's PDPTEs are kept beside the key).
+pub(crate) fn root_page_key(ctx: &PagingContext) -> SpKey {
+    let mut role = Role::base(ctx);
+    role.level = root_level(ctx);
+    match ctx.mode() {
+        PagingMode::NoPaging => SpKey { gfn: Gfn(0), role },
+        PagingMode::Bits32 => {
+            role.passthrough = true;
+            SpKey {
+                gfn: Gfn((ctx.cr3 & 0xffff_f000) >> 12),
+                role,
+            }
+        }
+        PagingMode::Pae => {
+            role.passthrough = true;
+            let base = ctx.cr3 & 0xffff_ffe0;
+            role.quadrant = ((base >> 5) & 0x7f) as u8;
+            SpKey {
+                gfn: Gfn(base >> 12),
+                role,
+            }
+        }
+        PagingMode::Level4 | PagingMode::Level5 => SpKey {
+            gfn: Gfn((ctx.cr3 & ctx.phys_mask() & 0x000f_ffff_ffff_f000) >> 12),
+            role,
+        },
+    }
+}
+
 impl MmuState {
     /// The root key for a guest context, and the PDPTEs for PAE guests.
     pub(crate) fn root_key(&self, ctx: &PagingContext) -> (SpKey, Option<[u64; 4]>) {
-        let mut role = Role::base(ctx);
-        role.level = root_level(ctx);
-        match ctx.mode() {
-            PagingMode::NoPaging => (SpKey { gfn: Gfn(0), role }, None),
-            PagingMode::Bits32 => {
-                role.passthrough = true;
-                let gfn = Gfn((ctx.cr3 & 0xffff_f000) >> 12);
-                (SpKey { gfn, role }, None)
-            }
-            PagingMode::Pae => {
-                role.passthrough = true;
-                let base = ctx.cr3 & 0xffff_ffe0;
-                role.quadrant = ((base >> 5) & 0x7f) as u8;
-                let mem = self.slots.guest_mem();
-                let mut pdptes = [0u64; 4];
-                for (i, p) in pdptes.iter_mut().enumerate() {
-                    *p = mem.read_u64(Gpa(base + 8 * i as u64)).unwrap_or(0);
-                }
-                (
-                    SpKey {
-                        gfn: Gfn(base >> 12),
-                        role,
-                    },
-                    Some(pdptes),
-                )
-            }
-            PagingMode::Level4 | PagingMode::Level5 => {
-                let gfn = Gfn((ctx.cr3 & ctx.phys_mask() & 0x000f_ffff_ffff_f000) >> 12);
-                (SpKey { gfn, role }, None)
-            }
+        let key = root_page_key(ctx);
+        if ctx.mode() != PagingMode::Pae {
+            return (key, None);
         }
+        let base = ctx.cr3 & 0xffff_ffe0;
+        let mem = self.slots.guest_mem();
+        let mut pdptes = [0u64; 4];
+        for (i, p) in pdptes.iter_mut().enumerate() {
+            *p = mem.read_u64(Gpa(base + 8 * i as u64)).unwrap_or(0);
+        }
+        (key, Some(pdptes))
     }
 
     /// Finds or builds the root for `ctx` in `vcpu`'s root cache and makes

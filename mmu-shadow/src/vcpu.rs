@@ -28,8 +28,10 @@ bitflags::bitflags! {
 }
 
 /// The part of a vCPU other threads touch: its requests and whether it is
-/// in guest mode (KVM's `vcpu->requests` and `vcpu->mode`).
+/// in guest mode (KVM's `vcpu->requests` and `vcpu->mode`). Aligned to
+/// its own cache lines: its vCPU writes it on every entry and exit.
 #[derive(Debug)]
+#[repr(align(128))]
 pub(crate) struct VcpuShared {
     pub(crate) id: VcpuId,
     pub(crate) requests: AtomicU32,
