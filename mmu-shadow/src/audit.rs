@@ -170,7 +170,11 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
                 if mgfn != gfn {
                     problems.push(format!("MMIO leaf {ptr:?} names {mgfn}, recorded {gfn}"));
                 }
-                if st.rmap.get(&gfn).is_some_and(|v| v.contains(&ptr)) {
+                if st
+                    .rmap
+                    .get(&gfn)
+                    .is_some_and(|v| v.as_slice().contains(&ptr))
+                {
                     problems.push(format!("MMIO leaf {ptr:?} is in the rmap"));
                 }
                 if !obsolete && Some(tag) == mmio_tag && st.slots.table.find_gfn(gfn).is_some() {
@@ -180,7 +184,11 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
                 }
                 continue;
             }
-            if !st.rmap.get(&gfn).is_some_and(|v| v.contains(&ptr)) {
+            if !st
+                .rmap
+                .get(&gfn)
+                .is_some_and(|v| v.as_slice().contains(&ptr))
+            {
                 problems.push(format!("leaf {ptr:?} for gfn {gfn} is not in the rmap"));
             }
             if obsolete {
@@ -244,7 +252,7 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
 
 fn audit_rmap(st: &MmuState, problems: &mut Vec<String>) {
     for (gfn, ptrs) in &st.rmap {
-        for p in ptrs {
+        for p in ptrs.as_slice() {
             let ok = st.pages[p.sp as usize].as_ref().is_some_and(|page| {
                 page.key.role.level.is_pt()
                     && Spte(st.pool.load(p.sp, usize::from(p.index))).is_present()

@@ -611,15 +611,15 @@ impl MmuState {
         };
         let lr = leaf_rights(ctx, t, pf.access);
         let hidden_from_smap = ctx.smap() && t.rights.user && !lr.user;
-        if pf.access.is_write() && (self.is_write_protected(gfn) || hidden_from_smap) {
+        let shadowed = self.is_write_protected(gfn);
+        if pf.access.is_write() && (shadowed || hidden_from_smap) {
             // A write to a guest page table (or, with SMAP and CR0.WP = 0, a
             // supervisor write that no kernel-only mapping can express
             // without hiding the page from SMAP): emulate it.
             self.counters.write_protect_hits += 1;
             return Ok(Some(FaultOutcome::Emulate { gpa }));
         }
-        let mut write =
-            lr.write && slot.is_writable() && !self.is_write_protected(gfn) && guest_dirty;
+        let mut write = lr.write && slot.is_writable() && !shadowed && guest_dirty;
         if slot.flags.contains(MemslotFlags::LOG_DIRTY) {
             if pf.access.is_write() {
                 self.mark_dirty(gfn);

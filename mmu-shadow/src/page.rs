@@ -11,6 +11,58 @@ use crate::rmap::SptePtr;
 use crate::state::MmuState;
 use crate::zap::Flush;
 
+/// The MMU's hash tables (shadow pages, rmap, shadowed guest tables):
+/// keyed by gfns and roles, hashed with a multiply-rotate hash as KVM
+/// hashes gfns (`kvm_page_table_hashfn`), not SipHash: they are looked up
+/// under the MMU lock on every fault.
+pub(crate) type FastMap<K, V> =
+    std::collections::HashMap<K, V, std::hash::BuildHasherDefault<GfnHasher>>;
+
+/// The hasher of [`FastMap`].
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct GfnHasher(u64);
+
+impl GfnHasher {
+    fn add(&mut self, word: u64) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(K);
+    }
+}
+
+impl std::hash::Hasher for GfnHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u16(&mut self, i: u16) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+}
+
 /// A level of the shadow tables: 1 is a page table (PT), 5 a PML5.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct PtLevel(u8);

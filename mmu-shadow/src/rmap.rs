@@ -4,11 +4,10 @@
 //! KVM: mmu.c's `rmap_add` / `rmap_remove`, `mmu_page_add_parent_pte` /
 //! `mmu_page_remove_parent_pte`, `link_shadow_page` and `drop_spte`.
 
-use std::collections::HashMap;
-
 use mmu_api::Gfn;
 
 use crate::ReclaimPolicy;
+use crate::page::FastMap;
 use crate::pool::FrameId;
 use crate::spte::Spte;
 use crate::state::MmuState;
@@ -19,6 +18,43 @@ use crate::zap::Flush;
 pub(crate) struct SptePtr {
     pub(crate) sp: FrameId,
     pub(crate) index: u16,
+}
+
+/// The leaves mapping one gfn. Most gfns are mapped once: that case needs
+/// no allocation (KVM's `pte_list_desc` keeps one entry inline likewise).
+#[derive(Clone, Debug)]
+pub(crate) enum RmapList {
+    One(SptePtr),
+    Many(Vec<SptePtr>),
+}
+
+impl RmapList {
+    /// Every leaf in the list.
+    pub(crate) fn as_slice(&self) -> &[SptePtr] {
+        match self {
+            RmapList::One(p) => std::slice::from_ref(p),
+            RmapList::Many(v) => v,
+        }
+    }
+
+    /// Adds a leaf.
+    fn push(&mut self, ptr: SptePtr) {
+        match self {
+            RmapList::One(p) => *self = RmapList::Many(vec![*p, ptr]),
+            RmapList::Many(v) => v.push(ptr),
+        }
+    }
+
+    /// Removes a leaf; returns true if the list is now empty.
+    fn remove(&mut self, ptr: SptePtr) -> bool {
+        match self {
+            RmapList::One(p) => *p == ptr,
+            RmapList::Many(v) => {
+                v.retain(|p| *p != ptr);
+                v.is_empty()
+            }
+        }
+    }
 }
 
 impl MmuState {
@@ -53,10 +89,16 @@ impl MmuState {
         self.pool.store(sp, index, spte.0);
         self.page_mut(sp).leaf_gfns.as_mut().expect("level 1")[index] = gfn;
         if !was_present {
-            self.rmap.entry(gfn).or_default().push(SptePtr {
+            let ptr = SptePtr {
                 sp,
                 index: index as u16,
-            });
+            };
+            match self.rmap.entry(gfn) {
+                std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().push(ptr),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(RmapList::One(ptr));
+                }
+            }
         }
         flush
     }
@@ -75,11 +117,8 @@ impl MmuState {
         };
         if self.page(sp).key.role.level.is_pt() {
             let gfn = self.page(sp).leaf_gfns.as_ref().expect("level 1")[index];
-            if let Some(list) = self.rmap.get_mut(&gfn) {
-                list.retain(|p| *p != ptr);
-                if list.is_empty() {
-                    self.rmap.remove(&gfn);
-                }
+            if self.rmap.get_mut(&gfn).is_some_and(|list| list.remove(ptr)) {
+                self.rmap.remove(&gfn);
             }
         } else {
             let child = self
@@ -96,7 +135,7 @@ impl MmuState {
 /// The keys of `map` in `[start, end)`, visiting whichever is smaller: the
 /// range or the map. A harvest or a host write then costs what its slot or
 /// range holds, not what the whole VM maps.
-pub(crate) fn keys_in_range<V>(map: &HashMap<Gfn, V>, start: Gfn, end: Gfn) -> Vec<Gfn> {
+pub(crate) fn keys_in_range<V>(map: &FastMap<Gfn, V>, start: Gfn, end: Gfn) -> Vec<Gfn> {
     let span = end.raw().saturating_sub(start.raw());
     if span <= map.len() as u64 {
         (start.raw()..end.raw())

@@ -12,9 +12,9 @@ use mmu_api::{Gfn, Gpa, VcpuId};
 use crate::ReclaimPolicy;
 use crate::ShadowConfig;
 use crate::memslots::{Memslots, Slots};
-use crate::page::{ShadowPage, SpKey};
+use crate::page::{FastMap, ShadowPage, SpKey};
 use crate::pool::{FrameId, ShadowPool};
-use crate::rmap::SptePtr;
+use crate::rmap::RmapList;
 use crate::root::{HostWindow, RootCache};
 use crate::stats::Counters;
 use crate::vcpu::VcpuShared;
@@ -26,11 +26,11 @@ pub(crate) struct MmuState {
     pub(crate) pages: Vec<Option<ShadowPage>>,
     /// Pages by (gfn, role) and generation: an obsolete page stays under its
     /// own generation, where no lookup looks.
-    pub(crate) hash: HashMap<(SpKey, u64), FrameId>,
+    pub(crate) hash: FastMap<(SpKey, u64), FrameId>,
     /// Leaf SPTEs mapping each gfn.
-    pub(crate) rmap: HashMap<Gfn, Vec<SptePtr>>,
+    pub(crate) rmap: FastMap<Gfn, RmapList>,
     /// Shadow pages shadowing each guest table frame (write-protected).
-    pub(crate) gfn_pages: HashMap<Gfn, Vec<FrameId>>,
+    pub(crate) gfn_pages: FastMap<Gfn, Vec<FrameId>>,
     /// Active pages by age (FIFO: oldest first).
     pub(crate) active: BTreeMap<u64, FrameId>,
     pub(crate) next_seq: u64,
@@ -80,9 +80,9 @@ impl MmuState {
             page_limit: config.page_limit,
             pool,
             pages: (0..frames).map(|_| None).collect(),
-            hash: HashMap::new(),
-            rmap: HashMap::new(),
-            gfn_pages: HashMap::new(),
+            hash: FastMap::default(),
+            rmap: FastMap::default(),
+            gfn_pages: FastMap::default(),
             active: BTreeMap::new(),
             next_seq: 0,
             memslots: Arc::new(Memslots::new(slots.clone())),

@@ -27,7 +27,7 @@ impl MmuState {
             return Flush::NONE;
         };
         let mut flush = Flush::NONE;
-        for p in ptrs {
+        for p in ptrs.as_slice() {
             let spte = Spte(self.pool.load(p.sp, usize::from(p.index)));
             if spte.is_writable() {
                 self.pool
