@@ -751,6 +751,40 @@ fn fault_scaling(c: &mut Criterion) {
     };
     let mut g = c.benchmark_group(GROUP);
     g.sample_size(10);
+    // The machine's own parallelism in this run: pure computation, no MMU.
+    // Other processes on a shared machine cap every ratio below at this one.
+    const SPINS: u64 = 1 << 21;
+    for threads in [1u64, 2] {
+        let (id, _) = bench_id(GROUP, "cpu_only", format!("{threads}threads"));
+        g.throughput(Throughput::Elements(threads * SPINS));
+        g.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let start = Barrier::new(threads as usize + 1);
+                    let time = std::thread::scope(|s| {
+                        for t in 0..threads {
+                            let start = &start;
+                            s.spawn(move || {
+                                start.wait();
+                                let mut x = t;
+                                for i in 0..SPINS {
+                                    x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(i);
+                                }
+                                black_box(x);
+                            });
+                        }
+                        start.wait();
+                        Instant::now()
+                    })
+                    .elapsed();
+                    record_scaling("cpu_only", threads, threads * SPINS, time);
+                    total += time;
+                }
+                total
+            });
+        });
+    }
     for (mode, lockless_faults) in [("lockless_on", true), ("lockless_off", false)] {
         for threads in [1u64, 2] {
             let workload = format!("distinct_pages_{mode}");
@@ -860,7 +894,10 @@ fn print_scaling() {
     if table.is_empty() {
         return;
     }
-    println!("\nshadow_fault_scaling: throughput, 2 threads / 1 thread:\n");
+    println!(
+        "\nshadow_fault_scaling: throughput, 2 threads / 1 thread (cpu_only is the \
+         machine's own parallelism in this run, no MMU):\n"
+    );
     let rate = |w: &str, t: u64| {
         table
             .get(&(w.to_owned(), t))
