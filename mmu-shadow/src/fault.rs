@@ -531,6 +531,7 @@ impl MmuState {
 
         // Build the path down to the level-1 shadow page.
         let mut write_protected = Flush::NONE;
+        let mut wp_epoch = 0;
         let root_key = self.page(pf.root).key;
         let recomputed;
         let path = if root_key == w.root_key {
@@ -573,12 +574,18 @@ impl MmuState {
             if page.write_flooding != 0 {
                 page.write_flooding = 0;
             }
+            wp_epoch = wp_epoch.max(page.wp_epoch);
             sp = child;
             level = below;
         }
 
-        if write_protected.is_owed() {
-            *flush |= write_protected;
+        // A table on the path was write-protected by a flush not yet
+        // acknowledged (this fault's, or another's still waiting): a vCPU may
+        // still write it through its TLB. Flush, then look again, so the
+        // entries are rechecked only once no such write can land (KVM
+        // flushes under its lock at once instead).
+        if write_protected.is_owed() || wp_epoch > self.wp_flushed.load(Ordering::SeqCst) {
+            *flush |= write_protected | Flush::TLB;
             return Ok(None);
         }
 

@@ -33,6 +33,28 @@
 //!   supervisor-only window onto the pool before CPL3 code runs;
 //! - **stats**, `tracing` events, and [`ShadowBackend::audit`].
 //!
+//! # Locking
+//!
+//! One MMU lock (KVM's `mmu_lock`) guards the shadow pages, the rmap and
+//! the roots. As in KVM, a fault walks the guest tables (setting A/D bits
+//! with compare-and-exchange), looks up its memslot and serves a cached
+//! MMIO access without it: it reads the MMU's invalidation sequence count
+//! (KVM's `mmu_invalidate_seq`) first and, under the lock, walks again if
+//! the count moved. Memslots are published as read-only snapshots
+//! (`arc-swap`, KVM's SRCU); deleting a slot waits until no lock-free
+//! reader holds the old snapshot. Every change that leaves a TLB flush owed
+//! returns a token the compiler makes the caller commit, and the vCPUs'
+//! acknowledgements of a flush or a root reload are waited for with the
+//! lock dropped. [`ShadowConfig::lockless_faults`] turns the lock-free
+//! paths off, for comparison.
+//!
+//! Source map, by KVM counterpart: `page` (shadow pages, roles, the hash),
+//! `rmap` (rmap and parent SPTEs), `zap` (prepare / commit, fast zap,
+//! obsolete pages), `reclaim`, `root` (roots and the root cache),
+//! `write_track` (write protection, write flooding), `fault`, `mmio`,
+//! `memslots`, `spte`, `pool` and `vcpu` (requests and the entry
+//! handshake).
+//!
 //! The hardware runs the shadow tables with the registers
 //! [`hardware_context`] gives, not the guest's own.
 //!

@@ -247,6 +247,12 @@ pub(crate) struct ShadowPage {
     pub(crate) write_flooding: u8,
     /// PAE roots: the PDPTEs the root was built from.
     pub(crate) pdptes: Option<[u64; 4]>,
+    /// Shadowing the guest table write-protected it and owed a flush: the
+    /// write-protection epoch of that flush ([`MmuState::wp_requested`]),
+    /// 0 if none. Until a flush of that epoch is done, a vCPU may still
+    /// write the table through a stale TLB entry, so no fault trusts the
+    /// guest entries it read from it.
+    pub(crate) wp_epoch: u64,
 }
 
 impl MmuState {
@@ -308,6 +314,7 @@ impl MmuState {
             leaf_gfns,
             write_flooding: 0,
             pdptes: None,
+            wp_epoch: 0,
         });
         self.hash.insert((key, self.valid_gen), frame);
         self.active.insert(seq, frame);
@@ -324,7 +331,12 @@ impl MmuState {
             let list = self.gfn_pages.entry(key.gfn).or_default();
             list.push(frame);
             if list.len() == 1 {
-                flush |= self.write_protect_gfn(key.gfn);
+                let wp = self.write_protect_gfn(key.gfn);
+                if wp.is_owed() {
+                    self.wp_requested += 1;
+                    self.page_mut(frame).wp_epoch = self.wp_requested;
+                }
+                flush |= wp;
             }
         }
         tracing::trace!(

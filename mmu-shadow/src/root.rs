@@ -267,6 +267,7 @@ impl MmuState {
                 leaf_gfns: None,
                 write_flooding: 0,
                 pdptes: None,
+                wp_epoch: 0,
             });
             Ok(f)
         };

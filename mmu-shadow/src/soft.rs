@@ -1,6 +1,7 @@
 //! A software CPU for tests without KVM: it walks the shadow tables exactly
 //! as the hardware would (with the reference walker), keeps a TLB, and
-//! exits to the MMU on a #PF.
+//! exits to the MMU on a #PF. It has no KVM counterpart: it stands in for
+//! the processor. Like a processor it walks without the MMU lock.
 //!
 //! The TLB is the point: a translation stays cached until INVLPG, a flush or
 //! a root change, exactly like hardware, so an MMU that forgets a remote

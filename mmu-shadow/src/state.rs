@@ -42,6 +42,12 @@ pub(crate) struct MmuState {
     /// cleared and on every memslot change, so work done without the lock
     /// can tell it raced with one.
     pub(crate) invalidate_seq: Arc<AtomicU64>,
+    /// Write protections that owed a flush so far (their epochs).
+    pub(crate) wp_requested: u64,
+    /// The highest write-protection epoch whose flush every vCPU has
+    /// acknowledged (written by [`Inner::finish_commit`](crate::backend::Inner)
+    /// without the lock).
+    pub(crate) wp_flushed: Arc<AtomicU64>,
     pub(crate) counters: Counters,
     pub(crate) page_limit: Option<u64>,
     /// Zapped pages waiting for the remote TLB flush before reuse.
@@ -88,6 +94,8 @@ impl MmuState {
             memslots: Arc::new(Memslots::new(slots.clone())),
             slots,
             invalidate_seq: Arc::new(AtomicU64::new(0)),
+            wp_requested: 0,
+            wp_flushed: Arc::new(AtomicU64::new(0)),
             counters: Counters::default(),
             pending_free: Vec::new(),
             flushing: 0,

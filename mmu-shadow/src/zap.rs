@@ -13,7 +13,7 @@
 
 use std::ops::{BitOr, BitOrAssign};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::backend::Inner;
 use crate::pool::{ENTRIES_PER_PAGE, FrameId};
@@ -78,6 +78,10 @@ pub(crate) struct Commit {
     vcpus: Vec<Arc<VcpuShared>>,
     req: Option<Requests>,
     frames: Vec<FrameId>,
+    /// Write protections this flush covers: every one requested before it
+    /// was posted.
+    wp_epoch: u64,
+    wp_flushed: Option<Arc<AtomicU64>>,
 }
 
 impl MmuState {
@@ -272,6 +276,8 @@ impl MmuState {
             vcpus: self.vcpus.clone(),
             req: Some(req),
             frames,
+            wp_epoch: self.wp_requested,
+            wp_flushed: Some(self.wp_flushed.clone()),
         }
     }
 }
@@ -286,6 +292,11 @@ impl Inner {
         };
         for v in &commit.vcpus {
             v.wait_out_of_guest_or_ack(req);
+        }
+        if req.contains(Requests::FLUSH_TLB)
+            && let Some(done) = &commit.wp_flushed
+        {
+            done.fetch_max(commit.wp_epoch, Ordering::SeqCst);
         }
         if commit.frames.is_empty() {
             return;

@@ -195,7 +195,7 @@ fn run(vcpus: u64, zap: ZapMode, lockless_faults: bool) -> u64 {
     let b = ShadowBackend::new(ShadowConfig {
         zap,
         lockless_faults,
-        ..config(Some(16), 8)
+        ..config(Some(20), 8)
     })
     .unwrap();
     add_slot(&b, ram.slot(0, 0, 0, SLOT0_PAGES, MemslotFlags::empty()));
