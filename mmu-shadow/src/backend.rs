@@ -46,12 +46,21 @@ impl Inner {
     /// waking it, so a contended lock is first spun on for a bounded number
     /// of tries, as KVM's `mmu_lock` spins, before the thread blocks.
     pub(crate) fn lock(&self) -> MutexGuard<'_, MmuState> {
-        const SPINS: u32 = 4000;
-        for _ in 0..SPINS {
+        // Tries, with the pause between them doubling up to 64 spin hints:
+        // a waiter that retried at once would take the lock's cache line
+        // from the holder on every try.
+        const TRIES: u32 = 200;
+        let mut pause = 1u32;
+        for _ in 0..TRIES {
             match self.state.try_lock() {
                 Ok(guard) => return guard,
                 Err(std::sync::TryLockError::Poisoned(e)) => return e.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => std::hint::spin_loop(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    for _ in 0..pause {
+                        std::hint::spin_loop();
+                    }
+                    pause = (pause * 2).min(64);
+                }
             }
         }
         // A panic under the lock is a bug that already failed its thread;
