@@ -501,6 +501,9 @@ impl MmuState {
                 LocalCounters::bump(&stats.lockless_retries);
             }
             pf.walk = None;
+            // Under the lock the count cannot move: a later pass of this
+            // fault (after a commit) reuses this walk unless it does.
+            pf.mmu_seq = self.invalidate_seq.load(Ordering::SeqCst);
             let slots = self.slots.clone();
             match pf.walk_guest(&slots, stats) {
                 Ok(Some(out)) => return (Ok(Some(out)), Flush::NONE),
