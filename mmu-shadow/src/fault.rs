@@ -512,7 +512,7 @@ impl MmuState {
             }
         }
         let mut flush = Flush::NONE;
-        let result = self.map_fault(pf, &mut flush);
+        let result = self.map_fault(pf, stats, &mut flush);
         (result, flush)
     }
 
@@ -525,6 +525,7 @@ impl MmuState {
     fn map_fault(
         &mut self,
         pf: &PageFault,
+        stats: &LocalCounters,
         flush: &mut Flush,
     ) -> Result<Option<FaultOutcome>, VcpuError> {
         let w = pf.walk.as_ref().expect("walked before mapping");
@@ -646,7 +647,7 @@ impl MmuState {
         if pf.prefetch > 1 {
             *flush |= self.prefetch(pf, w, sp, index);
         }
-        self.counters.faults_fixed += 1;
+        LocalCounters::bump(&stats.faults_fixed);
         tracing::trace!(
             gva = gva.raw(),
             gpa = gpa.raw(),

@@ -19,8 +19,11 @@ use crate::root::{HostWindow, RootCache};
 use crate::stats::Counters;
 use crate::vcpu::VcpuShared;
 
-/// Everything behind the MMU lock.
+/// Everything behind the MMU lock. Aligned so that the lock's own word
+/// never shares a cache line with the state: a waiter trying the lock
+/// would otherwise take the line from the holder working on the state.
 #[derive(Debug)]
+#[repr(align(128))]
 pub(crate) struct MmuState {
     pub(crate) pool: ShadowPool,
     pub(crate) pages: Vec<Option<ShadowPage>>,

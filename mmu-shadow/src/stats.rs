@@ -50,6 +50,9 @@ pub(crate) struct Counters {
 #[derive(Debug, Default)]
 pub(crate) struct LocalCounters {
     pub(crate) faults: AtomicU64,
+    /// Bumped under the MMU lock, but kept here so the fault path writes no
+    /// shared line it does not need.
+    pub(crate) faults_fixed: AtomicU64,
     pub(crate) faults_injected: AtomicU64,
     pub(crate) faults_mmio: AtomicU64,
     pub(crate) mmio_fast_hits: AtomicU64,
@@ -68,6 +71,7 @@ impl LocalCounters {
     pub(crate) fn add_to(&self, total: &mut Counters) {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         total.faults += get(&self.faults);
+        total.faults_fixed += get(&self.faults_fixed);
         total.faults_injected += get(&self.faults_injected);
         total.faults_mmio += get(&self.faults_mmio);
         total.mmio_fast_hits += get(&self.mmio_fast_hits);
