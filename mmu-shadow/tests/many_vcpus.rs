@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use common::{GuestRam, add_slot, config};
 use mmu_api::{
@@ -114,7 +114,7 @@ fn read(cpu: &mut SoftVcpu, gva: u64) -> SoftOutcome {
 }
 
 /// One vCPU's workload; every value it reads is checked.
-fn worker(b: &ShadowBackend, v: u64, finished: &AtomicUsize) {
+fn worker(b: &ShadowBackend, v: u64, finished: &AtomicUsize, progress: &AtomicU64) {
     let _done = Finished(finished);
     let mut cpu = SoftVcpu::new(b, VcpuId(v as u32)).unwrap();
     cpu.load_context(&context()).unwrap();
@@ -122,6 +122,7 @@ fn worker(b: &ShadowBackend, v: u64, finished: &AtomicUsize) {
     let mut remapped = false;
     let base = v << 21;
     for it in 0..ITERATIONS {
+        progress.fetch_add(1, Ordering::SeqCst);
         let r = next(&mut rng);
         let j = (r >> 8) % PRIVATE_PAGES;
         match r % 8 {
@@ -200,13 +201,14 @@ fn run(vcpus: u64, zap: ZapMode, lockless_faults: bool) -> u64 {
     .unwrap();
     add_slot(&b, ram.slot(0, 0, 0, SLOT0_PAGES, MemslotFlags::empty()));
     let finished = AtomicUsize::new(0);
+    let progress = AtomicU64::new(0);
     let mut audits = 0u64;
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..vcpus)
             .map(|v| {
                 let b = &b;
-                let finished = &finished;
-                s.spawn(move || worker(b, v, finished))
+                let (finished, progress) = (&finished, &progress);
+                s.spawn(move || worker(b, v, finished, progress))
             })
             .collect();
         let mut step = 0u64;
@@ -247,6 +249,15 @@ fn run(vcpus: u64, zap: ZapMode, lockless_faults: bool) -> u64 {
                 _ => {}
             }
             step += 1;
+            // Let the vCPUs get some accesses done before the next change:
+            // a vCPU whose every access met a zap-all would make no
+            // progress (a real one would just keep retrying).
+            let seen = progress.load(Ordering::SeqCst);
+            while finished.load(Ordering::SeqCst) < vcpus as usize
+                && progress.load(Ordering::SeqCst) < seen + 2 * vcpus
+            {
+                std::thread::yield_now();
+            }
         }
         for w in workers {
             w.join().expect("worker");
