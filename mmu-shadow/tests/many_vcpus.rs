@@ -33,7 +33,7 @@ const CHURN_PD: u64 = MAX_VCPUS + 1;
 const SHARED_PT_PAGE: u64 = 20;
 const CHURN_PT_PAGE: u64 = 21;
 const SHARED_PAGES: u64 = 32;
-const ITERATIONS: u32 = 8000;
+const ITERATIONS: u32 = 20_000;
 
 fn pt_page(vcpu: u64) -> u64 {
     8 + vcpu
@@ -123,6 +123,10 @@ fn worker(b: &ShadowBackend, v: u64, finished: &AtomicUsize, progress: &AtomicU6
     let base = v << 21;
     for it in 0..ITERATIONS {
         progress.fetch_add(1, Ordering::SeqCst);
+        if it == ITERATIONS - 1 {
+            // Done: never holds the main thread's changes back.
+            progress.store(u64::MAX / 2, Ordering::SeqCst);
+        }
         let r = next(&mut rng);
         let j = (r >> 8) % PRIVATE_PAGES;
         match r % 8 {
@@ -201,20 +205,33 @@ fn run(vcpus: u64, zap: ZapMode, lockless_faults: bool) -> u64 {
     .unwrap();
     add_slot(&b, ram.slot(0, 0, 0, SLOT0_PAGES, MemslotFlags::empty()));
     let finished = AtomicUsize::new(0);
-    let progress = AtomicU64::new(0);
+    let progress: Vec<AtomicU64> = (0..vcpus).map(|_| AtomicU64::new(0)).collect();
     let mut audits = 0u64;
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..vcpus)
             .map(|v| {
                 let b = &b;
-                let (finished, progress) = (&finished, &progress);
+                let (finished, progress) = (&finished, &progress[v as usize]);
                 s.spawn(move || worker(b, v, finished, progress))
             })
             .collect();
         let mut step = 0u64;
         let mut present = false;
         let mut logging = false;
+        let progress_now =
+            || -> Vec<u64> { progress.iter().map(|p| p.load(Ordering::SeqCst)).collect() };
+        let mut at_last_change = progress_now();
         while finished.load(Ordering::SeqCst) < vcpus as usize {
+            // Change something only once every vCPU has got an access done
+            // since the last change: a vCPU whose every access met a
+            // zap-all would make no progress (a real one would keep
+            // retrying; the soft vCPU reports it).
+            let now = progress_now();
+            if now.iter().zip(&at_last_change).any(|(n, l)| n <= l) {
+                std::hint::spin_loop();
+                continue;
+            }
+            at_last_change = now;
             if let Err(e) = b.audit() {
                 panic!("audit {audits} failed with {vcpus} vCPUs: {e}");
             }
@@ -249,15 +266,6 @@ fn run(vcpus: u64, zap: ZapMode, lockless_faults: bool) -> u64 {
                 _ => {}
             }
             step += 1;
-            // Let the vCPUs get some accesses done before the next change:
-            // a vCPU whose every access met a zap-all would make no
-            // progress (a real one would just keep retrying).
-            let seen = progress.load(Ordering::SeqCst);
-            while finished.load(Ordering::SeqCst) < vcpus as usize
-                && progress.load(Ordering::SeqCst) < seen + 2 * vcpus
-            {
-                std::thread::yield_now();
-            }
         }
         for w in workers {
             w.join().expect("worker");
