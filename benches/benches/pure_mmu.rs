@@ -12,18 +12,19 @@
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Barrier, Mutex};
+use std::time::{Duration, Instant};
 
 use benches::ept::EptRig;
 use benches::shadow::{ShadowRig, config};
 use benches::slots::{MMIO_GPA, add_slot};
 use benches::{Guest, GuestBuilder, GuestMemory};
 use criterion::{BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput};
+use mmu_api::{AccessMode, VcpuId};
 use mmu_api::{Gpa, Gva, Hpa, MemslotFlags, MmioClass, MmuBackend, PAGE_SIZE, SlotId};
 use mmu_ept::EptConfig;
-use mmu_shadow::soft::SoftOutcome;
-use mmu_shadow::{ReclaimPolicy, ShadowConfig, ZapMode};
+use mmu_shadow::soft::{SoftOutcome, SoftVcpu};
+use mmu_shadow::{ReclaimPolicy, ShadowBackend, ShadowConfig, ZapMode};
 
 /// 4 KiB pages in one MiB.
 const MIB: u64 = 256;
@@ -117,7 +118,7 @@ fn fault_first_touch(c: &mut Criterion) {
     g.finish();
 }
 
-/// Zap-all against a populated shadow (seed 000): the fast zap (a
+/// Zap-all against a populated shadow: the fast zap (a
 /// generation bump and the reload handshake), a second fast zap right after
 /// it, the obsolete pages they leave being reclaimed later
 /// (`reclaim_obsolete`, the deferred half), and the naive zap (every page
@@ -403,7 +404,7 @@ const MMIO_GVA: Gva = Gva(0x20_0000);
 
 /// Repeated MMIO reads of one device page through the shadow MMU: with
 /// MMIO caching each read after the first is a reserved-bit fault on the
-/// MMIO SPTE, answered with no guest walk and no memslot search (seed 002);
+/// MMIO SPTE, answered with no guest walk and no memslot search;
 /// without it every read takes the full fault path. With 1 and 512
 /// memslots.
 fn shadow_mmio(c: &mut Criterion) {
@@ -560,7 +561,7 @@ impl ReclaimWorkload {
     }
 }
 
-/// Reclaim at a 64-page limit (seed 004): FIFO (KVM) against parent-aware
+/// Reclaim at a 64-page limit: FIFO (KVM) against parent-aware
 /// (a new child makes its parents young; leaves go before directories), and
 /// no limit as the floor, for both access orders. Time is per 10 rounds on
 /// a fresh backend; the counters table shows the pages each policy
@@ -677,6 +678,245 @@ fn small_slot_ops(c: &mut Criterion) {
     g.finish();
 }
 
+/// Elements done and time taken so far, by (workload, threads), for the
+/// scaling ratios printed at the end.
+static SCALING: Mutex<BTreeMap<(String, u64), (u64, Duration)>> = Mutex::new(BTreeMap::new());
+
+/// Runs `work(cpu, index)` on one thread per vCPU, all released at once;
+/// returns the wall-clock time from the release to the last one done.
+fn run_threads(cpus: &mut [SoftVcpu], work: impl Fn(&mut SoftVcpu, u64) + Sync) -> Duration {
+    let start = Barrier::new(cpus.len() + 1);
+    std::thread::scope(|s| {
+        for (i, cpu) in cpus.iter_mut().enumerate() {
+            let (start, work) = (&start, &work);
+            s.spawn(move || {
+                start.wait();
+                work(cpu, i as u64);
+            });
+        }
+        start.wait();
+        let t0 = Instant::now();
+        // The scope joins every thread before it returns.
+        t0
+    })
+    .elapsed()
+}
+
+/// Adds one measurement to the scaling table.
+fn record_scaling(workload: &str, threads: u64, elements: u64, time: Duration) {
+    let mut table = SCALING.lock().unwrap_or_else(|e| e.into_inner());
+    let e = table
+        .entry((workload.to_owned(), threads))
+        .or_insert((0, Duration::ZERO));
+    e.0 += elements;
+    e.1 += time;
+}
+
+/// Extra soft vCPUs on `rig`'s backend, running `guest`, after the rig's
+/// own.
+fn more_cpus(rig: ShadowRig, guest: &Guest, threads: u64) -> (Vec<SoftVcpu>, ShadowBackend) {
+    let ShadowRig { cpu, backend } = rig;
+    let mut cpus = vec![cpu];
+    for t in 1..threads {
+        let mut cpu = SoftVcpu::new(&backend, VcpuId(t as u32)).expect("vCPU");
+        cpu.load_context(&guest.context()).expect("guest context");
+        cpus.push(cpu);
+    }
+    (cpus, backend)
+}
+
+/// Fault throughput against vCPU threads (1, 2), each thread a soft vCPU
+/// of one backend: `distinct_pages`, first touches of pages no other
+/// thread touches (prefetch off, so one fault each, on a fresh backend
+/// each iteration); `mmio_fast_path`, repeated reads of a device page per
+/// thread, each answered from its MMIO SPTE. Each with the lock-free fault
+/// paths on and off (`ShadowConfig::lockless_faults`). The ratio of the
+/// 2-thread to the 1-thread throughput is printed at the end.
+fn fault_scaling(c: &mut Criterion) {
+    const GROUP: &str = "shadow_fault_scaling";
+    const PAGES_PER_THREAD: u64 = 2048;
+    const MMIO_READS: u64 = 2000;
+    let linear = linear_guest(2 * PAGES_PER_THREAD);
+    let mmio_guest = {
+        let mut b = GuestBuilder::new(5, 1).expect("guest");
+        let data = b.data_gpa(0);
+        b.map(Gva(0), data);
+        for t in 0..2 {
+            b.map(
+                Gva(MMIO_GVA.raw() + t * PAGE_SIZE),
+                Gpa(MMIO_GPA.raw() + t * PAGE_SIZE),
+            );
+        }
+        b.finish()
+    };
+    let mut g = c.benchmark_group(GROUP);
+    g.sample_size(10);
+    // The machine's own parallelism in this run: pure computation, no MMU.
+    // Other processes on a shared machine cap every ratio below at this one.
+    const SPINS: u64 = 1 << 21;
+    for threads in [1u64, 2] {
+        let (id, _) = bench_id(GROUP, "cpu_only", format!("{threads}threads"));
+        g.throughput(Throughput::Elements(threads * SPINS));
+        g.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let start = Barrier::new(threads as usize + 1);
+                    let time = std::thread::scope(|s| {
+                        for t in 0..threads {
+                            let start = &start;
+                            s.spawn(move || {
+                                start.wait();
+                                let mut x = t;
+                                for i in 0..SPINS {
+                                    x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(i);
+                                }
+                                black_box(x);
+                            });
+                        }
+                        start.wait();
+                        Instant::now()
+                    })
+                    .elapsed();
+                    record_scaling("cpu_only", threads, threads * SPINS, time);
+                    total += time;
+                }
+                total
+            });
+        });
+    }
+    for (mode, lockless_faults) in [("lockless_on", true), ("lockless_off", false)] {
+        for threads in [1u64, 2] {
+            let workload = format!("distinct_pages_{mode}");
+            let (id, full) = bench_id(GROUP, &workload, format!("{threads}threads"));
+            let cfg = ShadowConfig {
+                prefetch: 0,
+                lockless_faults,
+                ..config(pool_for(2 * PAGES_PER_THREAD))
+            };
+            g.throughput(Throughput::Elements(threads * PAGES_PER_THREAD));
+            let mut once = true;
+            g.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let rig = ShadowRig::new(&linear, cfg.clone());
+                        let (mut cpus, backend) = more_cpus(rig, &linear, threads);
+                        let time = run_threads(&mut cpus, |cpu, t| {
+                            let first = t * PAGES_PER_THREAD;
+                            for p in first..first + PAGES_PER_THREAD {
+                                let out = cpu
+                                    .read(Gva(p * PAGE_SIZE), 8, AccessMode::User)
+                                    .expect("soft vCPU access");
+                                assert!(matches!(out, SoftOutcome::Done(_)), "{out:?}");
+                            }
+                        });
+                        record_scaling(&workload, threads, threads * PAGES_PER_THREAD, time);
+                        total += time;
+                        drop(cpus);
+                        if first(&mut once) {
+                            let stats = backend.stats();
+                            let line = ["faults", "faults_fixed", "fault_walk_retries"]
+                                .iter()
+                                .map(|n| format!("{n}={}", stats.get(n).unwrap_or_default()))
+                                .collect::<Vec<_>>()
+                                .join(" ");
+                            record(&full, line);
+                        }
+                    }
+                    total
+                });
+            });
+
+            let workload = format!("mmio_fast_path_{mode}");
+            let (id, full) = bench_id(GROUP, &workload, format!("{threads}threads"));
+            let cfg = ShadowConfig {
+                lockless_faults,
+                ..config(64)
+            };
+            g.throughput(Throughput::Elements(threads * MMIO_READS));
+            let mut rig = None;
+            let mut once = true;
+            g.bench_function(id, |b| {
+                let (cpus, backend) = rig.get_or_insert_with(|| {
+                    let (mut cpus, backend) = more_cpus(
+                        ShadowRig::new(&mmio_guest, cfg.clone()),
+                        &mmio_guest,
+                        threads,
+                    );
+                    for (t, cpu) in cpus.iter_mut().enumerate() {
+                        // The first access makes the MMIO SPTE.
+                        let gva = Gva(MMIO_GVA.raw() + t as u64 * PAGE_SIZE);
+                        let out = cpu.read(gva, 8, AccessMode::User).expect("access");
+                        assert!(matches!(out, SoftOutcome::Mmio(_)), "{out:?}");
+                    }
+                    (cpus, backend)
+                });
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let time = run_threads(cpus, |cpu, t| {
+                            let gva = Gva(MMIO_GVA.raw() + t * PAGE_SIZE);
+                            for _ in 0..MMIO_READS {
+                                let out = cpu.read(gva, 8, AccessMode::User).expect("access");
+                                assert!(matches!(out, SoftOutcome::Mmio(_)), "{out:?}");
+                            }
+                        });
+                        record_scaling(&workload, threads, threads * MMIO_READS, time);
+                        total += time;
+                    }
+                    total
+                });
+                if first(&mut once) {
+                    let stats = backend.stats();
+                    let line = ["faults", "mmio_fast_hits", "faults_mmio"]
+                        .iter()
+                        .map(|n| format!("{n}={}", stats.get(n).unwrap_or_default()))
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    record(&full, format!("first sample: {line}"));
+                }
+            });
+            // The vCPUs go before their backend.
+            if let Some((cpus, backend)) = rig.take() {
+                drop(cpus);
+                drop(backend);
+            }
+        }
+    }
+    g.finish();
+}
+
+/// Prints the 2-thread / 1-thread throughput ratio of each scaling
+/// workload measured in this run.
+fn print_scaling() {
+    let table = SCALING.lock().unwrap_or_else(|e| e.into_inner());
+    if table.is_empty() {
+        return;
+    }
+    println!(
+        "\nshadow_fault_scaling: throughput, 2 threads / 1 thread (cpu_only is the \
+         machine's own parallelism in this run, no MMU):\n"
+    );
+    let rate = |w: &str, t: u64| {
+        table
+            .get(&(w.to_owned(), t))
+            .filter(|(_, d)| !d.is_zero())
+            .map(|(n, d)| *n as f64 / d.as_secs_f64())
+    };
+    let workloads: std::collections::BTreeSet<&String> = table.keys().map(|(w, _)| w).collect();
+    for w in workloads {
+        if let (Some(one), Some(two)) = (rate(w, 1), rate(w, 2)) {
+            println!(
+                "{w}: 1 thread {:.0}/s, 2 threads {:.0}/s, ratio {:.2}x",
+                one,
+                two,
+                two / one
+            );
+        }
+    }
+}
+
 fn main() {
     // Short by default (two shared cores); `--warm-up-time` and
     // `--measurement-time` on the command line still win.
@@ -692,7 +932,9 @@ fn main() {
     ept_mmio(&mut c);
     reclaim(&mut c);
     small_slot_ops(&mut c);
+    fault_scaling(&mut c);
     c.final_summary();
+    print_scaling();
 
     let counters = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
     if !counters.is_empty() {

@@ -1,13 +1,15 @@
-//! `audit()`: checks every invariant of the shadow MMU.
+//! `audit()`: checks every invariant of the shadow MMU (KVM: mmu.c's
+//! `MMU_WARN_ON` checks and the old mmu_audit.c).
 
 use mmu_api::paging::{Cr4, PteFlags, WalkOptions, walk_with};
 use mmu_api::{Access, AccessKind, Gva, MemslotFlags, PagingMode};
 
 use crate::ShadowBackend;
-use crate::fault::shadow_index;
 use crate::pool::{ENTRIES_PER_PAGE, FrameId};
+use crate::rmap::SptePtr;
+use crate::root::CachedRoot;
 use crate::spte::{Spte, mmio};
-use crate::state::{CachedRoot, MmuState, SptePtr};
+use crate::state::MmuState;
 
 /// Broken invariants found by [`ShadowBackend::audit`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,13 +40,14 @@ impl ShadowBackend {
     /// - the page count matches the pool (pages plus the zapped-obsolete
     ///   list).
     pub fn audit(&self) -> Result<(), AuditError> {
+        let st = self.inner.lock();
+        // Read under the lock: memslot updates begin under it.
         let generation = self.inner.generation();
         let mmio_tag = self
             .inner
             .mmio_bits()
             .filter(|_| !generation.update_in_progress())
             .map(|bits| mmio::tag(generation.count(), bits));
-        let st = self.inner.lock();
         let mut problems = Vec::new();
         audit_pages(&st, mmio_tag, &mut problems);
         audit_generations(&st, &mut problems);
@@ -128,7 +131,7 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
                     "parent entry {p:?} of page {frame} does not link to it"
                 ));
             }
-            if parent_level != Some(key.role.level + 1) {
+            if parent_level.map(|l| l.get()) != Some(key.role.level.get() + 1) {
                 problems.push(format!("parent {p:?} of page {frame} is not one level up"));
             }
         }
@@ -141,7 +144,7 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
                 sp: frame,
                 index: i as u16,
             };
-            if key.role.level > 1 {
+            if !key.role.level.is_pt() {
                 let child = st.pool.frame_at(spte.addr());
                 match child.and_then(|c| st.pages[c as usize].as_ref().map(|p| (c, p))) {
                     None => problems.push(format!("link {ptr:?} points outside live pages")),
@@ -149,7 +152,7 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
                         if !p.parents.contains(&ptr) {
                             problems.push(format!("page {c} lacks parent {ptr:?}"));
                         }
-                        if p.key.role.level + 1 != key.role.level {
+                        if p.key.role.level.get() + 1 != key.role.level.get() {
                             problems.push(format!("link {ptr:?} skips a level"));
                         }
                         let child_obsolete =
@@ -167,17 +170,25 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
                 if mgfn != gfn {
                     problems.push(format!("MMIO leaf {ptr:?} names {mgfn}, recorded {gfn}"));
                 }
-                if st.rmap.get(&gfn).is_some_and(|v| v.contains(&ptr)) {
+                if st
+                    .rmap
+                    .get(&gfn)
+                    .is_some_and(|v| v.as_slice().contains(&ptr))
+                {
                     problems.push(format!("MMIO leaf {ptr:?} is in the rmap"));
                 }
-                if !obsolete && Some(tag) == mmio_tag && st.slots.find_gfn(gfn).is_some() {
+                if !obsolete && Some(tag) == mmio_tag && st.slots.table.find_gfn(gfn).is_some() {
                     problems.push(format!(
                         "current MMIO leaf {ptr:?} names gfn {gfn}, which a memslot backs"
                     ));
                 }
                 continue;
             }
-            if !st.rmap.get(&gfn).is_some_and(|v| v.contains(&ptr)) {
+            if !st
+                .rmap
+                .get(&gfn)
+                .is_some_and(|v| v.as_slice().contains(&ptr))
+            {
                 problems.push(format!("leaf {ptr:?} for gfn {gfn} is not in the rmap"));
             }
             if obsolete {
@@ -185,7 +196,7 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
                 // its memslot may be gone.
                 continue;
             }
-            let Some(slot) = st.slots.find_gfn(gfn) else {
+            let Some(slot) = st.slots.table.find_gfn(gfn) else {
                 problems.push(format!("leaf {ptr:?} maps gfn {gfn} outside every memslot"));
                 continue;
             };
@@ -204,21 +215,19 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
                         "leaf {ptr:?} is writable for shadowed table gfn {gfn}"
                     ));
                 }
-                if slot.flags.contains(MemslotFlags::LOG_DIRTY) {
-                    let page_no = gfn.raw() - slot.base_gfn().raw();
-                    if !st.dirty.get(&slot.id).is_some_and(|m| m.is_dirty(page_no)) {
-                        problems.push(format!(
-                            "leaf {ptr:?} is writable but gfn {gfn} is not logged dirty"
-                        ));
-                    }
+                if slot.flags.contains(MemslotFlags::LOG_DIRTY) && !st.slots.is_dirty(slot, gfn) {
+                    problems.push(format!(
+                        "leaf {ptr:?} is writable but gfn {gfn} is not logged dirty"
+                    ));
                 }
             }
         }
     }
     let zapped = st.zapped_obsolete.len() as u64;
-    if count + zapped != st.used_pages() {
+    if count + zapped + st.flushing != st.used_pages() {
         problems.push(format!(
-            "{count} pages in metadata and {zapped} zapped obsolete, {} frames in use",
+            "{count} pages in metadata, {zapped} zapped obsolete and {} being flushed, {} frames in use",
+            st.flushing,
             st.used_pages()
         ));
     }
@@ -243,9 +252,9 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
 
 fn audit_rmap(st: &MmuState, problems: &mut Vec<String>) {
     for (gfn, ptrs) in &st.rmap {
-        for p in ptrs {
+        for p in ptrs.as_slice() {
             let ok = st.pages[p.sp as usize].as_ref().is_some_and(|page| {
-                page.key.role.level == 1
+                page.key.role.level.is_pt()
                     && Spte(st.pool.load(p.sp, usize::from(p.index))).is_present()
                     && page.leaf_gfns.as_ref().expect("level 1")[usize::from(p.index)] == *gfn
             });
@@ -280,8 +289,8 @@ fn audit_against_guest(st: &MmuState, root: &CachedRoot, problems: &mut Vec<Stri
     let mut peek = ctx;
     peek.cr4.remove(Cr4::SMAP | Cr4::PKE);
     peek.cpl = 0;
-    let mem = st.guest_mem();
-    let top = page.key.role.level;
+    let mem = st.slots.guest_mem();
+    let top = page.key.role.level.get();
     let mut stack = vec![(root.frame, top, 0u64)];
     while let Some((frame, level, base)) = stack.pop() {
         for i in 0..ENTRIES_PER_PAGE {
@@ -302,7 +311,7 @@ fn audit_against_guest(st: &MmuState, root: &CachedRoot, problems: &mut Vec<Stri
                 }
                 continue;
             }
-            debug_assert_eq!(shadow_index(gva, 1), i);
+            debug_assert_eq!(crate::page::PtLevel::PT.index(gva), i);
             let is_mmio = st.is_mmio_spte(spte.0);
             let t = walk_with(
                 &peek,

@@ -1,4 +1,6 @@
-//! The `MmuBackend` implementation: memslots, dirty logs, zap-all, vCPUs.
+//! The `MmuBackend` implementation: memslots, dirty logs, zap-all, vCPUs
+//! (KVM: kvm_main.c's `kvm_set_memory_region`, `kvm_get_dirty_log_protect`,
+//! and the VM-wide half of mmu.c).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -9,7 +11,8 @@ use mmu_api::{
     SlotId, VcpuId, VcpuKick,
 };
 
-use crate::pool::{PoolError, ShadowPool};
+use crate::memslots::{DirtyLog, Memslots};
+use crate::pool::{PoolError, PoolMem, ShadowPool};
 use crate::spte::mmio;
 use crate::state::MmuState;
 use crate::vcpu::Requests;
@@ -26,14 +29,40 @@ pub(crate) struct Inner {
     pub(crate) config: ShadowConfig,
     state: Mutex<MmuState>,
     generation: AtomicU64,
+    /// The pool's memory, for lock-free readers.
+    pub(crate) pool: Arc<PoolMem>,
+    /// The memslot snapshot, for lock-free readers.
+    pub(crate) memslots: Arc<Memslots>,
+    /// KVM's `mmu_invalidate_seq` ([`MmuState::invalidate_seq`]).
+    pub(crate) invalidate_seq: Arc<AtomicU64>,
     /// Serializes zap-alls and memslot updates, whose reload handshake runs
     /// without the MMU lock.
     zap_serial: Mutex<()>,
 }
 
 impl Inner {
-    /// Takes the MMU lock.
+    /// Takes the MMU lock. Critical sections are short (a fault's is well
+    /// under a microsecond), shorter than putting a thread to sleep and
+    /// waking it, so a contended lock is first spun on for a bounded number
+    /// of tries, as KVM's `mmu_lock` spins, before the thread blocks.
     pub(crate) fn lock(&self) -> MutexGuard<'_, MmuState> {
+        // Tries, with the pause between them doubling up to 64 spin hints:
+        // a waiter that retried at once would take the lock's cache line
+        // from the holder on every try.
+        const TRIES: u32 = 200;
+        let mut pause = 1u32;
+        for _ in 0..TRIES {
+            match self.state.try_lock() {
+                Ok(guard) => return guard,
+                Err(std::sync::TryLockError::Poisoned(e)) => return e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    for _ in 0..pause {
+                        std::hint::spin_loop();
+                    }
+                    pause = (pause * 2).min(64);
+                }
+            }
+        }
         // A panic under the lock is a bug that already failed its thread;
         // the state is still the best there is for teardown.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -53,20 +82,41 @@ impl Inner {
 
     /// Drops every translation: fast (generation bump, reload handshake
     /// without the lock, obsolete pages reclaimed later) or naive (zap and
-    /// flush everything under the lock). The caller holds `zap_serial`.
+    /// flush everything). The caller holds `zap_serial`.
     fn zap_all_locked_out(&self) {
+        self.zap_all_then(self.lock(), |_| ());
+    }
+
+    /// As [`zap_all_locked_out`](Self::zap_all_locked_out), starting in the
+    /// caller's critical section, and running `then` in it once every vCPU
+    /// has been asked to reload or flush. A memslot change publishes its new
+    /// snapshot there: a vCPU that sees the new memslots also sees the
+    /// request, so it cannot enter with a translation through a slot that
+    /// is gone, and no audit sees valid pages for it. The lock is dropped
+    /// before any vCPU is waited for.
+    fn zap_all_then<R>(
+        &self,
+        mut st: MutexGuard<'_, MmuState>,
+        then: impl FnOnce(&mut MmuState) -> R,
+    ) -> R {
         match self.config.zap {
             ZapMode::Fast => {
-                let (vcpus, generation) = self.lock().begin_fast_zap();
+                let (vcpus, generation) = st.begin_fast_zap();
+                let result = then(&mut st);
+                drop(st);
                 for v in vcpus {
                     v.wait_out_of_guest_or_ack(Requests::RELOAD_ROOT);
                 }
                 self.lock().finish_fast_zap(generation);
+                result
             }
             ZapMode::Naive => {
-                let mut st = self.lock();
-                st.zap_all_pages();
-                st.commit_zap();
+                let flush = st.zap_all_pages();
+                let commit = st.prepare_commit(flush);
+                let result = then(&mut st);
+                drop(st);
+                self.finish_commit(commit);
+                result
             }
         }
     }
@@ -75,16 +125,44 @@ impl Inner {
         self.zap_serial.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Forgets a vCPU that went away: its roots are released.
-    pub(crate) fn remove_vcpu(&self, id: VcpuId) {
-        let mut st = self.lock();
-        st.vcpus.retain(|v| v.id != id);
-        if let Some(cache) = st.roots.remove(&id) {
-            for e in cache.entries {
-                st.put_root(e.frame);
+    /// Forgets a vCPU that went away: its roots are released and its
+    /// counters kept.
+    pub(crate) fn remove_vcpu(&self, vcpu: &VcpuShared) {
+        self.with_mmu(|st| {
+            st.vcpus.retain(|v| v.id != vcpu.id);
+            vcpu.stats.add_to(&mut st.counters);
+            let mut flush = crate::zap::Flush::NONE;
+            if let Some(cache) = st.roots.remove(&vcpu.id) {
+                for e in cache.entries {
+                    flush |= st.put_root(e.frame);
+                }
             }
+            ((), flush)
+        });
+    }
+
+    /// Where the host window is, under [`Coherence::Replay`].
+    pub(crate) fn window_gva(&self) -> Option<Gva> {
+        match self.config.coherence {
+            Coherence::Replay { window } => Some(window),
+            Coherence::Direct => None,
         }
-        st.commit_zap();
+    }
+
+    /// Finds or builds the root for `ctx` and makes it `vcpu`'s current
+    /// root; reclaim, if the page limit needs it, is committed first.
+    pub(crate) fn resolve_root(
+        &self,
+        vcpu: VcpuId,
+        ctx: &mmu_api::PagingContext,
+    ) -> Result<crate::pool::FrameId, mmu_api::VcpuError> {
+        let mut reclaim = true;
+        loop {
+            if let Some(frame) = self.with_mmu(|st| st.resolve_root(vcpu, ctx, reclaim))? {
+                return Ok(frame);
+            }
+            reclaim = false;
+        }
     }
 }
 
@@ -123,7 +201,7 @@ impl ShadowBackend {
             return Err(PoolError::Base(config.pool_hpa));
         }
         let pool = ShadowPool::new(config.pool_pages, config.pool_hpa)?;
-        let mut state = MmuState::new(&config, pool, config.gpa_width);
+        let mut state = MmuState::new(&config, pool);
         if let Coherence::Replay { window } = config.coherence {
             let canonical = ((window.raw() as i64) << 16 >> 16) as u64 == window.raw();
             let aligned = window.raw() & ((1u64 << 39) - 1) == 0;
@@ -142,6 +220,9 @@ impl ShadowBackend {
         Ok(ShadowBackend {
             inner: Arc::new(Inner {
                 config,
+                pool: state.pool.mem().clone(),
+                memslots: state.memslots.clone(),
+                invalidate_seq: state.invalidate_seq.clone(),
                 state: Mutex::new(state),
                 generation: AtomicU64::new(0),
                 zap_serial: Mutex::new(()),
@@ -158,9 +239,8 @@ impl ShadowBackend {
     /// at: what a VMM registers with the hypervisor so the hardware can walk
     /// the shadow tables.
     pub fn pool_region(&self) -> (HostVirtAddr, u64, Hpa) {
-        let st = self.inner.lock();
-        let (host, size) = st.pool.host_region();
-        (host, size, st.pool.hpa_base())
+        let (host, size) = self.inner.pool.host_region();
+        (host, size, self.inner.pool.hpa_base())
     }
 
     /// Creates vCPU `id` with its concrete type (which also offers
@@ -179,6 +259,7 @@ impl ShadowBackend {
             requests: AtomicU32::new(0),
             in_guest: AtomicBool::new(false),
             kick,
+            stats: Default::default(),
         });
         st.register_vcpu(shared.clone());
         Ok(ShadowVcpu::new(shared, self.inner.clone()))
@@ -301,33 +382,45 @@ impl MmuBackend for ShadowBackend {
 
     unsafe fn set_memslot(&self, slot: Memslot) -> Result<MemslotChange, MemslotError> {
         let _serial = self.inner.serial();
-        let mut st = self.inner.lock();
         let host_limit = 1u64 << self.inner.config.host_maxphyaddr;
         if slot.backing.hpa.raw().saturating_add(slot.size) > host_limit {
             return Err(MemslotError::InvalidBacking(slot.id));
         }
-        let pool_len = u64::from(st.pool.capacity()) * PAGE_SIZE;
+        let pool_len = u64::from(self.inner.pool.capacity()) * PAGE_SIZE;
         if ranges_overlap(
             slot.backing.hpa.raw(),
             slot.size,
-            st.pool.hpa_base().raw(),
+            self.inner.pool.hpa_base().raw(),
             pool_len,
         ) {
             return Err(MemslotError::OverlapsBackend(slot.id));
         }
+        let mut st = self.inner.lock();
         let generation = self.memslot_generation();
         self.publish(generation.begin_update());
-        let change = match st.slots.set(slot) {
+        let mut slots = (*st.slots).clone();
+        let change = match slots.table.set(slot) {
             Ok(c) => c,
             Err(e) => {
+                drop(st);
                 self.publish(generation);
                 return Err(e);
             }
         };
         let logs = slot.flags.contains(MemslotFlags::LOG_DIRTY);
+        if logs {
+            slots
+                .dirty
+                .entry(slot.id)
+                .or_insert_with(|| Arc::new(DirtyLog::new(slot.pages())));
+        } else {
+            slots.dirty.remove(&slot.id);
+        }
         let first = slot.base_gfn();
         let end = Gfn(first.raw() + slot.pages());
         let mut zap = false;
+        let mut flush = crate::zap::Flush::NONE;
+        st.counters.memslot_updates += 1;
         match change {
             // MMIO SPTEs for the new range carry an older generation: they
             // miss from now on, with no zap.
@@ -337,26 +430,24 @@ impl MmuBackend for ShadowBackend {
                 let newly_ro = !slot.is_writable() && old.is_writable();
                 let newly_logging = logs && !old.flags.contains(MemslotFlags::LOG_DIRTY);
                 if newly_ro || newly_logging {
-                    st.write_protect_range(first, end);
+                    flush |= st.write_protect_range(first, end);
                 }
             }
             MemslotChange::Unchanged => {}
             // A change this backend does not know: zap, the safe answer.
             _ => zap = true,
         }
-        if logs {
-            st.dirty
-                .entry(slot.id)
-                .or_insert_with(|| DirtyBitmap::new(slot.pages()));
+        let old = if zap {
+            self.inner.zap_all_then(st, |st| st.publish_slots(slots))
         } else {
-            st.dirty.remove(&slot.id);
-        }
-        st.commit_zap();
-        st.counters.memslot_updates += 1;
-        drop(st);
-        if zap {
-            self.inner.zap_all_locked_out();
-        }
+            let old = st.publish_slots(slots);
+            let commit = st.prepare_commit(flush);
+            drop(st);
+            self.inner.finish_commit(commit);
+            old
+        };
+        // A moved slot's old placement may still be in a lock-free walk.
+        Memslots::wait_for_readers(old);
         tracing::debug!(
             slot = slot.id.0,
             base = slot.guest_base.raw(),
@@ -373,25 +464,29 @@ impl MmuBackend for ShadowBackend {
         let mut st = self.inner.lock();
         let generation = self.memslot_generation();
         self.publish(generation.begin_update());
-        let old = match st.slots.delete(id) {
+        let mut slots = (*st.slots).clone();
+        let deleted = match slots.table.delete(id) {
             Ok(s) => s,
             Err(e) => {
+                drop(st);
                 self.publish(generation);
                 return Err(e);
             }
         };
-        st.dirty.remove(&id);
+        slots.dirty.remove(&id);
         st.counters.memslot_updates += 1;
-        drop(st);
         // As KVM by default: a delete zaps everything.
-        self.inner.zap_all_locked_out();
+        let old = self.inner.zap_all_then(st, |st| st.publish_slots(slots));
+        // The slot's backing stays valid until no lock-free reader can
+        // still reach it through the old snapshot.
+        Memslots::wait_for_readers(old);
         tracing::debug!(slot = id.0, "memslot deleted");
         self.finish_update(generation);
-        Ok(old)
+        Ok(deleted)
     }
 
     fn memslots(&self) -> Vec<Memslot> {
-        self.inner.lock().slots.iter().copied().collect()
+        self.inner.memslots.load().table.iter().copied().collect()
     }
 
     fn memslot_generation(&self) -> MemslotGeneration {
@@ -404,38 +499,40 @@ impl MmuBackend for ShadowBackend {
     }
 
     fn get_dirty_log(&self, id: SlotId) -> Result<DirtyBitmap, MemslotError> {
-        let mut st = self.inner.lock();
-        let slot = *st.slots.get(id).ok_or(MemslotError::UnknownSlot(id))?;
-        if !slot.flags.contains(MemslotFlags::LOG_DIRTY) {
-            return Err(MemslotError::NotLogging(id));
-        }
-        let harvested = st
-            .dirty
-            .insert(id, DirtyBitmap::new(slot.pages()))
-            .unwrap_or_else(|| DirtyBitmap::new(slot.pages()));
-        // The next write to any page of the slot must fault again and be
-        // logged: write-protect and flush before returning.
-        let first = slot.base_gfn();
-        st.write_protect_range(first, Gfn(first.raw() + slot.pages()));
-        st.commit_zap();
-        st.counters.dirty_harvests += 1;
-        Ok(harvested)
+        self.inner.with_mmu(|st| {
+            let Some(slot) = st.slots.table.get(id).copied() else {
+                return (Err(MemslotError::UnknownSlot(id)), crate::zap::Flush::NONE);
+            };
+            let log = st.slots.dirty.get(&id).cloned();
+            let Some(log) = log.filter(|_| slot.flags.contains(MemslotFlags::LOG_DIRTY)) else {
+                return (Err(MemslotError::NotLogging(id)), crate::zap::Flush::NONE);
+            };
+            let harvested = log.harvest();
+            // The next write to any page of the slot must fault again and be
+            // logged: write-protect and flush before returning.
+            let first = slot.base_gfn();
+            let flush = st.write_protect_range(first, Gfn(first.raw() + slot.pages()));
+            st.counters.dirty_harvests += 1;
+            (Ok(harvested), flush)
+        })
     }
 
     fn note_host_write(&self, gpa: Gpa, len: u64) {
         if len == 0 {
             return;
         }
-        let mut st = self.inner.lock();
-        let first = gpa.gfn();
-        let end = Gfn((gpa.raw().saturating_add(len - 1) >> 12) + 1);
-        for g in first.raw()..end.raw() {
-            st.mark_dirty(Gfn(g));
-        }
-        // The host may have rewritten guest page tables: drop their shadows.
-        st.zap_shadowed_range(first, end);
-        st.commit_zap();
-        st.counters.host_writes += 1;
+        self.inner.with_mmu(|st| {
+            let first = gpa.gfn();
+            let end = Gfn((gpa.raw().saturating_add(len - 1) >> 12) + 1);
+            for g in first.raw()..end.raw() {
+                st.mark_dirty(Gfn(g));
+            }
+            // The host may have rewritten guest page tables: drop their
+            // shadows.
+            let flush = st.zap_shadowed_range(first, end);
+            st.counters.host_writes += 1;
+            ((), flush)
+        });
     }
 
     fn create_vcpu(
@@ -448,7 +545,11 @@ impl MmuBackend for ShadowBackend {
 
     fn stats(&self) -> MmuStats {
         let st = self.inner.lock();
-        let mut counters = st.counters.named(st.used_pages(), st.obsolete_pending);
+        let mut total = st.counters.clone();
+        for v in &st.vcpus {
+            v.stats.add_to(&mut total);
+        }
+        let mut counters = total.named(st.used_pages(), st.obsolete_pending);
         counters.push(("frames_quarantined", st.pool.quarantined()));
         MmuStats::new("shadow", counters)
     }
@@ -466,9 +567,11 @@ impl MmuBackend for ShadowBackend {
                 minimum: MIN_PAGE_LIMIT,
             });
         }
-        let mut st = self.inner.lock();
-        st.page_limit = pages;
-        st.make_pages_available(1);
+        self.inner.with_mmu(|st| {
+            st.page_limit = pages;
+            let (_, flush) = st.make_pages_available(1);
+            ((), flush)
+        });
         Ok(())
     }
 }

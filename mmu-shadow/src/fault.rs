@@ -1,38 +1,97 @@
 //! The fault path: from a hardware #PF on the shadow tables to an installed
-//! SPTE, an MMIO exit, an emulated write, or a fault for the guest. Also
-//! root resolution and emulated writes to guest page tables.
+//! SPTE, an MMIO exit, an emulated write, or a fault for the guest.
+//!
+//! KVM: mmu.c's `kvm_mmu_page_fault` with `struct kvm_page_fault`, and
+//! paging_tmpl.h's `FNAME(page_fault)`, `FNAME(walk_addr)`, `FNAME(fetch)`
+//! and `FNAME(pte_prefetch)`.
+//!
+//! As in KVM, the guest walk (with its A/D compare-and-exchange), the
+//! memslot lookup and the MMIO fast path run without the MMU lock: the
+//! fault snapshots the invalidation sequence count, walks, then takes the
+//! lock and walks again under it only if the count moved.
+
+use std::sync::atomic::Ordering;
 
 use mmu_api::paging::{
-    GuestPhysMemory, PageFault, PteFlags, Translation, WalkError, WalkOptions, permission_fault,
-    walk, walk_with, write_bytes,
+    GuestPhysMemory, PageFault as GuestPageFault, PteFlags, Translation, WalkError, WalkOptions,
+    walk, walk_with,
 };
 use mmu_api::{
-    Access, AccessKind, AccessMode, FaultOutcome, Gfn, Gpa, Gva, MemslotFlags, MemslotGeneration,
-    PAGE_SIZE, PagingContext, PagingMode, PfErrorCode, VcpuError, VcpuId,
+    Access, AccessKind, AccessMode, FaultOutcome, Gfn, Gpa, Gva, Memslot, MemslotFlags,
+    MemslotGeneration, PagingContext, PagingMode, PfErrorCode, Rights, VcpuError,
 };
 
+use crate::backend::Inner;
+use crate::memslots::Slots;
+use crate::mmio::mmio_fast_path;
+use crate::page::{Access3, PtLevel, Role, SpKey};
 use crate::pool::{ENTRIES_PER_PAGE, FrameId};
-use crate::role::{Access3, Role, SpKey};
+use crate::root::{in_window, root_level, root_page_key};
 use crate::spte::{Spte, mmio};
-use crate::state::{CachedRoot, MmuState, ROOT_CACHE_SIZE};
+use crate::state::MmuState;
+use crate::stats::LocalCounters;
+use crate::vcpu::{Requests, VcpuShared};
+use crate::zap::Flush;
 
-/// Index of `gva` in a shadow table of `level` (standard 4/5-level layout).
-pub(crate) fn shadow_index(gva: u64, level: u8) -> usize {
-    ((gva >> (12 + 9 * (u32::from(level) - 1))) & 0x1ff) as usize
+/// One #PF on the shadow tables, from the hardware's report to the guest
+/// walk's result (KVM's `struct kvm_page_fault`).
+#[derive(Debug)]
+pub(crate) struct PageFault {
+    /// The faulting guest-virtual address (CR2).
+    pub(crate) addr: Gva,
+    /// The hardware's error code.
+    pub(crate) error_code: PfErrorCode,
+    /// The access the error code describes.
+    pub(crate) access: Access,
+    /// The guest's paging registers.
+    pub(crate) ctx: PagingContext,
+    /// The root the hardware walked, and its level.
+    pub(crate) root: FrameId,
+    pub(crate) root_level: PtLevel,
+    /// The published memslot generation when the fault began.
+    pub(crate) generation: MemslotGeneration,
+    /// Generation bits MMIO SPTEs carry (`None`: MMIO caching off).
+    pub(crate) mmio_bits: Option<u8>,
+    /// Neighbouring guest PTEs to map (0 or 1: none).
+    pub(crate) prefetch: usize,
+    /// The invalidation sequence count before the lock-free walk.
+    pub(crate) mmu_seq: u64,
+    /// The guest walk, once done.
+    pub(crate) walk: Option<GuestWalk>,
 }
 
-/// Bytes one shadow page of `level` covers.
-fn coverage(level: u8) -> u64 {
-    1u64 << (12 + 9 * u32::from(level))
+/// What the guest walk found.
+#[derive(Debug)]
+pub(crate) struct GuestWalk {
+    /// The translation.
+    pub(crate) t: Translation,
+    /// Each walked entry as the walk left it (rechecked under the lock once
+    /// the tables are write-protected).
+    pub(crate) gptes: Vec<Option<u64>>,
+    /// The gfn the guest maps.
+    pub(crate) gfn: Gfn,
+    /// Its memslot.
+    pub(crate) slot: Option<Memslot>,
+    /// An MMIO SPTE may cache the answer: the generation bits to use.
+    pub(crate) cache_mmio: Option<u8>,
+    /// Neighbours to prefetch, walked without the lock.
+    pub(crate) prefetch: Vec<PrefetchCandidate>,
+    /// The root key the path was computed for, and the keys of the shadow
+    /// pages on the path below it.
+    pub(crate) root_key: SpKey,
+    pub(crate) path: Vec<SpKey>,
 }
 
-/// Root level of the shadow tables for a guest context.
-pub(crate) fn root_level(ctx: &PagingContext) -> u8 {
-    if ctx.mode() == PagingMode::Level5 {
-        5
-    } else {
-        4
-    }
+/// A neighbouring guest PTE found present and accessed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PrefetchCandidate {
+    index: usize,
+    gpte_gpa: Gpa,
+    gpte: u64,
+    gfn: Gfn,
+    rights: Rights,
+    dirty: bool,
+    pkey: Option<u8>,
 }
 
 /// Reads a guest entry (4 or 8 bytes) at `gpa`.
@@ -58,10 +117,10 @@ fn entry_access(ctx: &PagingContext, level: u8, raw: u64) -> Access3 {
 }
 
 /// The AND of the rights of every guest entry above `level`.
-fn access_above(ctx: &PagingContext, t: &Translation, level: u8) -> Access3 {
+fn access_above(ctx: &PagingContext, t: &Translation, level: PtLevel) -> Access3 {
     t.steps()
         .iter()
-        .filter(|s| s.level > level)
+        .filter(|s| s.level > level.get())
         .fold(Access3::ALL, |acc, s| {
             let a = entry_access(ctx, s.level, s.entry.raw());
             Access3 {
@@ -100,344 +159,395 @@ fn leaf_rights(ctx: &PagingContext, t: &Translation, access: Access) -> LeafRigh
     lr
 }
 
-impl MmuState {
-    /// The root key for a guest context, and the PDPTEs for PAE guests.
-    pub(crate) fn root_key(&self, ctx: &PagingContext) -> (SpKey, Option<[u64; 4]>) {
-        let mut role = Role::base(ctx);
-        role.level = root_level(ctx);
-        match ctx.mode() {
-            PagingMode::NoPaging => (SpKey { gfn: Gfn(0), role }, None),
-            PagingMode::Bits32 => {
-                role.passthrough = true;
-                let gfn = Gfn((ctx.cr3 & 0xffff_f000) >> 12);
-                (SpKey { gfn, role }, None)
-            }
-            PagingMode::Pae => {
-                role.passthrough = true;
-                let base = ctx.cr3 & 0xffff_ffe0;
-                role.quadrant = ((base >> 5) & 0x7f) as u8;
-                let mem = self.guest_mem();
-                let mut pdptes = [0u64; 4];
-                for (i, p) in pdptes.iter_mut().enumerate() {
-                    *p = mem.read_u64(Gpa(base + 8 * i as u64)).unwrap_or(0);
-                }
-                (
-                    SpKey {
-                        gfn: Gfn(base >> 12),
-                        role,
-                    },
-                    Some(pdptes),
-                )
-            }
-            PagingMode::Level4 | PagingMode::Level5 => {
-                let gfn = Gfn((ctx.cr3 & ctx.phys_mask() & 0x000f_ffff_ffff_f000) >> 12);
-                (SpKey { gfn, role }, None)
-            }
-        }
-    }
+/// The guest's D bit on the leaf (true when there is no guest leaf).
+fn guest_dirty(t: &Translation) -> bool {
+    t.leaf()
+        .is_none_or(|l| l.entry.raw() & PteFlags::DIRTY.bits() != 0)
+}
 
-    /// Finds or builds the root for `ctx` in `vcpu`'s root cache and makes
-    /// it current.
-    pub(crate) fn resolve_root(
-        &mut self,
-        vcpu: VcpuId,
-        ctx: &PagingContext,
-    ) -> Result<FrameId, VcpuError> {
-        let (key, pdptes) = self.root_key(ctx);
-        let valid_gen = self.valid_gen;
-        let cache = self.roots.entry(vcpu).or_default();
-        // Drop cached roots that were zapped or are obsolete.
-        let mut stale = Vec::new();
-        let pages = &self.pages;
-        cache.entries.retain(|e| {
-            let invalid = pages[e.frame as usize]
-                .as_ref()
-                .is_none_or(|p| p.invalid || p.generation != valid_gen);
-            if invalid {
-                stale.push(e.frame);
-            }
-            !invalid
-        });
-        let hit = cache
-            .entries
+/// The access an error code describes.
+fn access_of(error_code: PfErrorCode) -> Access {
+    let kind = if error_code.contains(PfErrorCode::FETCH) {
+        AccessKind::Fetch
+    } else if error_code.contains(PfErrorCode::WRITE) {
+        AccessKind::Write
+    } else {
+        AccessKind::Read
+    };
+    let mode = if error_code.contains(PfErrorCode::USER) {
+        AccessMode::User
+    } else {
+        AccessMode::Supervisor
+    };
+    Access { kind, mode }
+}
+
+/// The key of the shadow page at `level` on the path to `gva`.
+fn path_key(ctx: &PagingContext, root: &SpKey, t: &Translation, gva: u64, level: PtLevel) -> SpKey {
+    let base = Role::base(ctx);
+    let mode = ctx.mode();
+    let direct = |level: PtLevel, gpa: u64, access: Access3| SpKey {
+        gfn: Gfn((gpa & !(level.coverage() - 1)) >> 12),
+        role: Role {
+            level,
+            direct: true,
+            access,
+            ..base
+        },
+    };
+    if mode == PagingMode::NoPaging {
+        return direct(level, gva & 0xffff_ffff, Access3::ALL);
+    }
+    let leaf_level = t.leaf().map_or(1, |s| s.level);
+    if level.get() < leaf_level {
+        // Pieces of a guest large page. A clean large page never shares
+        // a page with a dirty mapping of the same range (whose SPTEs may
+        // be writable), so its first write faults and sets D.
+        let mut key = direct(level, t.gpa.raw(), t.rights.into());
+        key.role.guest_dirty = t
+            .leaf()
+            .is_some_and(|l| l.entry.raw() & PteFlags::DIRTY.bits() != 0);
+        return key;
+    }
+    let table_gfn = |l: PtLevel| {
+        t.steps()
             .iter()
-            .position(|e| e.key == key && e.pdptes == pdptes);
-        if let Some(pos) = hit {
-            let mut e = cache.entries.remove(pos).expect("position is valid");
-            e.ctx = *ctx;
-            cache.entries.push_front(e);
-            for f in stale {
-                self.put_root(f);
-            }
-            self.counters.root_cache_hits += 1;
-            self.commit_zap();
-            return Ok(e.frame);
+            .find(|s| s.level == l.get())
+            .map_or(Gfn(0), |s| s.entry_gpa.gfn())
+    };
+    let mut key = SpKey {
+        gfn: table_gfn(level),
+        role: Role {
+            level,
+            access: access_above(ctx, t, level),
+            ..base
+        },
+    };
+    match mode {
+        PagingMode::Pae | PagingMode::Bits32 if level == PtLevel::PDPT => {
+            // The PDPT level: owned by the root, not in guest memory.
+            key = *root;
+            key.role.level = PtLevel::PDPT;
         }
-        for f in stale {
-            self.put_root(f);
+        PagingMode::Bits32 if level == PtLevel::PD => {
+            key.role.quadrant = ((gva >> 30) & 3) as u8;
         }
-
-        self.make_pages_available(u64::from(root_level(ctx)) + 2);
-        let frame = match self.lookup(&key) {
-            Some(f) if self.page(f).pdptes == pdptes => f,
-            Some(f) => {
-                // A PAE root built from other PDPTEs: the PDPTEs are loaded
-                // at CR3 load, so rebuild it and its PDPT page.
-                self.zap_page(f);
-                let mut pdpt = key;
-                pdpt.role.level = 3;
-                if let Some(p) = self.lookup(&pdpt) {
-                    self.zap_page(p);
-                }
-                self.commit_zap();
-                self.alloc_page(key)?
-            }
-            None => self.alloc_page(key)?,
-        };
-        if self.page(frame).root_count == 0 && self.window.is_some() {
-            let level = self.page(frame).key.role.level;
-            let index = if level == 5 { 48 } else { 39 };
-            let w = self.window.expect("checked");
-            if self
-                .pool
-                .load(frame, ((w.gva.raw() >> index) & 0x1ff) as usize)
-                == 0
-            {
-                self.link_window(frame, level);
-            }
-        }
-        let page = self.page_mut(frame);
-        page.pdptes = pdptes;
-        page.root_count += 1;
-        let cache = self.roots.entry(vcpu).or_default();
-        cache.entries.push_front(CachedRoot {
-            ctx: *ctx,
-            key,
-            pdptes,
-            frame,
-        });
-        let evicted = if cache.entries.len() > ROOT_CACHE_SIZE {
-            cache.entries.pop_back()
-        } else {
-            None
-        };
-        if let Some(e) = evicted {
-            self.put_root(e.frame);
-        }
-        self.counters.root_loads += 1;
-        self.commit_zap();
-        Ok(frame)
+        PagingMode::Bits32 => key.role.quadrant = ((gva >> 21) & 1) as u8,
+        _ => {}
     }
+    key
+}
 
-    /// The key of the shadow page at `level` on the path to `gva`.
-    fn path_key(
-        &self,
-        ctx: &PagingContext,
-        root: &SpKey,
-        t: &Translation,
-        gva: u64,
-        level: u8,
-    ) -> SpKey {
-        let base = Role::base(ctx);
-        let mode = ctx.mode();
-        let direct = |level: u8, gpa: u64, access: Access3| SpKey {
-            gfn: Gfn((gpa & !(coverage(level) - 1)) >> 12),
-            role: Role {
-                level,
-                direct: true,
-                access,
-                ..base
-            },
-        };
-        if mode == PagingMode::NoPaging {
-            return direct(level, gva & 0xffff_ffff, Access3::ALL);
-        }
-        let leaf_level = t.leaf().map_or(1, |s| s.level);
-        if level < leaf_level {
-            // Pieces of a guest large page. A clean large page never shares
-            // a page with a dirty mapping of the same range (whose SPTEs may
-            // be writable), so its first write faults and sets D.
-            let mut key = direct(level, t.gpa.raw(), t.rights.into());
-            key.role.guest_dirty = t
-                .leaf()
-                .is_some_and(|l| l.entry.raw() & PteFlags::DIRTY.bits() != 0);
-            return key;
-        }
-        let table_gfn = |l: u8| {
-            t.steps()
-                .iter()
-                .find(|s| s.level == l)
-                .map_or(Gfn(0), |s| s.entry_gpa.gfn())
-        };
-        let mut key = SpKey {
-            gfn: table_gfn(level),
-            role: Role {
-                level,
-                access: access_above(ctx, t, level),
-                ..base
-            },
-        };
-        match mode {
-            PagingMode::Pae | PagingMode::Bits32 if level == 3 => {
-                // The PDPT level: owned by the root, not in guest memory.
-                key = *root;
-                key.role.level = 3;
-            }
-            PagingMode::Bits32 if level == 2 => key.role.quadrant = ((gva >> 30) & 3) as u8,
-            PagingMode::Bits32 => key.role.quadrant = ((gva >> 21) & 1) as u8,
-            _ => {}
-        }
-        key
+/// The keys of the shadow pages on the path to `gva` below a root keyed
+/// `root`, from the level below the root down to the page table.
+fn path_keys(ctx: &PagingContext, root: &SpKey, t: &Translation, gva: u64) -> Vec<SpKey> {
+    let mut keys = Vec::with_capacity(4);
+    let mut level = root.role.level;
+    while let Some(below) = level.below() {
+        keys.push(path_key(ctx, root, t, gva, below));
+        level = below;
     }
+    keys
+}
 
-    /// Answers a reserved-bit #PF from the MMIO SPTE at `gva` alone (no
-    /// guest walk, no memslot search) when its generation is current and
-    /// the guest's rights allow the access. `None`: take the full path.
-    fn mmio_fast_path(
-        &mut self,
+impl PageFault {
+    /// A fault at `addr` on `root`, the root of `ctx`.
+    pub(crate) fn new(
+        inner: &Inner,
         ctx: &PagingContext,
         root: FrameId,
-        gva: Gva,
-        access: Access,
-        generation: MemslotGeneration,
-        bits: u8,
-    ) -> Option<FaultOutcome> {
-        let mut sp = root;
-        let mut level = self.page(root).key.role.level;
-        let spte = loop {
-            let spte = self.pool.load(sp, shadow_index(gva.raw(), level));
-            if level == 1 || spte & 1 == 0 {
-                break spte;
-            }
-            sp = self.pool.frame_at(Spte(spte).addr())?;
-            level -= 1;
-        };
-        if level != 1 || !self.is_mmio_spte(spte) {
-            return None;
-        }
-        let (gfn, tag, rights) = mmio::decode(spte);
-        if generation.update_in_progress() || tag != mmio::tag(generation.count(), bits) {
-            self.counters.mmio_stale += 1;
-            return None;
-        }
-        // A write needs W in the SPTE, not just the guest's permission: W is
-        // only set once the guest's D bit is, and with CR0.WP = 0 a supervisor
-        // write the rights check allows could still owe the guest its D bit.
-        if permission_fault(ctx, rights, None, access).is_some()
-            || (access.is_write() && !rights.write)
-        {
-            return None;
-        }
-        self.counters.mmio_fast_hits += 1;
-        Some(FaultOutcome::Mmio {
-            gpa: Gpa(gfn.gpa().raw() | gva.page_offset()),
-        })
-    }
-
-    /// Serves a #PF the hardware raised on the shadow tables of `root`.
-    /// `generation` is the published memslot generation; `mmio_bits` the
-    /// generation bits MMIO SPTEs carry (`None`: MMIO caching off).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn handle_fault(
-        &mut self,
-        ctx: &PagingContext,
-        root: FrameId,
-        gva: Gva,
+        addr: Gva,
         error_code: PfErrorCode,
-        prefetch: usize,
-        generation: MemslotGeneration,
-        mmio_bits: Option<u8>,
-    ) -> Result<FaultOutcome, VcpuError> {
-        self.counters.faults += 1;
-        let kind = if error_code.contains(PfErrorCode::FETCH) {
-            AccessKind::Fetch
-        } else if error_code.contains(PfErrorCode::WRITE) {
-            AccessKind::Write
-        } else {
-            AccessKind::Read
-        };
-        let mode = if error_code.contains(PfErrorCode::USER) {
-            AccessMode::User
-        } else {
-            AccessMode::Supervisor
-        };
-        let access = Access { kind, mode };
-        if self.in_window(gva, self.page(root).key.role.level) {
-            // Reserved for the host window.
-            self.counters.faults_injected += 1;
-            return Ok(FaultOutcome::InjectGeneralProtection);
+    ) -> Self {
+        PageFault {
+            addr,
+            error_code,
+            access: access_of(error_code),
+            ctx: *ctx,
+            root,
+            root_level: root_level(ctx),
+            generation: inner.generation(),
+            mmio_bits: inner.mmio_bits(),
+            prefetch: inner.config.prefetch,
+            mmu_seq: 0,
+            walk: None,
         }
-        if self.is_obsolete(root) {
-            // The vCPU reloads its root before it enters again.
-            return Ok(FaultOutcome::Retry);
-        }
-        if let Some(bits) = mmio_bits
-            && error_code.contains(PfErrorCode::RSVD)
-            && let Some(out) = self.mmio_fast_path(ctx, root, gva, access, generation, bits)
-        {
-            return Ok(out);
-        }
-        self.make_pages_available(u64::from(root_level(ctx)) + 1);
+    }
 
-        let t = match walk(ctx, &self.guest_mem(), gva, access) {
+    /// Walks the guest tables (setting A/D as the hardware would) and finds
+    /// the memslot, in `slots`. `Some`: the fault ends here (a fault for
+    /// the guest, or MMIO that no SPTE will cache).
+    fn walk_guest(
+        &mut self,
+        slots: &Slots,
+        stats: &LocalCounters,
+    ) -> Result<Option<FaultOutcome>, VcpuError> {
+        let mem = slots.guest_mem();
+        let t = match walk(&self.ctx, &mem, self.addr, self.access) {
             Ok(t) => t,
-            Err(WalkError::PageFault(PageFault { error_code, .. })) => {
-                self.counters.faults_injected += 1;
+            Err(WalkError::PageFault(GuestPageFault { error_code, .. })) => {
+                LocalCounters::bump(&stats.faults_injected);
                 tracing::trace!(
-                    gva = gva.raw(),
+                    gva = self.addr.raw(),
                     error_code = error_code.bits(),
                     "guest page fault"
                 );
-                return Ok(FaultOutcome::InjectPageFault {
+                return Ok(Some(FaultOutcome::InjectPageFault {
                     error_code,
-                    cr2: gva,
-                });
+                    cr2: self.addr,
+                }));
             }
             Err(WalkError::NonCanonical(_) | WalkError::InvalidPdpte { .. }) => {
-                self.counters.faults_injected += 1;
-                return Ok(FaultOutcome::InjectGeneralProtection);
+                LocalCounters::bump(&stats.faults_injected);
+                return Ok(Some(FaultOutcome::InjectGeneralProtection));
             }
-            Err(WalkError::Contended) => return Ok(FaultOutcome::Retry),
+            Err(WalkError::Contended) => return Ok(Some(FaultOutcome::Retry)),
             Err(WalkError::InvalidContext(e)) => return Err(VcpuError::Context(e)),
             Err(other) => return Err(VcpuError::Walk(other)),
         };
         // The entries as the walk left them. Read back rather than taken from
         // the walk: a frame used at two levels of the same walk (aliasing)
         // has its entry changed by the walk's own A/D update.
-        let four_byte = ctx.mode() == PagingMode::Bits32;
-        let snapshot: Vec<Option<u64>> = {
-            let mem = self.guest_mem();
-            t.steps()
-                .iter()
-                .map(|s| read_gpte(&mem, s.entry_gpa, four_byte))
-                .collect()
-        };
+        let four_byte = self.ctx.mode() == PagingMode::Bits32;
+        let gptes = t
+            .steps()
+            .iter()
+            .map(|s| read_gpte(&mem, s.entry_gpa, four_byte))
+            .collect();
         let gpa = t.gpa;
         let gfn = gpa.gfn();
-        let slot = self.slot_of(gpa);
+        let slot = slots.find(gpa);
         // MMIO SPTEs carry the memslot generation; none is made while an
         // update is in progress, nor when protection keys would have to be
         // checked on a cached answer.
-        let cache_mmio = mmio_bits.filter(|_| {
+        let cache_mmio = self.mmio_bits.filter(|_| {
             slot.is_none()
-                && !generation.update_in_progress()
-                && !ctx.pke_active()
+                && !self.generation.update_in_progress()
+                && !self.ctx.pke_active()
                 && mmio::fits(gfn)
         });
         if (slot.is_none() && cache_mmio.is_none())
-            || (access.is_write() && slot.is_some_and(|s| !s.is_writable()))
+            || (self.access.is_write() && slot.is_some_and(|s| !s.is_writable()))
         {
-            self.counters.faults_mmio += 1;
-            return Ok(FaultOutcome::Mmio { gpa });
+            LocalCounters::bump(&stats.faults_mmio);
+            return Ok(Some(FaultOutcome::Mmio { gpa }));
         }
+        let prefetch = if slot.is_some() {
+            self.walk_neighbours(&mem, &t)
+        } else {
+            Vec::new()
+        };
+        let root_key = root_page_key(&self.ctx);
+        let path = path_keys(&self.ctx, &root_key, &t, self.addr.raw());
+        self.walk = Some(GuestWalk {
+            t,
+            gptes,
+            gfn,
+            slot,
+            cache_mmio,
+            prefetch,
+            root_key,
+            path,
+        });
+        Ok(None)
+    }
+
+    /// Walks the neighbours of the faulting guest PTE in its prefetch group
+    /// (never setting A/D bits) and keeps the present, accessed 4 KiB ones
+    /// in the same guest table. Guest large pages and no-paging guests
+    /// need no walk: their neighbours are computed under the lock.
+    fn walk_neighbours<M: GuestPhysMemory>(
+        &self,
+        mem: &M,
+        t: &Translation,
+    ) -> Vec<PrefetchCandidate> {
+        let Some(leaf) = t.leaf().filter(|l| l.level == 1) else {
+            return Vec::new();
+        };
+        if self.prefetch <= 1 {
+            return Vec::new();
+        }
+        let count = self.prefetch.next_power_of_two().min(ENTRIES_PER_PAGE);
+        let index = PtLevel::PT.index(self.addr.raw());
+        let first = index & !(count - 1);
+        let table = leaf.entry_gpa.gfn();
+        let mut peek = self.ctx;
+        peek.cr4
+            .remove(mmu_api::paging::Cr4::SMAP | mmu_api::paging::Cr4::PKE);
+        peek.cpl = 0;
+        let no_ad = WalkOptions::without_accessed_dirty();
+        let mut out = Vec::new();
+        for j in first..first + count {
+            if j == index {
+                continue;
+            }
+            let gva_j = (self.addr.raw() & !(0x1ff << 12)) | ((j as u64) << 12);
+            let Ok(tj) = walk_with(
+                &peek,
+                mem,
+                Gva(gva_j),
+                Access::supervisor(AccessKind::Read),
+                no_ad,
+            ) else {
+                continue;
+            };
+            let Some(l) = tj.leaf() else { continue };
+            let accessed = l.entry.raw() & PteFlags::ACCESSED.bits() != 0;
+            if l.level != 1 || !accessed || l.entry_gpa.gfn() != table {
+                continue;
+            }
+            out.push(PrefetchCandidate {
+                index: j,
+                gpte_gpa: l.entry_gpa,
+                gpte: l.entry.raw(),
+                gfn: tj.gpa.gfn(),
+                rights: tj.rights,
+                dirty: l.entry.raw() & PteFlags::DIRTY.bits() != 0,
+                pkey: self.ctx.pke_active().then(|| l.entry.pkey()),
+            });
+        }
+        out
+    }
+}
+
+impl Inner {
+    /// Serves a #PF the hardware raised on the shadow tables of `root`.
+    pub(crate) fn page_fault(
+        &self,
+        vcpu: &VcpuShared,
+        ctx: &PagingContext,
+        root: FrameId,
+        gva: Gva,
+        error_code: PfErrorCode,
+    ) -> Result<FaultOutcome, VcpuError> {
+        let stats = &vcpu.stats;
+        LocalCounters::bump(&stats.faults);
+        let mut pf = PageFault::new(self, ctx, root, gva, error_code);
+        if in_window(self.window_gva(), gva, pf.root_level) {
+            // Reserved for the host window.
+            LocalCounters::bump(&stats.faults_injected);
+            return Ok(FaultOutcome::InjectGeneralProtection);
+        }
+        // A vCPU asked to reload may run on an obsolete root: leave its
+        // faults to the locked path, which tells it to retry.
+        let reload_pending =
+            vcpu.requests.load(Ordering::SeqCst) & Requests::RELOAD_ROOT.bits() != 0;
+        let lockless = self.config.lockless_faults && !reload_pending;
+        if lockless
+            && let Some(bits) = pf.mmio_bits
+            && error_code.contains(PfErrorCode::RSVD)
+            && let Some(out) = mmio_fast_path(&self.pool, &self.invalidate_seq, &pf, bits, stats)
+        {
+            return Ok(out);
+        }
+        if lockless {
+            pf.mmu_seq = self.invalidate_seq.load(Ordering::SeqCst);
+            let slots = self.memslots.load();
+            if let Some(out) = pf.walk_guest(&slots, stats)? {
+                return Ok(out);
+            }
+        }
+        let mut reclaim = true;
+        loop {
+            let (result, commit) = {
+                let mut st = self.lock();
+                let (result, flush) = st.fix_fault(&mut pf, reclaim, !lockless, stats);
+                (result, st.prepare_commit(flush))
+            };
+            self.finish_commit(commit);
+            match result? {
+                Some(out) => return Ok(out),
+                // Pages were reclaimed: their frames are back in the pool.
+                None => reclaim = false,
+            }
+        }
+    }
+}
+
+impl MmuState {
+    /// The locked half of a fault; `try_fast`: try the MMIO fast path here
+    /// (it did not run without the lock). `Ok(None)`: pages were reclaimed, commit
+    /// the flush and call again without `reclaim`. The flush is returned on
+    /// every path, errors included, so nothing zapped stays unflushed.
+    fn fix_fault(
+        &mut self,
+        pf: &mut PageFault,
+        reclaim: bool,
+        try_fast: bool,
+        stats: &LocalCounters,
+    ) -> (Result<Option<FaultOutcome>, VcpuError>, Flush) {
+        if self.is_obsolete(pf.root) {
+            // The vCPU reloads its root before it enters again.
+            return (Ok(Some(FaultOutcome::Retry)), Flush::NONE);
+        }
+        if try_fast
+            && let Some(bits) = pf.mmio_bits
+            && pf.error_code.contains(PfErrorCode::RSVD)
+            && let Some(out) = mmio_fast_path(&self.pool, &self.invalidate_seq, pf, bits, stats)
+        {
+            return (Ok(Some(out)), Flush::NONE);
+        }
+        if reclaim {
+            let (_, flush) = self.make_pages_available(u64::from(pf.root_level.get()) + 1);
+            if flush.is_owed() {
+                return (Ok(None), flush);
+            }
+        }
+        if pf.walk.is_none() || self.invalidate_seq.load(Ordering::SeqCst) != pf.mmu_seq {
+            // No lock-free walk, or it raced with an invalidation (a zap, a
+            // memslot change): walk again under the lock.
+            if pf.walk.is_some() {
+                LocalCounters::bump(&stats.lockless_retries);
+            }
+            pf.walk = None;
+            // Under the lock the count cannot move: a later pass of this
+            // fault (after a commit) reuses this walk unless it does.
+            pf.mmu_seq = self.invalidate_seq.load(Ordering::SeqCst);
+            let slots = self.slots.clone();
+            match pf.walk_guest(&slots, stats) {
+                Ok(Some(out)) => return (Ok(Some(out)), Flush::NONE),
+                Ok(None) => {}
+                Err(e) => return (Err(e), Flush::NONE),
+            }
+        }
+        let mut flush = Flush::NONE;
+        let result = self.map_fault(pf, stats, &mut flush);
+        (result, flush)
+    }
+
+    /// Builds the shadow path for a walked fault and installs the leaf.
+    /// Everything owed is gathered in `flush`, whatever the outcome.
+    /// `Ok(None)`: the path write-protected a guest table that some vCPU
+    /// may still write through its TLB; commit the flush and call again,
+    /// so the guest entries are rechecked only once no such write can
+    /// land.
+    fn map_fault(
+        &mut self,
+        pf: &PageFault,
+        stats: &LocalCounters,
+        flush: &mut Flush,
+    ) -> Result<Option<FaultOutcome>, VcpuError> {
+        let w = pf.walk.as_ref().expect("walked before mapping");
+        let t = &w.t;
+        let gva = pf.addr;
+        let ctx = &pf.ctx;
 
         // Build the path down to the level-1 shadow page.
-        let root_key = self.page(root).key;
-        let levels = root_key.role.level;
-        let mut sp = root;
-        for level in (2..=levels).rev() {
-            let index = shadow_index(gva.raw(), level);
-            let child_key = self.path_key(ctx, &root_key, &t, gva.raw(), level - 1);
+        let mut write_protected = Flush::NONE;
+        let mut wp_epoch = 0;
+        let root_key = self.page(pf.root).key;
+        let recomputed;
+        let path = if root_key == w.root_key {
+            &w.path
+        } else {
+            recomputed = path_keys(ctx, &root_key, t, gva.raw());
+            &recomputed
+        };
+        let mut sp = pf.root;
+        let mut level = root_key.role.level;
+        for &child_key in path {
+            let index = level.index(gva.raw());
+            let below = child_key.role.level;
             let spte = Spte(self.pool.load(sp, index));
             let mut linked = None;
             if spte.is_present() {
@@ -448,61 +558,80 @@ impl MmuState {
                 if self.page(child).key == child_key {
                     linked = Some(child);
                 } else {
-                    self.drop_spte(sp, index);
+                    *flush |= self.drop_spte(sp, index);
                 }
             }
             let child = match linked {
                 Some(c) => c,
                 None => {
-                    let c = self.get_or_create(child_key)?;
+                    let (c, wp) = self.get_or_create(child_key)?;
+                    write_protected |= wp;
                     self.link(sp, index, c);
                     c
                 }
             };
-            self.page_mut(child).write_flooding = 0;
+            // Used: the write-flooding count starts over. Written only when
+            // it changes, so vCPUs faulting under the same directory do not
+            // bounce its metadata between them.
+            let page = self.page_mut(child);
+            if page.write_flooding != 0 {
+                page.write_flooding = 0;
+            }
+            wp_epoch = wp_epoch.max(page.wp_epoch);
             sp = child;
+            level = below;
+        }
+
+        // A table on the path was write-protected by a flush not yet
+        // acknowledged (this fault's, or another's still waiting): a vCPU may
+        // still write it through its TLB. Flush, then look again, so the
+        // entries are rechecked only once no such write can land (KVM
+        // flushes under its lock at once instead).
+        if write_protected.is_owed() || wp_epoch > self.wp_flushed.load(Ordering::SeqCst) {
+            *flush |= write_protected | Flush::TLB;
+            return Ok(None);
         }
 
         // The guest may have changed an entry between the walk and the
         // write protection the path just set up: then walk again.
-        let mem = self.guest_mem();
-        for (step, before) in t.steps().iter().zip(&snapshot) {
-            if read_gpte(&mem, step.entry_gpa, four_byte) != *before {
-                self.commit_zap();
-                return Ok(FaultOutcome::Retry);
+        let four_byte = ctx.mode() == PagingMode::Bits32;
+        {
+            let mem = self.slots.guest_mem();
+            for (step, before) in t.steps().iter().zip(&w.gptes) {
+                if read_gpte(&mem, step.entry_gpa, four_byte) != *before {
+                    return Ok(Some(FaultOutcome::Retry));
+                }
             }
         }
 
-        let guest_dirty = t
-            .leaf()
-            .is_none_or(|l| l.entry.raw() & PteFlags::DIRTY.bits() != 0);
-        let index = shadow_index(gva.raw(), 1);
-        let Some(slot) = slot else {
+        let gfn = w.gfn;
+        let gpa = t.gpa;
+        let guest_dirty = guest_dirty(t);
+        let index = PtLevel::PT.index(gva.raw());
+        let Some(slot) = w.slot else {
             // Cache the MMIO answer: writable only if the guest's D is set,
             // so the first write walks and sets it.
-            let bits = cache_mmio.expect("set when no slot backs the gfn");
+            let bits = w.cache_mmio.expect("set when no slot backs the gfn");
             let mut rights = t.rights;
             rights.write &= guest_dirty;
-            let spte = mmio::encode(gfn, generation.count(), bits, rights);
-            self.set_mmio_leaf(sp, index, gfn, spte);
+            let spte = mmio::encode(gfn, pf.generation.count(), bits, rights);
+            *flush |= self.set_mmio_leaf(sp, index, gfn, spte);
             self.counters.faults_mmio += 1;
-            self.commit_zap();
-            return Ok(FaultOutcome::Mmio { gpa });
+            return Ok(Some(FaultOutcome::Mmio { gpa }));
         };
-        let lr = leaf_rights(ctx, &t, access);
+        let lr = leaf_rights(ctx, t, pf.access);
         let hidden_from_smap = ctx.smap() && t.rights.user && !lr.user;
-        if access.is_write() && (self.is_write_protected(gfn) || hidden_from_smap) {
+        let shadowed = self.is_write_protected(gfn);
+        if pf.access.is_write() && (shadowed || hidden_from_smap) {
             // A write to a guest page table (or, with SMAP and CR0.WP = 0, a
             // supervisor write that no kernel-only mapping can express
             // without hiding the page from SMAP): emulate it.
             self.counters.write_protect_hits += 1;
-            self.commit_zap();
-            return Ok(FaultOutcome::Emulate { gpa });
+            return Ok(Some(FaultOutcome::Emulate { gpa }));
         }
-        let mut write =
-            lr.write && slot.is_writable() && !self.is_write_protected(gfn) && guest_dirty;
+        let mut write = lr.write && slot.is_writable() && !shadowed && guest_dirty;
         if slot.flags.contains(MemslotFlags::LOG_DIRTY) {
-            if access.is_write() {
+            if pf.access.is_write() {
                 self.mark_dirty(gfn);
             } else {
                 write = false;
@@ -513,141 +642,74 @@ impl MmuState {
         if let Some(key) = t.pkey {
             spte = spte.with_pkey(key);
         }
-        self.set_leaf(sp, index, gfn, spte);
-        if prefetch > 1 {
-            self.prefetch(ctx, &t, sp, gva, index, prefetch);
+        *flush |= self.set_leaf(sp, index, gfn, spte);
+        if pf.prefetch > 1 {
+            *flush |= self.prefetch(pf, w, sp, index);
         }
-        self.counters.faults_fixed += 1;
+        LocalCounters::bump(&stats.faults_fixed);
         tracing::trace!(
             gva = gva.raw(),
             gpa = gpa.raw(),
             write,
             "shadow fault fixed"
         );
-        self.commit_zap();
-        Ok(FaultOutcome::Retry)
+        Ok(Some(FaultOutcome::Retry))
     }
 
     /// Maps the neighbours of `index` in level-1 page `sp` whose guest PTEs
     /// are present and accessed (KVM's prefetch). Never sets guest A/D bits.
-    fn prefetch(
-        &mut self,
-        ctx: &PagingContext,
-        t: &Translation,
-        sp: FrameId,
-        gva: Gva,
-        index: usize,
-        count: usize,
-    ) {
-        let count = count.next_power_of_two().min(ENTRIES_PER_PAGE);
-        let first = index & !(count - 1);
+    /// Guest PTEs were walked without the lock; each is re-read here, where
+    /// its table is write-protected, and skipped if it changed.
+    fn prefetch(&mut self, pf: &PageFault, w: &GuestWalk, sp: FrameId, index: usize) -> Flush {
         let key = self.page(sp).key;
-        let mut peek = *ctx;
-        peek.cr4
-            .remove(mmu_api::paging::Cr4::SMAP | mmu_api::paging::Cr4::PKE);
-        peek.cpl = 0;
-        let no_ad = WalkOptions::without_accessed_dirty();
-        for j in first..first + count {
-            if j == index || Spte(self.pool.load(sp, j)).is_present() {
+        let four_byte = pf.ctx.mode() == PagingMode::Bits32;
+        let candidates: Vec<PrefetchCandidate> = if key.role.direct {
+            let count = pf.prefetch.next_power_of_two().min(ENTRIES_PER_PAGE);
+            let first = index & !(count - 1);
+            (first..first + count)
+                .filter(|&j| j != index)
+                .map(|j| PrefetchCandidate {
+                    index: j,
+                    gpte_gpa: Gpa(0),
+                    gpte: 0,
+                    gfn: Gfn(key.gfn.raw() + j as u64),
+                    rights: w.t.rights,
+                    dirty: guest_dirty(&w.t),
+                    pkey: w.t.pkey,
+                })
+                .collect()
+        } else {
+            let mem = self.slots.guest_mem();
+            w.prefetch
+                .iter()
+                .filter(|c| {
+                    c.gpte_gpa.gfn() == key.gfn
+                        && read_gpte(&mem, c.gpte_gpa, four_byte) == Some(c.gpte)
+                })
+                .copied()
+                .collect()
+        };
+        let mut flush = Flush::NONE;
+        for c in candidates {
+            if Spte(self.pool.load(sp, c.index)).is_present() {
                 continue;
             }
-            let gva_j = (gva.raw() & !(0x1ff << 12)) | ((j as u64) << 12);
-            let (gfn_j, rights, dirty, pkey) = if key.role.direct {
-                let dirty = t
-                    .leaf()
-                    .is_none_or(|l| l.entry.raw() & PteFlags::DIRTY.bits() != 0);
-                (Gfn(key.gfn.raw() + j as u64), t.rights, dirty, t.pkey)
-            } else {
-                let mem = self.guest_mem();
-                let Ok(tj) = walk_with(
-                    &peek,
-                    &mem,
-                    Gva(gva_j),
-                    Access::supervisor(AccessKind::Read),
-                    no_ad,
-                ) else {
-                    continue;
-                };
-                let Some(leaf) = tj.leaf() else { continue };
-                let accessed = leaf.entry.raw() & PteFlags::ACCESSED.bits() != 0;
-                if leaf.level != 1 || !accessed || leaf.entry_gpa.gfn() != key.gfn {
-                    continue;
-                }
-                let dirty = leaf.entry.raw() & PteFlags::DIRTY.bits() != 0;
-                let pkey = ctx.pke_active().then(|| leaf.entry.pkey());
-                (tj.gpa.gfn(), tj.rights, dirty, pkey)
-            };
-            let Some(slot) = self.slots.find_gfn(gfn_j).copied() else {
+            let Some(slot) = self.slots.table.find_gfn(c.gfn).copied() else {
                 continue;
             };
-            let write = rights.write
-                && dirty
+            let write = c.rights.write
+                && c.dirty
                 && slot.is_writable()
                 && !slot.flags.contains(MemslotFlags::LOG_DIRTY)
-                && !self.is_write_protected(gfn_j);
-            let hpa = slot.hpa_of(gfn_j.gpa()).expect("gfn is in the slot");
-            let mut spte = Spte::leaf(hpa, write, rights.user, rights.exec);
-            if let Some(k) = pkey {
+                && !self.is_write_protected(c.gfn);
+            let hpa = slot.hpa_of(c.gfn.gpa()).expect("gfn is in the slot");
+            let mut spte = Spte::leaf(hpa, write, c.rights.user, c.rights.exec);
+            if let Some(k) = c.pkey {
                 spte = spte.with_pkey(k);
             }
-            self.set_leaf(sp, j, gfn_j, spte);
+            flush |= self.set_leaf(sp, c.index, c.gfn, spte);
             self.counters.prefetched += 1;
         }
-    }
-
-    /// Performs a write the vCPU's instruction emulator made to guest
-    /// memory, and keeps the shadow tables coherent with it: the SPTEs
-    /// derived from the written guest entries are zapped; a page written
-    /// three times without being used in between, or written misaligned,
-    /// is zapped whole (write flooding).
-    pub(crate) fn emulated_write(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), VcpuError> {
-        if data.is_empty() {
-            return Ok(());
-        }
-        if gpa.page_offset() + data.len() as u64 > PAGE_SIZE {
-            return Err(VcpuError::CrossesPage {
-                gpa,
-                len: data.len(),
-            });
-        }
-        let slot = self.slot_of(gpa).ok_or(VcpuError::Unbacked(gpa))?;
-        if !slot.is_writable() {
-            return Err(VcpuError::ReadOnly(gpa));
-        }
-        write_bytes(&self.guest_mem(), gpa, data).map_err(|_| VcpuError::Unbacked(gpa))?;
-        self.counters.emulated_writes += 1;
-
-        let gfn = gpa.gfn();
-        let offset = gpa.page_offset() as usize;
-        let frames = self.gfn_pages.get(&gfn).cloned().unwrap_or_default();
-        for frame in frames {
-            let role = self.page(frame).key.role;
-            let size = if role.has_4_byte_gpte { 4 } else { 8 };
-            let misaligned = offset % size + data.len() > size;
-            let flooded = {
-                let p = self.page_mut(frame);
-                p.write_flooding = p.write_flooding.saturating_add(1);
-                p.write_flooding >= 3
-            };
-            if misaligned || flooded {
-                self.zap_page(frame);
-                self.counters.flooding_zaps += 1;
-                continue;
-            }
-            let entry = offset / size;
-            let q = usize::from(role.quadrant);
-            let indices: Vec<usize> = match (role.has_4_byte_gpte, role.level) {
-                (false, _) => vec![entry],
-                (true, 1) if entry / 512 == q => vec![entry % 512],
-                (true, 2) if entry / 256 == q => vec![2 * (entry % 256), 2 * (entry % 256) + 1],
-                _ => Vec::new(),
-            };
-            for i in indices {
-                self.drop_spte(frame, i);
-            }
-        }
-        self.mark_dirty(gfn);
-        self.commit_zap();
-        Ok(())
+        flush
     }
 }

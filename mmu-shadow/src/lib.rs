@@ -33,6 +33,28 @@
 //!   supervisor-only window onto the pool before CPL3 code runs;
 //! - **stats**, `tracing` events, and [`ShadowBackend::audit`].
 //!
+//! # Locking
+//!
+//! One MMU lock (KVM's `mmu_lock`) guards the shadow pages, the rmap and
+//! the roots. As in KVM, a fault walks the guest tables (setting A/D bits
+//! with compare-and-exchange), looks up its memslot and serves a cached
+//! MMIO access without it: it reads the MMU's invalidation sequence count
+//! (KVM's `mmu_invalidate_seq`) first and, under the lock, walks again if
+//! the count moved. Memslots are published as read-only snapshots
+//! (`arc-swap`, KVM's SRCU); deleting a slot waits until no lock-free
+//! reader holds the old snapshot. Every change that leaves a TLB flush owed
+//! returns a token the compiler makes the caller commit, and the vCPUs'
+//! acknowledgements of a flush or a root reload are waited for with the
+//! lock dropped. [`ShadowConfig::lockless_faults`] turns the lock-free
+//! paths off, for comparison.
+//!
+//! Source map, by KVM counterpart: `page` (shadow pages, roles, the hash),
+//! `rmap` (rmap and parent SPTEs), `zap` (prepare / commit, fast zap,
+//! obsolete pages), `reclaim`, `root` (roots and the root cache),
+//! `write_track` (write protection, write flooding), `fault`, `mmio`,
+//! `memslots`, `spte`, `pool` and `vcpu` (requests and the entry
+//! handshake).
+//!
 //! The hardware runs the shadow tables with the registers
 //! [`hardware_context`] gives, not the guest's own.
 //!
@@ -60,13 +82,20 @@ mod backend;
 mod fault;
 #[doc(hidden)]
 pub mod fuzzing;
+mod memslots;
+mod mmio;
+mod page;
 mod pool;
-mod role;
+mod reclaim;
+mod rmap;
+mod root;
 pub mod soft;
 mod spte;
 mod state;
 mod stats;
 mod vcpu;
+mod write_track;
+mod zap;
 
 pub use audit::AuditError;
 pub use backend::{MIN_PAGE_LIMIT, ReplayBatch, ShadowBackend};
@@ -77,7 +106,7 @@ pub use pool::PoolError;
 pub enum ZapMode {
     /// The generation ("fast") zap: bump the valid generation, make every
     /// vCPU load a fresh root, and reclaim the obsolete pages later, first
-    /// in line, in lock-breaking batches (seeds 000, 001, 003).
+    /// in line, in lock-breaking batches.
     #[default]
     Fast,
     /// Walk and zap every page under the lock (the baseline).
@@ -113,7 +142,7 @@ pub enum ReclaimPolicy {
     #[default]
     Fifo,
     /// Linking a child makes its parent young, and leaves are reclaimed
-    /// before directories (seed 004).
+    /// before directories.
     ParentAware,
 }
 pub use vcpu::ShadowVcpu;
@@ -179,7 +208,7 @@ pub struct ShadowConfig {
     pub zap_batch: usize,
     /// Which valid pages reclaim takes.
     pub reclaim: ReclaimPolicy,
-    /// Cache MMIO translations in reserved-bit SPTEs (seed 002). Needs a
+    /// Cache MMIO translations in reserved-bit SPTEs. Needs a
     /// host MAXPHYADDR of at most 51.
     pub mmio_caching: bool,
     /// Memslot-generation bits stored in an MMIO SPTE (1..=19; KVM: 19).
@@ -190,6 +219,11 @@ pub struct ShadowConfig {
     pub host_maxphyaddr: u8,
     /// How SPTE writes reach the hardware (chosen at VM creation).
     pub coherence: Coherence,
+    /// Serve the guest walk, the memslot lookup and the MMIO fast path
+    /// without the MMU lock, rechecking the MMU's invalidation count under
+    /// it (as KVM does). Off: every fault runs under the lock (the
+    /// baseline, for comparison).
+    pub lockless_faults: bool,
 }
 
 impl Default for ShadowConfig {
@@ -207,6 +241,7 @@ impl Default for ShadowConfig {
             mmio_gen_bits: 19,
             host_maxphyaddr: 46,
             coherence: Coherence::Direct,
+            lockless_faults: true,
         }
     }
 }

@@ -1,4 +1,6 @@
-//! The shadow page pool: 4 KiB frames in one host region the hardware walks.
+//! The shadow page pool: 4 KiB frames in one host region the hardware walks
+//! (KVM: the shadow page cache, `kvm_mmu_memory_cache`, and the frames its
+//! `sp->spt` point to).
 //!
 //! The region is an anonymous mapping owned by the pool. The hardware sees it
 //! at `hpa_base` (on KVM the VMM registers it as a memslot outside the
@@ -8,6 +10,7 @@
 
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use mmu_api::{HostVirtAddr, Hpa, PAGE_SIZE};
 
@@ -34,12 +37,22 @@ pub enum PoolError {
     Map(#[source] std::io::Error),
 }
 
-/// The frames and their entries.
+/// The pool's memory: the mapping the hardware walks. Shared with the
+/// lock-free readers (the MMIO fast path, the soft vCPU's hardware walk),
+/// which only ever load entries; every store goes through [`ShadowPool`]
+/// under the MMU lock.
 #[derive(Debug)]
-pub(crate) struct ShadowPool {
+pub(crate) struct PoolMem {
     base: NonNull<AtomicU64>,
     frames: u32,
     hpa_base: Hpa,
+}
+
+/// The frames and their entries: the allocator and the journal, behind the
+/// MMU lock, over the shared [`PoolMem`].
+#[derive(Debug)]
+pub(crate) struct ShadowPool {
+    mem: Arc<PoolMem>,
     free: Vec<FrameId>,
     /// What changed since the journal was last taken; `None` when no host
     /// needs to be told.
@@ -72,11 +85,77 @@ pub(crate) struct JournalBatch {
     pub(crate) frames: Vec<FrameId>,
 }
 
-// SAFETY: the pool owns its mapping; every access to the memory goes through
-// `AtomicU64`, so sharing the pointer between threads is sound.
-unsafe impl Send for ShadowPool {}
-// SAFETY: as above; `&ShadowPool` only hands out atomic views of the memory.
-unsafe impl Sync for ShadowPool {}
+// SAFETY: `PoolMem` owns its mapping; every access to the memory goes
+// through `AtomicU64`, so sharing the pointer between threads is sound.
+unsafe impl Send for PoolMem {}
+// SAFETY: as above; `&PoolMem` only hands out atomic views of the memory.
+unsafe impl Sync for PoolMem {}
+
+impl PoolMem {
+    /// Number of frames.
+    pub(crate) fn capacity(&self) -> u32 {
+        self.frames
+    }
+
+    /// Where the hardware sees the pool.
+    pub(crate) fn hpa_base(&self) -> Hpa {
+        self.hpa_base
+    }
+
+    /// The pool's host mapping and size, for registering it with a
+    /// hypervisor (a memslot at [`hpa_base`](Self::hpa_base)).
+    pub(crate) fn host_region(&self) -> (HostVirtAddr, u64) {
+        (
+            HostVirtAddr(self.base.as_ptr() as u64),
+            u64::from(self.frames) * PAGE_SIZE,
+        )
+    }
+
+    /// The hardware address of a frame.
+    pub(crate) fn hpa(&self, frame: FrameId) -> Hpa {
+        Hpa(self.hpa_base.raw() + u64::from(frame) * PAGE_SIZE)
+    }
+
+    /// The frame at hardware address `hpa`, if it lies in the pool.
+    pub(crate) fn frame_at(&self, hpa: Hpa) -> Option<FrameId> {
+        let off = hpa.raw().checked_sub(self.hpa_base.raw())?;
+        let frame = off / PAGE_SIZE;
+        (frame < u64::from(self.frames)).then_some(frame as FrameId)
+    }
+
+    /// True if `hpa` lies inside the pool.
+    pub(crate) fn contains(&self, hpa: Hpa) -> bool {
+        self.frame_at(hpa).is_some()
+    }
+
+    pub(crate) fn entry(&self, frame: FrameId, index: usize) -> &AtomicU64 {
+        assert!(frame < self.frames && index < ENTRIES_PER_PAGE);
+        let offset = frame as usize * ENTRIES_PER_PAGE + index;
+        // SAFETY: the assert keeps `offset` inside the mapping, so the
+        // pointer stays in bounds of one allocation.
+        let ptr = unsafe { self.base.as_ptr().add(offset) };
+        // SAFETY: `ptr` is in the mapping, which lives as long as `self`,
+        // is 8-byte aligned and is only accessed atomically.
+        unsafe { &*ptr }
+    }
+
+    /// Reads one entry.
+    pub(crate) fn load(&self, frame: FrameId, index: usize) -> u64 {
+        self.entry(frame, index).load(Ordering::Acquire)
+    }
+
+    /// Compare-and-exchange on one entry (for a hardware model setting A/D).
+    pub(crate) fn compare_exchange(
+        &self,
+        frame: FrameId,
+        index: usize,
+        current: u64,
+        new: u64,
+    ) -> Result<u64, u64> {
+        self.entry(frame, index)
+            .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
+    }
+}
 
 impl ShadowPool {
     /// Maps `frames` zeroed frames, seen by the hardware at `hpa_base`.
@@ -107,37 +186,25 @@ impl ShadowPool {
         let base = NonNull::new(ptr.cast::<AtomicU64>())
             .ok_or_else(|| PoolError::Map(std::io::Error::other("mmap returned null")))?;
         Ok(ShadowPool {
-            base,
-            frames,
-            hpa_base,
+            mem: Arc::new(PoolMem {
+                base,
+                frames,
+                hpa_base,
+            }),
             // Pop from the end: hand out low frames first.
             free: (0..frames).rev().collect(),
             journal: None,
         })
     }
 
-    /// Number of frames.
-    pub(crate) fn capacity(&self) -> u32 {
-        self.frames
+    /// The memory, for lock-free readers.
+    pub(crate) fn mem(&self) -> &Arc<PoolMem> {
+        &self.mem
     }
 
     /// Frames not holding a shadow page.
     pub(crate) fn free_frames(&self) -> u32 {
         self.free.len() as u32
-    }
-
-    /// Where the hardware sees the pool.
-    pub(crate) fn hpa_base(&self) -> Hpa {
-        self.hpa_base
-    }
-
-    /// The pool's host mapping and size, for registering it with a
-    /// hypervisor (a memslot at [`hpa_base`](Self::hpa_base)).
-    pub(crate) fn host_region(&self) -> (HostVirtAddr, u64) {
-        (
-            HostVirtAddr(self.base.as_ptr() as u64),
-            u64::from(self.frames) * PAGE_SIZE,
-        )
     }
 
     /// Takes a free frame; its entries are all zero. A quarantined frame
@@ -189,39 +256,6 @@ impl ShadowPool {
         if let Some(j) = self.journal.as_mut() {
             j.quarantined.retain(|_, e| *e > epoch);
         }
-    }
-
-    /// The hardware address of a frame.
-    pub(crate) fn hpa(&self, frame: FrameId) -> Hpa {
-        Hpa(self.hpa_base.raw() + u64::from(frame) * PAGE_SIZE)
-    }
-
-    /// The frame at hardware address `hpa`, if it lies in the pool.
-    pub(crate) fn frame_at(&self, hpa: Hpa) -> Option<FrameId> {
-        let off = hpa.raw().checked_sub(self.hpa_base.raw())?;
-        let frame = off / PAGE_SIZE;
-        (frame < u64::from(self.frames)).then_some(frame as FrameId)
-    }
-
-    /// True if `hpa` lies inside the pool.
-    pub(crate) fn contains(&self, hpa: Hpa) -> bool {
-        self.frame_at(hpa).is_some()
-    }
-
-    fn entry(&self, frame: FrameId, index: usize) -> &AtomicU64 {
-        assert!(frame < self.frames && index < ENTRIES_PER_PAGE);
-        let offset = frame as usize * ENTRIES_PER_PAGE + index;
-        // SAFETY: the assert keeps `offset` inside the mapping, so the
-        // pointer stays in bounds of one allocation.
-        let ptr = unsafe { self.base.as_ptr().add(offset) };
-        // SAFETY: `ptr` is in the mapping, which lives as long as `self`,
-        // is 8-byte aligned and is only accessed atomically.
-        unsafe { &*ptr }
-    }
-
-    /// Reads one entry.
-    pub(crate) fn load(&self, frame: FrameId, index: usize) -> u64 {
-        self.entry(frame, index).load(Ordering::Acquire)
     }
 
     /// Writes one entry with a single atomic store, and journals it if
@@ -277,18 +311,6 @@ impl ShadowPool {
             frames,
         }
     }
-
-    /// Compare-and-exchange on one entry (for a hardware model setting A/D).
-    pub(crate) fn compare_exchange(
-        &self,
-        frame: FrameId,
-        index: usize,
-        current: u64,
-        new: u64,
-    ) -> Result<u64, u64> {
-        self.entry(frame, index)
-            .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
-    }
 }
 
 /// True if a host that caches translations from the pool (PVM) may hold
@@ -303,7 +325,15 @@ pub(crate) fn needs_record(old: u64, new: u64) -> bool {
     old & PRESENT != 0 && changed != 0 && (changed & !WIDEN != 0 || new & changed != changed)
 }
 
-impl Drop for ShadowPool {
+impl core::ops::Deref for ShadowPool {
+    type Target = PoolMem;
+
+    fn deref(&self) -> &PoolMem {
+        &self.mem
+    }
+}
+
+impl Drop for PoolMem {
     fn drop(&mut self) {
         let len = self.frames as usize * PAGE_SIZE as usize;
         // SAFETY: `base` and `len` are exactly the mapping `new` created, and

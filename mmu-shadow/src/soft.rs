@@ -1,6 +1,7 @@
 //! A software CPU for tests without KVM: it walks the shadow tables exactly
 //! as the hardware would (with the reference walker), keeps a TLB, and
-//! exits to the MMU on a #PF.
+//! exits to the MMU on a #PF. It has no KVM counterpart: it stands in for
+//! the processor. Like a processor it walks without the MMU lock.
 //!
 //! The TLB is the point: a translation stays cached until INVLPG, a flush or
 //! a root change, exactly like hardware, so an MMU that forgets a remote
@@ -19,7 +20,8 @@ use mmu_api::{
 };
 
 use crate::ShadowBackend;
-use crate::state::MmuState;
+use crate::memslots::Slots;
+use crate::pool::PoolMem;
 use crate::vcpu::ShadowVcpu;
 
 /// A kick for a vCPU that runs on the caller's thread: it is never in
@@ -214,12 +216,16 @@ impl SoftVcpu {
             // forget the frame.
             let replay = self.backend.take_replay();
             if !replay.is_empty() {
-                let st = self.backend.inner.lock();
-                let window = st.window.expect("replay implies a window").gva;
+                let pool = &*self.backend.inner.pool;
+                let window = self
+                    .backend
+                    .inner
+                    .window_gva()
+                    .expect("replay implies a window");
                 let mut entries = host.entries();
                 for frame_gva in &replay.frames {
                     let frame = ((frame_gva.raw() - window.raw()) / PAGE_SIZE) as u32;
-                    let start = st.pool.hpa(frame).raw();
+                    let start = pool.hpa(frame).raw();
                     entries.retain(|hpa, _| !(start..start + PAGE_SIZE).contains(hpa));
                 }
                 for gva in &replay.entries {
@@ -227,12 +233,11 @@ impl SoftVcpu {
                     let frame = (offset / PAGE_SIZE) as u32;
                     let index = ((offset % PAGE_SIZE) / 8) as usize;
                     entries.insert(
-                        st.pool.hpa(frame).raw() + index as u64 * 8,
-                        st.pool.load(frame, index),
+                        pool.hpa(frame).raw() + index as u64 * 8,
+                        pool.load(frame, index),
                     );
                 }
                 drop(entries);
-                drop(st);
                 self.backend.replay_done(replay.epoch);
                 // The kit reloads CR3 after a replay.
                 self.tlb.clear();
@@ -256,6 +261,12 @@ impl SoftVcpu {
         let access = Access { kind, mode };
         let page = gva.page_number();
         for _ in 0..MAX_FAULTS_PER_ACCESS {
+            // The memory the hardware reaches, as of before the entry: a
+            // memslot deleted after this point is waited out (the delete's
+            // reload handshake) before its backing goes, and one deleted
+            // before it has asked this vCPU to reload, so no translation
+            // through the old slot survives the entry.
+            let slots = self.backend.inner.memslots.load();
             self.enter()?;
             let guest = *self.mmu.paging_context();
             let root = self.root.ok_or(VcpuError::OutOfPages)?;
@@ -268,12 +279,13 @@ impl SoftVcpu {
                     // A miss, or a hit the rights refuse: the CPU drops the
                     // entry and walks the tables.
                     self.tlb.remove(&page);
-                    let st = self.backend.inner.lock();
+                    // The hardware walks without the MMU lock.
                     let walk = |refresh| {
                         walk_with(
                             &hw,
                             &HardwareMemory {
-                                st: &st,
+                                pool: &self.backend.inner.pool,
+                                slots: &slots,
                                 host: self.host.as_ref(),
                                 refresh,
                             },
@@ -289,7 +301,6 @@ impl SoftVcpu {
                         Err(_) if self.host.is_some() => walk(true),
                         r => r,
                     };
-                    drop(st);
                     match r {
                         Ok(t) => {
                             let frame = Hpa(t.page_gpa().raw()
@@ -312,6 +323,7 @@ impl SoftVcpu {
                 Ok(f) => f,
                 Err(WalkError::PageFault(pf)) => {
                     self.mmu.exit_guest();
+                    drop(slots);
                     match self.mmu.handle_page_fault(gva, pf.error_code)? {
                         FaultOutcome::Retry => continue,
                         FaultOutcome::InjectPageFault { error_code, cr2 } => {
@@ -339,42 +351,47 @@ impl SoftVcpu {
                 }
             };
             let hpa = Hpa(frame.raw() + gva.page_offset());
-            let result = self.host_access(hpa, kind, size, value);
+            // The slot may have been deleted and created again since the
+            // entry, with the translation made afterwards: then the current
+            // memslots hold it.
+            let result = match hpa_to_gpa(&slots, hpa) {
+                Some(_) => host_access(&slots, hpa, kind, size, value),
+                None => host_access(&self.backend.inner.memslots.load(), hpa, kind, size, value),
+            };
             self.mmu.exit_guest();
             return result.map(SoftOutcome::Done);
         }
         self.mmu.exit_guest();
         Err(SoftError::NoProgress(MAX_FAULTS_PER_ACCESS))
     }
+}
 
-    /// Reads or writes guest memory at a host-physical address, as the
-    /// memory bus would.
-    fn host_access(
-        &self,
-        hpa: Hpa,
-        kind: AccessKind,
-        size: u8,
-        value: u64,
-    ) -> Result<u64, SoftError> {
-        let st = self.backend.inner.lock();
-        let gpa = hpa_to_gpa(&st, hpa).ok_or(SoftError::StaleFrame(hpa))?;
-        let mem = st.guest_mem();
-        if kind == AccessKind::Write {
-            write_bytes(&mem, gpa, &value.to_le_bytes()[..usize::from(size)])
-                .map_err(|_| SoftError::StaleFrame(hpa))?;
-            return Ok(value);
-        }
-        let word = mem
-            .read_u64(Gpa(gpa.raw() & !7))
+/// Reads or writes guest memory at a host-physical address, as the memory
+/// bus would.
+fn host_access(
+    slots: &Slots,
+    hpa: Hpa,
+    kind: AccessKind,
+    size: u8,
+    value: u64,
+) -> Result<u64, SoftError> {
+    let gpa = hpa_to_gpa(slots, hpa).ok_or(SoftError::StaleFrame(hpa))?;
+    let mem = slots.guest_mem();
+    if kind == AccessKind::Write {
+        write_bytes(&mem, gpa, &value.to_le_bytes()[..usize::from(size)])
             .map_err(|_| SoftError::StaleFrame(hpa))?;
-        let shift = (gpa.raw() & 7) * 8;
-        let mask = if size == 8 {
-            u64::MAX
-        } else {
-            (1u64 << (u32::from(size) * 8)) - 1
-        };
-        Ok((word >> shift) & mask)
+        return Ok(value);
     }
+    let word = mem
+        .read_u64(Gpa(gpa.raw() & !7))
+        .map_err(|_| SoftError::StaleFrame(hpa))?;
+    let shift = (gpa.raw() & 7) * 8;
+    let mask = if size == 8 {
+        u64::MAX
+    } else {
+        (1u64 << (u32::from(size) * 8)) - 1
+    };
+    Ok((word >> shift) & mask)
 }
 
 impl Drop for SoftVcpu {
@@ -384,8 +401,8 @@ impl Drop for SoftVcpu {
 }
 
 /// The guest-physical address whose memslot backing holds `hpa`.
-fn hpa_to_gpa(st: &MmuState, hpa: Hpa) -> Option<Gpa> {
-    st.slots.iter().find_map(|s| {
+fn hpa_to_gpa(slots: &Slots, hpa: Hpa) -> Option<Gpa> {
+    slots.table.iter().find_map(|s| {
         let off = hpa.raw().checked_sub(s.backing.hpa.raw())?;
         (off < s.size).then(|| Gpa(s.guest_base.raw() + off))
     })
@@ -395,7 +412,8 @@ fn hpa_to_gpa(st: &MmuState, hpa: Hpa) -> Option<Gpa> {
 /// the host's cached copy when it shadows the pool) and the memslots'
 /// backing.
 struct HardwareMemory<'a> {
-    st: &'a MmuState,
+    pool: &'a PoolMem,
+    slots: &'a Slots,
     /// The host's own copy of pool entries, when it shadows the pool.
     host: Option<&'a ShadowingHost>,
     /// Read every entry afresh into the host's copy (the host's walk after
@@ -406,8 +424,8 @@ struct HardwareMemory<'a> {
 impl GuestPhysMemory for HardwareMemory<'_> {
     fn read_u64(&self, addr: Gpa) -> Result<u64, PhysMemError> {
         let hpa = Hpa(addr.raw());
-        if let Some(frame) = self.st.pool.frame_at(hpa) {
-            let value = self.st.pool.load(frame, (hpa.page_offset() / 8) as usize);
+        if let Some(frame) = self.pool.frame_at(hpa) {
+            let value = self.pool.load(frame, (hpa.page_offset() / 8) as usize);
             // The host keeps what it read while it is present; a
             // not-present entry faults into the host, which reads it again.
             return Ok(match self.host {
@@ -422,8 +440,8 @@ impl GuestPhysMemory for HardwareMemory<'_> {
                 None => value,
             });
         }
-        let gpa = hpa_to_gpa(self.st, hpa).ok_or(PhysMemError::Unbacked(addr))?;
-        self.st.guest_mem().read_u64(gpa)
+        let gpa = hpa_to_gpa(self.slots, hpa).ok_or(PhysMemError::Unbacked(addr))?;
+        self.slots.guest_mem().read_u64(gpa)
     }
 
     fn compare_exchange_u64(
@@ -433,15 +451,16 @@ impl GuestPhysMemory for HardwareMemory<'_> {
         new: u64,
     ) -> Result<Result<(), u64>, PhysMemError> {
         let hpa = Hpa(addr.raw());
-        if let Some(frame) = self.st.pool.frame_at(hpa) {
+        if let Some(frame) = self.pool.frame_at(hpa) {
             let index = (hpa.page_offset() / 8) as usize;
             return Ok(self
-                .st
                 .pool
                 .compare_exchange(frame, index, current, new)
                 .map(|_| ()));
         }
-        let gpa = hpa_to_gpa(self.st, hpa).ok_or(PhysMemError::Unbacked(addr))?;
-        self.st.guest_mem().compare_exchange_u64(gpa, current, new)
+        let gpa = hpa_to_gpa(self.slots, hpa).ok_or(PhysMemError::Unbacked(addr))?;
+        self.slots
+            .guest_mem()
+            .compare_exchange_u64(gpa, current, new)
     }
 }

@@ -1,4 +1,6 @@
-//! Shadow page-table entries: real x86-64 entries the hardware walks.
+//! Shadow page-table entries: real x86-64 entries the hardware walks
+//! (KVM: spte.h / spte.c, `make_spte`, `make_nonleaf_spte`,
+//! `make_mmio_spte`).
 
 use mmu_api::Hpa;
 use mmu_api::paging::PteFlags;

@@ -1,4 +1,7 @@
-//! Counters that show each mechanism working.
+//! Counters that show each mechanism working (KVM: `kvm_vm_stat` and
+//! `kvm_vcpu_stat`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The backend's counters (behind the MMU lock).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -39,6 +42,42 @@ pub(crate) struct Counters {
     pub(crate) replays: u64,
     pub(crate) replayed_entries: u64,
     pub(crate) replayed_frames: u64,
+    pub(crate) fault_walk_retries: u64,
+}
+
+/// The counters a vCPU bumps on its lock-free paths. Only the vCPU's own
+/// thread writes them; [`stats`](mmu_api::MmuBackend::stats) sums them.
+#[derive(Debug, Default)]
+pub(crate) struct LocalCounters {
+    pub(crate) faults: AtomicU64,
+    /// Bumped under the MMU lock, but kept here so the fault path writes no
+    /// shared line it does not need.
+    pub(crate) faults_fixed: AtomicU64,
+    pub(crate) faults_injected: AtomicU64,
+    pub(crate) faults_mmio: AtomicU64,
+    pub(crate) mmio_fast_hits: AtomicU64,
+    pub(crate) mmio_stale: AtomicU64,
+    /// Lock-free work thrown away because the invalidation count moved.
+    pub(crate) lockless_retries: AtomicU64,
+}
+
+impl LocalCounters {
+    /// Adds one (single writer: no read-modify-write needed).
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    /// Adds these counters to `total`.
+    pub(crate) fn add_to(&self, total: &mut Counters) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        total.faults += get(&self.faults);
+        total.faults_fixed += get(&self.faults_fixed);
+        total.faults_injected += get(&self.faults_injected);
+        total.faults_mmio += get(&self.faults_mmio);
+        total.mmio_fast_hits += get(&self.mmio_fast_hits);
+        total.mmio_stale += get(&self.mmio_stale);
+        total.fault_walk_retries += get(&self.lockless_retries);
+    }
 }
 
 impl Counters {
@@ -86,6 +125,7 @@ impl Counters {
             ("replays", self.replays),
             ("replayed_entries", self.replayed_entries),
             ("replayed_frames", self.replayed_frames),
+            ("fault_walk_retries", self.fault_walk_retries),
         ]
     }
 }

@@ -1,5 +1,6 @@
 //! The per-vCPU half: requests other threads post, the entry handshake, and
-//! the `MmuVcpu` implementation.
+//! the `MmuVcpu` implementation (KVM: `kvm_make_all_cpus_request`,
+//! `vcpu->mode` and `vcpu_enter_guest`'s request loop).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -13,6 +14,7 @@ use mmu_api::{
 
 use crate::backend::Inner;
 use crate::pool::FrameId;
+use crate::stats::LocalCounters;
 
 bitflags::bitflags! {
     /// Work another thread asks a vCPU to do before it enters the guest.
@@ -26,13 +28,17 @@ bitflags::bitflags! {
 }
 
 /// The part of a vCPU other threads touch: its requests and whether it is
-/// in guest mode (KVM's `vcpu->requests` and `vcpu->mode`).
+/// in guest mode (KVM's `vcpu->requests` and `vcpu->mode`). Aligned to
+/// its own cache lines: its vCPU writes it on every entry and exit.
 #[derive(Debug)]
+#[repr(align(128))]
 pub(crate) struct VcpuShared {
     pub(crate) id: VcpuId,
     pub(crate) requests: AtomicU32,
     pub(crate) in_guest: AtomicBool,
     pub(crate) kick: Arc<dyn VcpuKick>,
+    /// Counters of the lock-free paths.
+    pub(crate) stats: LocalCounters,
 }
 
 impl VcpuShared {
@@ -106,11 +112,22 @@ impl ShadowVcpu {
         let root = self.root.map(|f| Hpa(base + u64::from(f) * PAGE_SIZE));
         RootLoad::new(root, flush_tlb)
     }
+
+    /// The MMU is only called between `exit_guest` and `prepare_entry`: a
+    /// vCPU marked in guest mode is waited for by zaps and flushes, so one
+    /// that blocked on the MMU lock while marked could deadlock them.
+    fn assert_out_of_guest(&self) {
+        debug_assert!(
+            !self.shared.in_guest.load(Ordering::SeqCst),
+            "vCPU {} called into the MMU while marked in guest mode (exit_guest first)",
+            self.shared.id.0
+        );
+    }
 }
 
 impl Drop for ShadowVcpu {
     fn drop(&mut self) {
-        self.inner.remove_vcpu(self.shared.id);
+        self.inner.remove_vcpu(&self.shared);
     }
 }
 
@@ -120,8 +137,9 @@ impl MmuVcpu for ShadowVcpu {
     }
 
     fn set_paging_context(&mut self, ctx: &PagingContext) -> Result<RootLoad, VcpuError> {
+        self.assert_out_of_guest();
         ctx.validate()?;
-        let frame = self.inner.lock().resolve_root(self.shared.id, ctx)?;
+        let frame = self.inner.resolve_root(self.shared.id, ctx)?;
         self.ctx = *ctx;
         self.root = Some(frame);
         Ok(self.root_load(true))
@@ -136,30 +154,21 @@ impl MmuVcpu for ShadowVcpu {
         gva: Gva,
         error_code: PfErrorCode,
     ) -> Result<FaultOutcome, VcpuError> {
+        self.assert_out_of_guest();
         let Some(root) = self.root else {
             // No context loaded yet: the hardware cannot have walked our
             // tables; load one first.
-            let frame = self.inner.lock().resolve_root(self.shared.id, &self.ctx)?;
+            let frame = self.inner.resolve_root(self.shared.id, &self.ctx)?;
             self.root = Some(frame);
             return Ok(FaultOutcome::Retry);
         };
-        let config = &self.inner.config;
-        let generation = self.inner.generation();
-        let mmio_bits = self.inner.mmio_bits();
-        self.inner.lock().handle_fault(
-            &self.ctx,
-            root,
-            gva,
-            error_code,
-            config.prefetch,
-            generation,
-            mmio_bits,
-        )
+        self.inner
+            .page_fault(&self.shared, &self.ctx, root, gva, error_code)
     }
 
     fn classify_mmio(&mut self, gpa: Gpa, is_write: bool) -> MmioClass {
-        let state = self.inner.lock();
-        match state.slot_of(gpa) {
+        self.assert_out_of_guest();
+        match self.inner.memslots.load().find(gpa) {
             None => MmioClass::Mmio,
             Some(s) if is_write && s.flags.contains(MemslotFlags::READONLY) => {
                 MmioClass::ReadOnlyWrite { slot: s.id }
@@ -175,15 +184,17 @@ impl MmuVcpu for ShadowVcpu {
         access: Access,
         options: WalkOptions,
     ) -> Result<Vec<RangeSegment>, WalkError> {
-        let state = self.inner.lock();
-        translate_range(&self.ctx, &state.guest_mem(), gva, len, access, options)
+        self.assert_out_of_guest();
+        let slots = self.inner.memslots.load();
+        translate_range(&self.ctx, &slots.guest_mem(), gva, len, access, options)
     }
 
     /// The SPTEs derived from guest entries the write changes are zapped;
     /// a shadowed table written three times without a use in between, or
     /// written misaligned, is zapped whole (write flooding).
     fn write_guest(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), VcpuError> {
-        self.inner.lock().emulated_write(gpa, data)
+        self.assert_out_of_guest();
+        self.inner.emulated_write(gpa, data)
     }
 
     fn invlpg(&mut self, _gva: Gva) {
@@ -200,7 +211,7 @@ impl MmuVcpu for ShadowVcpu {
     fn prepare_entry(&mut self) -> Result<RootLoad, VcpuError> {
         let mut flush = false;
         if self.root.is_none() {
-            let frame = self.inner.lock().resolve_root(self.shared.id, &self.ctx)?;
+            let frame = self.inner.resolve_root(self.shared.id, &self.ctx)?;
             self.root = Some(frame);
             flush = true;
         }
@@ -217,7 +228,7 @@ impl MmuVcpu for ShadowVcpu {
             if req.contains(Requests::RELOAD_ROOT) {
                 let reload = self.root.is_none_or(|f| self.inner.lock().is_obsolete(f));
                 if reload {
-                    let frame = self.inner.lock().resolve_root(self.shared.id, &self.ctx)?;
+                    let frame = self.inner.resolve_root(self.shared.id, &self.ctx)?;
                     self.root = Some(frame);
                     flush = true;
                 }

@@ -1,5 +1,5 @@
 //! The generation ("fast") zap, zapped-obsolete-first reclaim, reclaim
-//! policies and MMIO SPTEs (seeds 000-004), one mechanism per test.
+//! policies and MMIO SPTEs, one mechanism per test.
 
 mod common;
 
@@ -115,8 +115,8 @@ fn naive_zap_is_selectable() {
 }
 
 /// Until every vCPU has acknowledged the reload, a guest page table
-/// shadowed only by an obsolete page stays write-protected (the window seed
-/// 001's reviewers discussed); afterwards, once reclaimed, it is not.
+/// shadowed only by an obsolete page stays write-protected (a vCPU that has
+/// not reloaded may still run on it); afterwards, once reclaimed, it is not.
 #[test]
 fn obsolete_pages_write_protect_until_every_vcpu_reloaded() {
     let (ram, b) = setup(config(None, 0));
