@@ -126,13 +126,14 @@ pub fn reclaim_timeline(
         }
     }
     let guest = b.finish();
-    let backend = ShadowBackend::new(ShadowConfig {
-        pool_pages: 256,
-        pool_hpa: mmu_api::Hpa(1 << 40),
-        gpa_width: GUEST_MAXPHYADDR,
-        page_limit: Some(PAGE_LIMIT),
-        reclaim: policy,
-        ..ShadowConfig::default()
+    let backend = ShadowBackend::new({
+        let mut m = ShadowConfig::default();
+        m.pool_pages = 256;
+        m.pool_hpa = mmu_api::Hpa(1 << 40);
+        m.gpa_width = GUEST_MAXPHYADDR;
+        m.page_limit = Some(PAGE_LIMIT);
+        m.reclaim = policy;
+        m
     })
     .map_err(|e| soft(&e))?;
     let memory = guest.memory();

@@ -92,9 +92,10 @@ fn fault_first_touch(c: &mut Criterion) {
         g.throughput(Throughput::Elements(pages));
         for (name, prefetch) in [("prefetch_off", 0), ("prefetch_8", 8)] {
             let (id, full) = bench_id(GROUP, name, pages);
-            let cfg = ShadowConfig {
-                prefetch,
-                ..config(pool_for(pages))
+            let cfg = {
+                let mut m = config(pool_for(pages));
+                m.prefetch = prefetch;
+                m
             };
             let mut once = true;
             g.bench_function(id, |b| {
@@ -132,9 +133,10 @@ fn zap_all(c: &mut Criterion) {
     for mib in [8, 64, 512] {
         let pages = mib * MIB;
         let fast = config(pool_for(pages));
-        let naive = ShadowConfig {
-            zap: ZapMode::Naive,
-            ..fast.clone()
+        let naive = {
+            let mut m = fast.clone();
+            m.zap = ZapMode::Naive;
+            m
         };
 
         let (id, full) = bench_id(GROUP, "fast", format!("{mib}MiB"));
@@ -251,13 +253,15 @@ fn retouch_after_zap(c: &mut Criterion) {
     let fast = config(pool_for(pages));
     // 16 page tables, a PD, a PDPT and the root; room for the headroom a
     // fault asks for, not for a second shadow.
-    let at_limit = ShadowConfig {
-        page_limit: Some(24),
-        ..fast.clone()
+    let at_limit = {
+        let mut m = fast.clone();
+        m.page_limit = Some(24);
+        m
     };
-    let naive = ShadowConfig {
-        zap: ZapMode::Naive,
-        ..fast.clone()
+    let naive = {
+        let mut m = fast.clone();
+        m.zap = ZapMode::Naive;
+        m
     };
     #[derive(Clone, Copy)]
     enum Before {
@@ -354,9 +358,10 @@ fn sp_lookup(c: &mut Criterion) {
     ];
     for (name, shared, warm_pool) in cases {
         let guest = build(shared);
-        let cfg = ShadowConfig {
-            prefetch: 0,
-            ..config(1024)
+        let cfg = {
+            let mut m = config(1024);
+            m.prefetch = 0;
+            m
         };
         let setup = || {
             let mut rig = ShadowRig::new(&guest, cfg.clone());
@@ -418,9 +423,10 @@ fn shadow_mmio(c: &mut Criterion) {
     for slots in [1u32, 512] {
         for (name, caching) in [("caching_on", true), ("caching_off", false)] {
             let (id, full) = bench_id(GROUP, name, format!("{slots}slots"));
-            let cfg = ShadowConfig {
-                mmio_caching: caching,
-                ..config(64)
+            let cfg = {
+                let mut m = config(64);
+                m.mmio_caching = caching;
+                m
             };
             let mut rig = None;
             g.bench_function(id, |b| {
@@ -572,10 +578,11 @@ fn reclaim(c: &mut Criterion) {
     let (guest, pts) = ReclaimWorkload::guest();
     let mut g = c.benchmark_group(GROUP);
     g.sample_size(20);
-    let limited = |policy| ShadowConfig {
-        page_limit: Some(64),
-        reclaim: policy,
-        ..config(256)
+    let limited = |policy| {
+        let mut m = config(256);
+        m.page_limit = Some(64);
+        m.reclaim = policy;
+        m
     };
     for (order, shuffled) in [("cyclic", false), ("shuffled", true)] {
         let w = ReclaimWorkload::new(guest, &pts, shuffled);
@@ -789,10 +796,11 @@ fn fault_scaling(c: &mut Criterion) {
         for threads in [1u64, 2] {
             let workload = format!("distinct_pages_{mode}");
             let (id, full) = bench_id(GROUP, &workload, format!("{threads}threads"));
-            let cfg = ShadowConfig {
-                prefetch: 0,
-                lockless_faults,
-                ..config(pool_for(2 * PAGES_PER_THREAD))
+            let cfg = {
+                let mut m = config(pool_for(2 * PAGES_PER_THREAD));
+                m.prefetch = 0;
+                m.lockless_faults = lockless_faults;
+                m
             };
             g.throughput(Throughput::Elements(threads * PAGES_PER_THREAD));
             let mut once = true;
@@ -830,9 +838,10 @@ fn fault_scaling(c: &mut Criterion) {
 
             let workload = format!("mmio_fast_path_{mode}");
             let (id, full) = bench_id(GROUP, &workload, format!("{threads}threads"));
-            let cfg = ShadowConfig {
-                lockless_faults,
-                ..config(64)
+            let cfg = {
+                let mut m = config(64);
+                m.lockless_faults = lockless_faults;
+                m
             };
             g.throughput(Throughput::Elements(threads * MMIO_READS));
             let mut rig = None;

@@ -15,11 +15,12 @@ pub const POOL_HPA: Hpa = Hpa(1 << 40);
 /// caching) with a pool of `pool_pages` frames at [`POOL_HPA`] and the
 /// guests' physical width.
 pub fn config(pool_pages: u32) -> ShadowConfig {
-    ShadowConfig {
-        pool_pages,
-        pool_hpa: POOL_HPA,
-        gpa_width: GUEST_MAXPHYADDR,
-        ..ShadowConfig::default()
+    {
+        let mut m = ShadowConfig::default();
+        m.pool_pages = pool_pages;
+        m.pool_hpa = POOL_HPA;
+        m.gpa_width = GUEST_MAXPHYADDR;
+        m
     }
 }
 

@@ -80,6 +80,7 @@
 mod audit;
 mod backend;
 mod fault;
+#[cfg(any(test, feature = "test-utils"))]
 #[doc(hidden)]
 pub mod fuzzing;
 mod memslots;
@@ -89,6 +90,7 @@ mod pool;
 mod reclaim;
 mod rmap;
 mod root;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod soft;
 mod spte;
 mod state;
@@ -187,6 +189,7 @@ pub fn hardware_context(guest: &PagingContext, root: Hpa, host_maxphyaddr: u8) -
 
 /// How a shadow backend is built.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ShadowConfig {
     /// Frames in the shadow page pool (4 KiB each). The mapping is reserved
     /// lazily, so a large pool costs address space, not memory.

@@ -145,6 +145,7 @@ impl PoolMem {
     }
 
     /// Compare-and-exchange on one entry (for a hardware model setting A/D).
+    #[cfg(any(test, feature = "test-utils"))]
     pub(crate) fn compare_exchange(
         &self,
         frame: FrameId,

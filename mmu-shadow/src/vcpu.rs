@@ -89,6 +89,8 @@ pub struct ShadowVcpu {
     pub(crate) ctx: PagingContext,
     pub(crate) root: Option<FrameId>,
     pending_flush: bool,
+    /// Whether the last MMIO fault was served from an MMIO SPTE.
+    last_mmio_cached: Option<bool>,
 }
 
 impl ShadowVcpu {
@@ -99,6 +101,7 @@ impl ShadowVcpu {
             ctx: PagingContext::default(),
             root: None,
             pending_flush: false,
+            last_mmio_cached: None,
         }
     }
 
@@ -162,8 +165,16 @@ impl MmuVcpu for ShadowVcpu {
             self.root = Some(frame);
             return Ok(FaultOutcome::Retry);
         };
-        self.inner
-            .page_fault(&self.shared, &self.ctx, root, gva, error_code)
+        let fast_hits = || self.shared.stats.mmio_fast_hits.load(Ordering::Relaxed);
+        let before = fast_hits();
+        let outcome = self
+            .inner
+            .page_fault(&self.shared, &self.ctx, root, gva, error_code)?;
+        if let FaultOutcome::Mmio { .. } = outcome {
+            // The MMIO SPTE fast path counts its hits on this vCPU.
+            self.last_mmio_cached = Some(fast_hits() != before);
+        }
+        Ok(outcome)
     }
 
     fn classify_mmio(&mut self, gpa: Gpa, is_write: bool) -> MmioClass {
@@ -238,5 +249,9 @@ impl MmuVcpu for ShadowVcpu {
 
     fn exit_guest(&mut self) {
         self.shared.in_guest.store(false, Ordering::SeqCst);
+    }
+
+    fn last_mmio_cached(&self) -> Option<bool> {
+        self.last_mmio_cached
     }
 }

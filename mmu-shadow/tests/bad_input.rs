@@ -16,7 +16,7 @@ use mmu_api::{
     SlotId, VcpuError, VcpuId,
 };
 use mmu_shadow::soft::{SoftOutcome, SoftVcpu};
-use mmu_shadow::{MIN_PAGE_LIMIT, PoolError, ShadowBackend, ShadowConfig};
+use mmu_shadow::{MIN_PAGE_LIMIT, PoolError, ShadowBackend};
 
 const P: u64 = 1;
 const U: u64 = 4;
@@ -251,9 +251,10 @@ fn page_limits_of_zero_or_below_the_minimum_are_refused() {
         );
     }
     assert!(matches!(
-        ShadowBackend::new(ShadowConfig {
-            pool_pages: 0,
-            ..config(None, 0)
+        ShadowBackend::new({
+            let mut m = config(None, 0);
+            m.pool_pages = 0;
+            m
         }),
         Err(PoolError::Size(0))
     ));
@@ -314,9 +315,10 @@ fn impossible_maxphyaddr_is_refused() {
     for m in [0, 31, 53, 64, 255] {
         assert!(
             matches!(
-                ShadowBackend::new(ShadowConfig {
-                    host_maxphyaddr: m,
-                    ..config(None, 0)
+                ShadowBackend::new({
+                    let mut c = config(None, 0);
+                    c.host_maxphyaddr = m;
+                    c
                 }),
                 Err(PoolError::Config(_))
             ),
@@ -325,23 +327,26 @@ fn impossible_maxphyaddr_is_refused() {
     }
     // MMIO SPTEs need a reserved address bit: none with MAXPHYADDR 52.
     assert!(matches!(
-        ShadowBackend::new(ShadowConfig {
-            host_maxphyaddr: 52,
-            ..config(None, 0)
+        ShadowBackend::new({
+            let mut m = config(None, 0);
+            m.host_maxphyaddr = 52;
+            m
         }),
         Err(PoolError::Config(_))
     ));
-    ShadowBackend::new(ShadowConfig {
-        host_maxphyaddr: 52,
-        mmio_caching: false,
-        ..config(None, 0)
+    ShadowBackend::new({
+        let mut m = config(None, 0);
+        m.host_maxphyaddr = 52;
+        m.mmio_caching = false;
+        m
     })
     .expect("MAXPHYADDR 52 without MMIO caching");
     // A pool the host cannot address.
     assert!(matches!(
-        ShadowBackend::new(ShadowConfig {
-            host_maxphyaddr: 36,
-            ..config(None, 0)
+        ShadowBackend::new({
+            let mut m = config(None, 0);
+            m.host_maxphyaddr = 36;
+            m
         }),
         Err(PoolError::Base(Hpa(POOL_HPA)))
     ));
@@ -349,9 +354,10 @@ fn impossible_maxphyaddr_is_refused() {
     for bits in [0, 20, 64] {
         assert!(
             matches!(
-                ShadowBackend::new(ShadowConfig {
-                    mmio_gen_bits: bits,
-                    ..config(None, 0)
+                ShadowBackend::new({
+                    let mut m = config(None, 0);
+                    m.mmio_gen_bits = bits;
+                    m
                 }),
                 Err(PoolError::Config(_))
             ),
@@ -590,10 +596,11 @@ fn memory_above_bit_50_with_host_maxphyaddr_52() {
     ram.set_word(3, 0, 0x4000 | PWU);
     ram.set_word(4, 8, 0x1_0000 | PWU);
     ram.set_word(16, 0, 0x99);
-    let b = ShadowBackend::new(ShadowConfig {
-        host_maxphyaddr: 52,
-        mmio_caching: false,
-        ..config(None, 0)
+    let b = ShadowBackend::new({
+        let mut m = config(None, 0);
+        m.host_maxphyaddr = 52;
+        m.mmio_caching = false;
+        m
     })
     .expect("backend");
     let mut slot = ram.slot(0, 0, 0, 48, MemslotFlags::empty());

@@ -11,7 +11,7 @@ use mmu_api::{
     VcpuId,
 };
 use mmu_shadow::soft::{ShadowingHost, SoftOutcome, SoftVcpu};
-use mmu_shadow::{Coherence, ShadowBackend, ShadowConfig};
+use mmu_shadow::{Coherence, ShadowBackend};
 
 const PWU: u64 = 7;
 const WINDOW: Gva = Gva(0xffff_8000_0000_0000);
@@ -24,9 +24,10 @@ fn setup(coherence: Coherence) -> (GuestRam, ShadowBackend, SoftVcpu) {
     ram.set_word(4, 1, 0x11_000 | PWU);
     ram.set_word(17, 0, 0x1111);
     ram.set_word(18, 0, 0x2222);
-    let b = ShadowBackend::new(ShadowConfig {
-        coherence,
-        ..config(None, 0)
+    let b = ShadowBackend::new({
+        let mut m = config(None, 0);
+        m.coherence = coherence;
+        m
     })
     .unwrap();
     add_slot(&b, ram.slot(0, 0, 0, 48, MemslotFlags::empty()));
@@ -116,11 +117,12 @@ fn the_window_is_reserved() {
         "window pages and the root: {s}"
     );
     b.audit().unwrap();
-    let bad = ShadowBackend::new(ShadowConfig {
-        coherence: Coherence::Replay {
+    let bad = ShadowBackend::new({
+        let mut m = config(None, 0);
+        m.coherence = Coherence::Replay {
             window: Gva(0x1000),
-        },
-        ..config(None, 0)
+        };
+        m
     });
     assert!(bad.is_err());
     let _ = b.memslots();

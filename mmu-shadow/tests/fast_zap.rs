@@ -9,8 +9,8 @@ use std::thread;
 
 use common::{GuestRam, add_slot, config};
 use mmu_api::{
-    AccessMode, Gpa, Gva, MemslotFlags, MmuBackend, PagingContext, PagingMode, PfErrorCode, SlotId,
-    VcpuId, VcpuKick,
+    AccessMode, Gpa, Gva, MemslotFlags, MmuBackend, MmuVcpu, PagingContext, PagingMode,
+    PfErrorCode, SlotId, VcpuId, VcpuKick,
 };
 use mmu_shadow::soft::{SoftOutcome, SoftVcpu};
 use mmu_shadow::{ReclaimPolicy, ShadowBackend, ShadowConfig, ZapMode};
@@ -97,9 +97,10 @@ fn fast_zap_never_reuses_obsolete_pages() {
 
 #[test]
 fn naive_zap_is_selectable() {
-    let (_ram, b) = setup(ShadowConfig {
-        zap: ZapMode::Naive,
-        ..config(None, 8)
+    let (_ram, b) = setup({
+        let mut m = config(None, 8);
+        m.zap = ZapMode::Naive;
+        m
     });
     let mut cpu = SoftVcpu::new(&b, VcpuId(0)).unwrap();
     cpu.load_context(&ctx(0x1000)).unwrap();
@@ -217,19 +218,24 @@ fn mmio_sptes_made_during_an_update_never_hit() {
 #[test]
 fn mmio_caching_respects_guest_rights_and_can_be_off() {
     for caching in [true, false] {
-        let (mut ram, b) = setup(ShadowConfig {
-            mmio_caching: caching,
-            ..config(None, 0)
+        let (mut ram, b) = setup({
+            let mut m = config(None, 0);
+            m.mmio_caching = caching;
+            m
         });
         // A read-only user mapping of MMIO at gva 0x9000.
         ram.set_word(4, 9, 0x80_1000 | 5);
         let mut cpu = SoftVcpu::new(&b, VcpuId(0)).unwrap();
         cpu.load_context(&ctx(0x1000)).unwrap();
-        for _ in 0..3 {
+        assert_eq!(cpu.mmu().last_mmio_cached(), None);
+        for i in 0..3 {
             assert_eq!(
                 cpu.read(Gva(0x9000), 8, AccessMode::User).unwrap(),
                 SoftOutcome::Mmio(Gpa(0x80_1000))
             );
+            // The first access walks and searches; later ones hit the MMIO
+            // SPTE, when caching is on.
+            assert_eq!(cpu.mmu().last_mmio_cached(), Some(caching && i > 0));
         }
         // A write the guest forbids is a guest #PF, cached or not.
         assert_eq!(
@@ -247,9 +253,10 @@ fn mmio_caching_respects_guest_rights_and_can_be_off() {
 
 #[test]
 fn generation_wrap_zaps_mmio_sptes() {
-    let (ram, b) = setup(ShadowConfig {
-        mmio_gen_bits: 2,
-        ..config(None, 0)
+    let (ram, b) = setup({
+        let mut m = config(None, 0);
+        m.mmio_gen_bits = 2;
+        m
     });
     let mut cpu = SoftVcpu::new(&b, VcpuId(0)).unwrap();
     cpu.load_context(&ctx(0x1000)).unwrap();
@@ -316,7 +323,7 @@ fn allocation_takes_zapped_obsolete_pages_first() {
     );
 }
 
-/// Seed 004: under a small limit, FIFO reclaims directories holding fresh
+/// Under a small limit, FIFO reclaims directories holding fresh
 /// tables; parent-aware reclaim takes leaves first and keeps the parents of
 /// new children young.
 #[test]
@@ -332,9 +339,10 @@ fn parent_aware_reclaim_keeps_directories() {
         for t in 0..8u64 {
             ram.set_word(4 + t, 0, (0x10_000 + 0x1000 * t) | PWU);
         }
-        let b = ShadowBackend::new(ShadowConfig {
-            reclaim: policy,
-            ..config(Some(12), 0)
+        let b = ShadowBackend::new({
+            let mut m = config(Some(12), 0);
+            m.reclaim = policy;
+            m
         })
         .unwrap();
         add_slot(&b, ram.slot(0, 0, 0, 48, MemslotFlags::empty()));

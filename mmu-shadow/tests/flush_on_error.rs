@@ -11,7 +11,7 @@ use mmu_api::{
     VcpuId,
 };
 use mmu_shadow::soft::NoKick;
-use mmu_shadow::{Coherence, ShadowBackend, ShadowConfig};
+use mmu_shadow::{Coherence, ShadowBackend};
 
 const PWU: u64 = 7;
 const ACCESSED: u64 = 1 << 5;
@@ -46,12 +46,13 @@ fn a_failed_fault_still_commits_the_flush_it_owes() {
     // A replayed pool: zapped frames stay quarantined until the host
     // confirms a replay, which this test never does, so the pool runs out
     // of frames while the page count is still under the limit.
-    let b = ShadowBackend::new(ShadowConfig {
-        pool_pages: 64,
-        coherence: Coherence::Replay {
+    let b = ShadowBackend::new({
+        let mut m = config(None, 0);
+        m.pool_pages = 64;
+        m.coherence = Coherence::Replay {
             window: Gva(0xffff_8000_0000_0000),
-        },
-        ..config(None, 0)
+        };
+        m
     })
     .unwrap();
     add_slot(&b, ram.slot(0, 0, 0, 1100, MemslotFlags::empty()));

@@ -14,7 +14,7 @@ use mmu_api::{
     VcpuId,
 };
 use mmu_shadow::soft::{SoftOutcome, SoftVcpu};
-use mmu_shadow::{ShadowBackend, ShadowConfig, ZapMode};
+use mmu_shadow::{ShadowBackend, ZapMode};
 
 const PWU: u64 = 7;
 const RAM_PAGES: u64 = 520;
@@ -203,10 +203,11 @@ fn worker(b: &ShadowBackend, v: u64, finished: &AtomicUsize, progress: &AtomicU6
 fn run(vcpus: u64, zap: ZapMode, lockless_faults: bool) -> u64 {
     let mut ram = GuestRam::new(RAM_PAGES);
     guest(&mut ram);
-    let b = ShadowBackend::new(ShadowConfig {
-        zap,
-        lockless_faults,
-        ..config(Some(20), 8)
+    let b = ShadowBackend::new({
+        let mut m = config(Some(20), 8);
+        m.zap = zap;
+        m.lockless_faults = lockless_faults;
+        m
     })
     .unwrap();
     add_slot(&b, ram.slot(0, 0, 0, SLOT0_PAGES, MemslotFlags::empty()));

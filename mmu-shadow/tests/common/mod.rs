@@ -74,13 +74,14 @@ impl GuestRam {
 
 /// The test configuration: a small pool at a high hardware address.
 pub fn config(page_limit: Option<u64>, prefetch: usize) -> ShadowConfig {
-    ShadowConfig {
-        pool_pages: POOL_PAGES,
-        pool_hpa: Hpa(POOL_HPA),
-        page_limit,
-        prefetch,
-        gpa_width: 40,
-        ..ShadowConfig::default()
+    {
+        let mut m = ShadowConfig::default();
+        m.pool_pages = POOL_PAGES;
+        m.pool_hpa = Hpa(POOL_HPA);
+        m.page_limit = page_limit;
+        m.prefetch = prefetch;
+        m.gpa_width = 40;
+        m
     }
 }
 

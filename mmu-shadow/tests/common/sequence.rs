@@ -30,7 +30,7 @@ use mmu_api::{
     PagingMode, SlotId, VcpuError, VcpuId,
 };
 use mmu_shadow::soft::{ShadowingHost, SoftOutcome, SoftVcpu};
-use mmu_shadow::{Coherence, MIN_PAGE_LIMIT, ReclaimPolicy, ShadowBackend, ShadowConfig, ZapMode};
+use mmu_shadow::{Coherence, MIN_PAGE_LIMIT, ReclaimPolicy, ShadowBackend, ZapMode};
 
 use super::{GuestRam, POOL_HPA, POOL_PAGES, RAM_HPA, add_slot, config};
 
@@ -503,17 +503,18 @@ pub fn run_case(case: &Case) -> Result<CaseReport, String> {
         shadow_ram.set_word(p, 0, p * 0x1111);
         ref_ram.set_word(p, 0, p * 0x1111);
     }
-    let b = ShadowBackend::new(ShadowConfig {
-        zap: case.zap,
-        reclaim: case.reclaim,
-        mmio_caching: case.mmio_bits.is_some(),
-        mmio_gen_bits: case.mmio_bits.unwrap_or(19),
-        coherence: if case.replay {
+    let b = ShadowBackend::new({
+        let mut m = config(case.limit, case.prefetch);
+        m.zap = case.zap;
+        m.reclaim = case.reclaim;
+        m.mmio_caching = case.mmio_bits.is_some();
+        m.mmio_gen_bits = case.mmio_bits.unwrap_or(19);
+        m.coherence = if case.replay {
             Coherence::Replay { window: WINDOW }
         } else {
             Coherence::Direct
-        },
-        ..config(case.limit, case.prefetch)
+        };
+        m
     })
     .map_err(|e| format!("backend: {e}"))?;
     let ctx0 = context(mode, 1, true, case.maxphyaddr);
