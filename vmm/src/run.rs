@@ -497,6 +497,11 @@ const CHURN_PAUSE: Duration = Duration::from_millis(1);
 /// faults after an update before it starts the next one.
 const CHURN_PROGRESS_WAIT: Duration = Duration::from_millis(200);
 
+/// Faults per vCPU the shadow backend fixes between two churn cycles.
+/// One is not enough: a vCPU whose fault is fixed must also get to re-run
+/// its access before the next zap takes the mapping away again.
+const CHURN_FAULTS_PER_VCPU: u64 = 32;
+
 /// The shadow backend's count of faults it fixed.
 fn faults_fixed(shadow: &mmu_backends::shadow::ShadowBackend) -> u64 {
     shadow.stats().get("faults_fixed").unwrap_or(0)
@@ -705,14 +710,14 @@ fn churn_loop(
             return Ok(stats);
         }
         std::thread::sleep(CHURN_PAUSE);
-        // After a shadow fast zap every vCPU reloads its root and faults
-        // its working set back in. Where that takes longer than a cycle (a
-        // loaded host, a debug build), back-to-back updates would starve
-        // the vCPUs: let them fix about one fault each first, for a bounded
-        // time.
+        // After a shadow fast zap every vCPU reloads its root, replays the
+        // zapped frames and faults its working set back in. Where that
+        // takes longer than a cycle (a loaded host, a debug build),
+        // back-to-back updates would starve the vCPUs: let them fix a few
+        // faults each first, for a bounded time.
         if let (Some(shadow), Some(fixed)) = (reclaimer, fixed_at_update) {
             let deadline = Instant::now() + CHURN_PROGRESS_WAIT;
-            while faults_fixed(shadow) < fixed + vcpus as u64
+            while faults_fixed(shadow) < fixed + vcpus as u64 * CHURN_FAULTS_PER_VCPU
                 && Instant::now() < deadline
                 && !done.load(Ordering::Acquire)
             {
