@@ -209,7 +209,7 @@ pub(crate) struct BenchArgs {
     pub(crate) vcpus: Option<usize>,
     /// Guest sizes, comma-separated (each a multiple of 2 MiB).
     #[arg(long, value_name = "SIZE[,SIZE...]", value_parser = sizes)]
-    pub(crate) mem: Option<Vec<u64>>,
+    pub(crate) mem: Option<List<u64>>,
     /// Runs of each configuration.
     #[arg(long, value_name = "N", value_parser = count_usize)]
     pub(crate) runs: Option<usize>,
@@ -218,7 +218,7 @@ pub(crate) struct BenchArgs {
     pub(crate) ops: Option<u64>,
     /// mmio-rr memslot counts, comma-separated.
     #[arg(long, value_name = "N[,N...]", value_parser = slots)]
-    pub(crate) slots: Option<Vec<u32>>,
+    pub(crate) slots: Option<List<u32>>,
     /// Between commands the vCPUs of churn and faults sleep in the host
     /// after each turn of their CPL3 wait loop (halt: idle vCPUs) or spin
     /// at CPL3 (spin).
@@ -369,17 +369,47 @@ fn guest_size(s: &str) -> Result<u64, String> {
     Ok(size)
 }
 
-fn sizes(s: &str) -> Result<Vec<u64>, String> {
-    mmu_bench::parse_sizes(s)
+/// A comma-separated list given as one value (`--mem 256M,4G`). A newtype,
+/// so clap takes the parsed list as the option's one value instead of
+/// expecting the option once per element.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct List<T>(pub(crate) Vec<T>);
+
+fn sizes(s: &str) -> Result<List<u64>, String> {
+    mmu_bench::parse_sizes(s).map(List)
 }
 
-fn slots(s: &str) -> Result<Vec<u32>, String> {
-    mmu_bench::parse_slots(s)
+fn slots(s: &str) -> Result<List<u32>, String> {
+    mmu_bench::parse_slots(s).map(List)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every option of every subcommand parses to the type its field has
+    /// (clap checks that only when a value is read, with a panic).
+    #[test]
+    fn lists_parse_to_their_field_types() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "mmu-vmm", "bench", "faults", "--mem", "256M,4G", "--slots", "1,512", "--runs", "2",
+        ])
+        .expect("valid options");
+        let Command::Bench(bench) = cli.command else {
+            panic!("not bench: {:?}", cli.command);
+        };
+        assert_eq!(bench.mem, Some(List(vec![256 << 20, 4 << 30])));
+        assert_eq!(bench.slots, Some(List(vec![1, 512])));
+        assert_eq!(bench.runs, Some(2));
+    }
+
+    /// clap's own consistency checks of the whole command tree.
+    #[test]
+    fn the_command_tree_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 
     #[test]
     fn values_are_checked() {

@@ -334,10 +334,10 @@ fn bench(a: &BenchArgs) -> Result<(), Failure> {
     }
     let options = mmu_bench::BenchOptions {
         vcpus: a.vcpus,
-        sizes: a.mem.clone(),
+        sizes: a.mem.clone().map(|l| l.0),
         runs: a.runs,
         ops: a.ops,
-        slots: a.slots.clone(),
+        slots: a.slots.clone().map(|l| l.0),
         wait: a.wait,
         quick: a.quick,
         progress: true,
