@@ -4,8 +4,7 @@
 //! the host asked (the session checks every touched page); no timing is
 //! asserted. Skips (and passes) where /dev/kvm cannot be opened.
 
-mod common;
-use common::kvm_or_skip;
+use mmu_integration::testing::kvm_or_skip;
 
 use std::time::Duration;
 

@@ -68,35 +68,19 @@ impl Scale {
     }
 }
 
-/// The environment variable that makes a bench fail, instead of skip,
-/// where `/dev/kvm` cannot be used (`.ci/run` sets it where `/dev/kvm`
-/// exists).
-const REQUIRE_KVM: &str = "MMU_REQUIRE_KVM";
-
 /// True if /dev/kvm can be used; otherwise prints
-/// `SKIPPED (no /dev/kvm): <bench>` and returns false, or panics when
-/// `MMU_REQUIRE_KVM=1` (unset, empty or `0` allow the skip; any other
-/// value panics, so a misspelt setting cannot let CI pass without KVM).
+/// `SKIPPED (no /dev/kvm): <bench>` and returns false, or panics where KVM
+/// is required (`MMU_REQUIRE_KVM=1`, see `mmu_integration::testing`).
 fn kvm_or_skip(bench: &str) -> bool {
-    let usable = std::fs::File::open("/dev/kvm").is_ok() && mmu_vmm::kvm_available();
-    let require = std::env::var_os(REQUIRE_KVM);
-    let required = match require.as_ref().map(|v| v.to_str()) {
-        None | Some(Some("")) | Some(Some("0")) => false,
-        Some(Some("1")) => true,
-        Some(other) => {
-            panic!("bench {bench}: {REQUIRE_KVM}={other:?} is neither 1 nor 0 (nor empty)")
+    use mmu_integration::testing::{KvmGate, gate};
+    match gate() {
+        KvmGate::Run => true,
+        KvmGate::Skip => {
+            println!("SKIPPED (no /dev/kvm): {bench}");
+            false
         }
-    };
-    if usable {
-        return true;
+        KvmGate::Fail(why) => panic!("bench {bench} cannot run: {why}"),
     }
-    if required {
-        panic!(
-            "bench {bench} cannot run: /dev/kvm cannot be opened as KVM, and {REQUIRE_KVM}=1 requires it"
-        );
-    }
-    println!("SKIPPED (no /dev/kvm): {bench}");
-    false
 }
 
 fn sum_churn(

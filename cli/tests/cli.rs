@@ -3,8 +3,7 @@
 //! output paths fail before any measurement, and the commands print one
 //! JSON object with `--json`.
 
-mod common;
-use common::kvm_or_skip;
+use mmu_integration::testing::kvm_or_skip;
 
 use std::process::{Command, Output};
 

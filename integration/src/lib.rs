@@ -135,6 +135,8 @@ pub mod mshv;
 pub mod ports;
 #[cfg(all(test, feature = "ept"))]
 mod test_support;
+#[cfg(all(feature = "kvm", any(test, feature = "test-utils")))]
+pub mod testing;
 
 pub use apply::{ApplyError, apply_action};
 pub use bus::{BusError, Direction, MmioBus};

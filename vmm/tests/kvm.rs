@@ -35,33 +35,6 @@ fn vcpu_error(result: Result<mmu_vmm::RunReport, RunError>) -> VcpuError {
     }
 }
 
-/// The gate of every KVM test: with `MMU_REQUIRE_KVM=1` a missing KVM is
-/// a failure, not a skip.
-#[test]
-fn kvm_tests_fail_instead_of_skipping_when_kvm_is_required() {
-    use common::{KvmGate, kvm_gate};
-    for require in [None, Some(""), Some("0"), Some("1")] {
-        assert_eq!(kvm_gate(true, require), KvmGate::Run, "{require:?}");
-    }
-    for require in [None, Some(""), Some("0")] {
-        assert_eq!(kvm_gate(false, require), KvmGate::Skip, "{require:?}");
-    }
-    let KvmGate::Fail(why) = kvm_gate(false, Some("1")) else {
-        panic!("a required KVM that is missing must fail");
-    };
-    assert_eq!(
-        why,
-        "/dev/kvm cannot be opened as KVM, and MMU_REQUIRE_KVM=1 requires it"
-    );
-    // A misspelt setting fails too, with or without KVM.
-    for usable in [true, false] {
-        assert!(
-            matches!(kvm_gate(usable, Some("yes")), KvmGate::Fail(ref m) if m.contains("\"yes\"")),
-            "{usable}"
-        );
-    }
-}
-
 #[test]
 fn touch_on_two_vcpus_reports_checksums() {
     if !kvm_or_skip("touch_on_two_vcpus_reports_checksums") {
