@@ -35,6 +35,7 @@ use crate::error::{GuestException, KitError, RunError, SetupError, VcpuError};
 use crate::kit::abi::{FAULTED, syscall};
 use crate::kit::{Program, Ring, emit};
 use crate::layout::{MIB2, PAGE_SIZE, pte};
+use crate::rng::Rng;
 use crate::vcpu::{ExceptionAction, ExitHandler, VcpuContext};
 use crate::vm::{GuestPhys, VcpuArgs, Vm, VmConfig};
 use crate::{PagingOps, x86};
@@ -196,29 +197,6 @@ mod op {
     pub(super) const CPL0: u64 = 4;
     pub(super) const WP: u64 = 8;
     pub(super) const NXE: u64 = 16;
-}
-
-/// A small deterministic generator (SplitMix64).
-#[derive(Clone, Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// True with probability `percent`/100.
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// Runs the conformance test.

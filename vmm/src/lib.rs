@@ -108,6 +108,7 @@ pub mod kit;
 pub mod layout;
 pub mod mmu;
 pub mod observe;
+mod rng;
 pub mod run;
 pub mod shadow_host;
 pub mod space;

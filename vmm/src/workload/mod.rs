@@ -58,6 +58,7 @@ use crate::error::KitError;
 use crate::kit::workloads::TouchKind;
 use crate::kit::{FaultRecord, Program};
 use crate::layout::{MIB2, PAGE_SIZE, pte};
+use crate::rng::Rng;
 use crate::space::{SpaceBuilder, SpaceError};
 use crate::vcpu::Report;
 use crate::vm::{VcpuArgs, Vm};
@@ -330,24 +331,6 @@ pub(crate) struct Plan {
 /// The value of a data word the host writes before a run.
 pub fn preset(gpa: u64) -> u64 {
     gpa.rotate_left(17) ^ 0x0da7_a000_0000_0000
-}
-
-/// SplitMix64, for generated inputs.
-#[derive(Clone, Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 /// The seed of vCPU `index`: a SplitMix64 step from the run's seed, so
