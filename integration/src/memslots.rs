@@ -143,6 +143,17 @@ struct Table {
     logging: bool,
 }
 
+impl Table {
+    /// The slots the VMM asked to have logged.
+    fn logged(&self) -> Vec<SlotId> {
+        self.slots
+            .iter()
+            .filter(|(_, e)| e.logged)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
 /// The memslots a VMM registered through this glue, and the host mappings
 /// behind them.
 ///
@@ -515,12 +526,7 @@ impl<E: From<SlotError>> Memslots<E> {
     }
 
     fn start(&self, table: &mut Table) -> Result<(), SlotError> {
-        let logged: Vec<SlotId> = table
-            .slots
-            .iter()
-            .filter(|(_, e)| e.logged)
-            .map(|(id, _)| *id)
-            .collect();
+        let logged = table.logged();
         match self.mode {
             DirtyLogMode::PerSlot => {
                 for &id in &logged {
@@ -553,12 +559,7 @@ impl<E: From<SlotError>> Memslots<E> {
     /// for the next start).
     pub fn stop_dirty_log(&self) -> Result<(), E> {
         let mut table = self.lock();
-        let logged: Vec<SlotId> = table
-            .slots
-            .iter()
-            .filter(|(_, e)| e.logged)
-            .map(|(id, _)| *id)
-            .collect();
+        let logged = table.logged();
         match self.mode {
             DirtyLogMode::PerSlot => {
                 for &id in &logged {
