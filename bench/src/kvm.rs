@@ -12,6 +12,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{BenchError, Configuration};
 use kvm_ioctls::VcpuExit;
+use mmu_integration::arena::shared_guest_memory;
 use mmu_integration::kvm::Routed;
 use mmu_integration::{Action, MmioServiceTimes};
 use mmu_vmm::kit::abi::tag;
@@ -366,9 +367,8 @@ impl TouchVm {
         let vm = mmu_vm(config, vcpus, mem_size, |_| {
             Box::new(mmu_vmm::mmu::NoDevices)
         })?;
-        let churn =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(CHURN_GPA), CHURN_SIZE as usize)])
-                .map_err(|source| mmu_vmm::SetupError::AllocateMemory {
+        let churn = shared_guest_memory(&[(GuestAddress(CHURN_GPA), CHURN_SIZE as usize)])
+            .map_err(|source| mmu_vmm::SetupError::AllocateMemory {
                 size: CHURN_SIZE,
                 source,
             })?;
@@ -740,12 +740,11 @@ pub fn rr_vm(
                 )
             })
             .collect();
-        let memory = GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|source| {
-            mmu_vmm::SetupError::AllocateMemory {
+        let memory =
+            shared_guest_memory(&ranges).map_err(|source| mmu_vmm::SetupError::AllocateMemory {
                 size: u64::from(extra_count) * PAGE_SIZE,
                 source,
-            }
-        })?;
+            })?;
         for (i, region) in memory.iter().enumerate() {
             vm.memslots()
                 .add_region(SlotId(16 + i as u32), region, MemslotFlags::empty())?;

@@ -42,6 +42,10 @@ pub enum HostError {
     #[cfg(feature = "shadow")]
     #[error("the shadow page pool could not be created")]
     ShadowPool(#[source] mmu_backends::PoolError),
+    /// The shadow backend's arena could not be set up.
+    #[cfg(feature = "shadow")]
+    #[error("the shadow backing arena could not be set up")]
+    Arena(#[source] crate::arena::ArenaError),
     /// The hypervisor refused a setup step.
     #[error("{what} failed")]
     Port {
@@ -123,6 +127,45 @@ pub enum GuestMmuPath {
     None,
 }
 
+/// Where a shadow backend's memory (its page pool and the guest's
+/// memslots) reaches the hypervisor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ShadowBacking {
+    /// One fixed region, the [`Arena`](crate::arena::Arena), registered once
+    /// at VM creation: the pool, then `room` bytes for the guest memslots'
+    /// memory. A guest memslot change only maps or unmaps memory inside it
+    /// and never reaches the hypervisor's memory map. Guest memory must be
+    /// a shared mapping ([`shared_guest_memory`](crate::arena::shared_guest_memory));
+    /// the guest runs only on the shadow tables (paging on).
+    Arena {
+        /// Bytes of room for the guest's memory, counted over the slots
+        /// that exist at one time (a deleted slot's room is reused). The
+        /// hypervisor keeps metadata for the whole region (KVM: 8 bytes per
+        /// 4 KiB page with a shadow MMU), so size it to the VM.
+        room: u64,
+    },
+    /// Each guest memslot is also a hypervisor region, at its
+    /// guest-physical address ([`RegionMirror`](crate::ports::RegionMirror)),
+    /// and the pool a region of its own: any guest memory will do, and a
+    /// guest can run without paging, but every memslot change is also one
+    /// of the hypervisor's (on KVM that zaps KVM's whole shadow).
+    Mirror,
+}
+
+impl ShadowBacking {
+    /// The arena's room when the host does not say: 16 GiB.
+    pub const DEFAULT_ROOM: u64 = 16 << 30;
+}
+
+impl Default for ShadowBacking {
+    fn default() -> Self {
+        ShadowBacking::Arena {
+            room: Self::DEFAULT_ROOM,
+        }
+    }
+}
+
 /// What a host says about itself when it sets the MMU up.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct HostOptions {
@@ -130,6 +173,8 @@ pub struct HostOptions {
     pub coherence: HostCoherence,
     /// Whether the guest's MMU events reach the MMU.
     pub guest_mmu: GuestMmuPath,
+    /// How the shadow backend's memory reaches the hypervisor.
+    pub shadow_backing: ShadowBacking,
 }
 
 /// The memory-region slot of the shadow page pool (far above any slot a
@@ -142,14 +187,28 @@ pub const SHADOW_POOL_SLOT: u32 = 0x7000;
 #[cfg(feature = "shadow")]
 pub const SHADOW_HOST_WINDOW: mmu_api::Gva = mmu_api::Gva(0xffff_8000_0000_0000);
 
-/// The shadow backend's hosting: the backend itself, and the pool
-/// registered as a memory region (removed when this is dropped, before
-/// the pool's memory goes).
+/// The shadow backend's hosting: the backend itself, and how its memory
+/// reaches the hypervisor ([`ShadowBacking`]): the arena, or the pool as a
+/// region of its own (removed when this is dropped, before the pool's
+/// memory goes).
 #[cfg(feature = "shadow")]
 pub struct ShadowHosting<R: RegionPort + ?Sized = dyn RegionPort> {
+    // Field order is drop order: the hypervisor lets go of the memory
+    // before the backend (and its pool) can go.
+    memory: HostedMemory,
     backend: mmu_backends::shadow::ShadowBackend,
     port: Arc<R>,
-    pool: UserRegion,
+}
+
+/// Where the shadow backend's memory is registered.
+#[cfg(feature = "shadow")]
+#[derive(Debug)]
+enum HostedMemory {
+    /// Pool and guest memory in one arena (which removes its region when
+    /// the last reference, the glue's or ours, goes).
+    Arena(Arc<crate::arena::Arena<dyn RegionPort>>),
+    /// The pool's own region; guest slots are mirrored one by one.
+    Pool(UserRegion),
 }
 
 #[cfg(feature = "shadow")]
@@ -157,19 +216,23 @@ impl<R: RegionPort + ?Sized> fmt::Debug for ShadowHosting<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ShadowHosting")
             .field("backend", &self.backend)
-            .field("pool", &self.pool)
+            .field("memory", &self.memory)
             .finish_non_exhaustive()
     }
 }
 
 #[cfg(feature = "shadow")]
 impl<R: RegionPort + ?Sized> ShadowHosting<R> {
+    /// The backend and its memory registered through `port` (`dyn_port`
+    /// is the same port, type-erased for the arena); returns the mirror
+    /// the memslot glue maps guest memory with.
     fn new(
         mut config: mmu_backends::ShadowConfig,
         port: Arc<R>,
-        coherence: HostCoherence,
-    ) -> Result<Self, HostError> {
-        let replay = match coherence {
+        dyn_port: Arc<dyn RegionPort>,
+        options: &HostOptions,
+    ) -> Result<(Self, Arc<dyn crate::memslots::HostMirror>), HostError> {
+        let replay = match options.coherence {
             HostCoherence::Detect => host_shadows_page_tables(),
             HostCoherence::Replay => true,
             HostCoherence::Direct => false,
@@ -184,26 +247,59 @@ impl<R: RegionPort + ?Sized> ShadowHosting<R> {
         let backend =
             mmu_backends::shadow::ShadowBackend::new(config).map_err(HostError::ShadowPool)?;
         let (host, size, hpa) = backend.pool_region();
-        let pool = UserRegion {
-            slot: SHADOW_POOL_SLOT,
-            guest_phys_addr: hpa.raw(),
-            memory_size: size,
-            userspace_addr: host.0,
-            readonly: false,
-            log_dirty: false,
+        let (memory, mirror): (_, Arc<dyn crate::memslots::HostMirror>) = match options
+            .shadow_backing
+        {
+            ShadowBacking::Arena { room } => {
+                // SAFETY: the pool is a shared mapping of `size` bytes
+                // that lives as long as `backend`, which outlives the
+                // arena's use here (field order), and the arena's own
+                // mapping of it keeps its pages alive beyond that.
+                let arena = unsafe {
+                    crate::arena::Arena::new(dyn_port, SHADOW_POOL_SLOT, hpa, host.0, size, room)
+                }
+                .map_err(HostError::Arena)?;
+                let arena = Arc::new(arena);
+                (HostedMemory::Arena(Arc::clone(&arena)), arena as _)
+            }
+            ShadowBacking::Mirror => {
+                let pool = UserRegion {
+                    slot: SHADOW_POOL_SLOT,
+                    guest_phys_addr: hpa.raw(),
+                    memory_size: size,
+                    userspace_addr: host.0,
+                    readonly: false,
+                    log_dirty: false,
+                };
+                // SAFETY: the pool's mapping lives as long as `backend`,
+                // which this struct holds; `Drop` removes the region
+                // before the backend can go.
+                unsafe { port.set_region(&pool) }.map_err(|source| HostError::Port {
+                    what: "registering the shadow page pool",
+                    source,
+                })?;
+                debug!(hpa = hpa.raw(), size, "shadow page pool registered");
+                let mirror = Arc::new(crate::ports::RegionMirror::new(dyn_port));
+                (HostedMemory::Pool(pool), mirror as _)
+            }
         };
-        // SAFETY: the pool's mapping lives as long as `backend`, which this
-        // struct holds; `Drop` removes the region before the backend can go.
-        unsafe { port.set_region(&pool) }.map_err(|source| HostError::Port {
-            what: "registering the shadow page pool",
-            source,
-        })?;
-        debug!(hpa = hpa.raw(), size, "shadow page pool registered");
-        Ok(ShadowHosting {
-            backend,
-            port,
-            pool,
-        })
+        Ok((
+            ShadowHosting {
+                memory,
+                backend,
+                port,
+            },
+            mirror,
+        ))
+    }
+
+    /// The arena the backend's memory lives in, under
+    /// [`ShadowBacking::Arena`].
+    pub fn arena(&self) -> Option<&crate::arena::Arena<dyn RegionPort>> {
+        match &self.memory {
+            HostedMemory::Arena(arena) => Some(arena),
+            HostedMemory::Pool(_) => None,
+        }
     }
 }
 
@@ -225,7 +321,10 @@ impl<R: RegionPort + ?Sized> ShadowHosting<R> {
 #[cfg(feature = "shadow")]
 impl<R: RegionPort + ?Sized> Drop for ShadowHosting<R> {
     fn drop(&mut self) {
-        if let Err(e) = self.port.remove_region(&self.pool) {
+        let HostedMemory::Pool(pool) = &self.memory else {
+            return;
+        };
+        if let Err(e) = self.port.remove_region(pool) {
             // The hypervisor still maps the pool: never unmap it.
             tracing::warn!(error = %e, "cannot remove the shadow page pool from the hypervisor; leaking it");
             std::mem::forget(self.backend.clone());
@@ -270,12 +369,12 @@ impl<R: RegionPort + ?Sized + 'static> HostMmu<R, MemslotError> {
     /// the VM handle.
     ///
     /// The EPT backend gets [`RegionMemory`](crate::ports::RegionMemory)
-    /// over `port`. The shadow backend's page pool becomes a memory region
-    /// outside the guest's physical space, each memslot is also mapped at
-    /// its host-physical address (the guest reaches only what the shadow
-    /// tables map), and the coherence policy is chosen from the host
-    /// ([`host_shadows_page_tables`]). Enables exception payloads where
-    /// the hypervisor has them.
+    /// over `port`. The shadow backend's page pool and the guest's memory
+    /// live in one memory region outside the guest's physical space,
+    /// registered once ([`ShadowBacking::Arena`]; the guest reaches only
+    /// what the shadow tables map), and the coherence policy is chosen
+    /// from the host ([`host_shadows_page_tables`]). Enables exception
+    /// payloads where the hypervisor has them.
     ///
     /// This is for a host whose vCPU loop serves the paravirtual MMU ABI
     /// (the reference VMM); [`with_options`](Self::with_options) says
@@ -320,13 +419,13 @@ impl<R: RegionPort + ?Sized + 'static, E: From<SlotError>> HostMmu<R, E> {
         let (backend, memslots): (Arc<dyn MmuBackend>, _) = match kind {
             #[cfg(feature = "shadow")]
             BackendKind::Shadow => {
-                let hosting = ShadowHosting::new(
+                let (hosting, mirror) = ShadowHosting::new(
                     config.shadow.clone(),
                     Arc::clone(&port),
-                    options.coherence,
+                    Arc::clone(&dyn_port),
+                    &options,
                 )?;
                 let backend: Arc<dyn MmuBackend> = Arc::new(hosting.backend.clone());
-                let mirror = Arc::new(crate::ports::RegionMirror::new(Arc::clone(&dyn_port)));
                 shadow = Some(hosting);
                 let memslots =
                     Memslots::for_host(Arc::clone(&backend), Some(mirror), Some(dyn_port));

@@ -121,6 +121,8 @@
 #![deny(missing_docs)]
 
 mod apply;
+#[cfg(feature = "shadow")]
+pub mod arena;
 mod bus;
 pub mod cloud_hypervisor;
 pub mod crosvm;

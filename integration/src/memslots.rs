@@ -212,6 +212,12 @@ impl<E> fmt::Debug for Memslots<E> {
 /// reaches). [`RegionMirror`](crate::ports::RegionMirror) implements it
 /// over any region port.
 pub trait HostMirror: Send + Sync + fmt::Debug {
+    /// The host-physical address a new `slot` is to have: where this
+    /// mirror will map its memory. By default the slot's own.
+    fn place(&self, slot: &Memslot) -> std::io::Result<Hpa> {
+        Ok(slot.backing.hpa)
+    }
+
     /// Maps `slot`'s host memory at its host-physical address, or, for a
     /// slot already mapped, changes its flags (dirty logging).
     ///
@@ -409,7 +415,7 @@ impl<E: From<SlotError>> Memslots<E> {
     unsafe fn set(
         &self,
         table: &mut Table,
-        slot: Memslot,
+        mut slot: Memslot,
         keep: Option<KeepAlive>,
     ) -> Result<MemslotChange, SlotError> {
         let old = if table.slots.contains_key(&slot.id) {
@@ -417,6 +423,16 @@ impl<E: From<SlotError>> Memslots<E> {
         } else {
             None
         };
+        if let Some(mirror) = &self.mirror {
+            slot.backing.hpa = match old {
+                // A live slot keeps where its memory is mapped (the backend
+                // refuses a new backing for it).
+                Some(old) => old.backing.hpa,
+                None => mirror
+                    .place(&slot)
+                    .map_err(mirror_error("place", slot.id))?,
+            };
+        }
         // The hardware must reach the memory before any SPTE can map it,
         // and must log it before the backend hands out writable SPTEs
         // that rely on the hardware's log.

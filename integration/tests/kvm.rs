@@ -384,45 +384,10 @@ fn actions_are_applied_to_the_vcpu() {
     assert_eq!(inject(Action::InjectGeneralProtection, delivery), [0x0d0d]);
 }
 
+/// Registers a 4 KiB region at `gpa` as KVM slot `slot` and removes it
+/// again: KVM's own answer to whether a slot already covers `gpa`.
 #[cfg(feature = "shadow")]
-#[test]
-fn shadow_pool_is_a_kvm_memslot_outside_guest_memory() {
-    if !kvm_or_skip("shadow_pool_is_a_kvm_memslot_outside_guest_memory") {
-        return;
-    }
-    let kvm = Kvm::new().unwrap();
-    let vm = Arc::new(kvm.create_vm().unwrap());
-    let mmu = KvmMmu::new(
-        BackendKind::Shadow,
-        &BackendConfig::default(),
-        Arc::clone(&vm),
-    )
-    .unwrap();
-    let hosting = mmu.shadow().expect("shadow hosting");
-    let (_, size, hpa) = hosting.backend().pool_region();
-    // KVM holds the pool's slot: registering it again at the same place
-    // under another id is refused as an overlap.
-    let (host, _, _) = hosting.backend().pool_region();
-    let again = kvm_bindings::kvm_userspace_memory_region {
-        slot: 1,
-        flags: 0,
-        guest_phys_addr: hpa.raw(),
-        memory_size: size,
-        userspace_addr: host.0,
-    };
-    // SAFETY: the region is the pool's live mapping; KVM refuses it.
-    let err = unsafe { vm.set_user_memory_region(again) }.unwrap_err();
-    assert_eq!(err.errno(), libc::EEXIST);
-    let expected = if mmu_integration::kvm::host_shadows_page_tables() {
-        mmu_backends::shadow::Coherence::Replay {
-            window: mmu_integration::kvm::SHADOW_HOST_WINDOW,
-        }
-    } else {
-        mmu_backends::shadow::Coherence::Direct
-    };
-    assert_eq!(hosting.coherence(), expected);
-    drop(mmu);
-    // Dropping the MMU removed the pool's slot: a page can go there now.
+fn kvm_has_room_at(vm: &VmFd, slot: u32, gpa: u64) -> Result<(), i32> {
     // SAFETY: a fresh anonymous page, unmapped below after KVM let go.
     let page = unsafe {
         libc::mmap(
@@ -436,19 +401,154 @@ fn shadow_pool_is_a_kvm_memslot_outside_guest_memory() {
     };
     assert_ne!(page, libc::MAP_FAILED);
     let mut region = kvm_bindings::kvm_userspace_memory_region {
-        slot: 1,
+        slot,
         flags: 0,
-        guest_phys_addr: hpa.raw(),
+        guest_phys_addr: gpa,
         memory_size: 4096,
         userspace_addr: page as u64,
     };
     // SAFETY: `page` stays mapped until the slot is deleted below.
-    unsafe { vm.set_user_memory_region(region) }.expect("the pool's place is free again");
-    region.memory_size = 0;
-    // SAFETY: a zero-sized region deletes the slot.
-    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    let added = unsafe { vm.set_user_memory_region(region) }.map_err(|e| e.errno());
+    if added.is_ok() {
+        region.memory_size = 0;
+        // SAFETY: a zero-sized region deletes the slot.
+        unsafe { vm.set_user_memory_region(region) }.unwrap();
+    }
     // SAFETY: KVM no longer maps the page.
     unsafe { libc::munmap(page, 4096) };
+    added
+}
+
+#[cfg(feature = "shadow")]
+#[test]
+fn shadow_arena_is_one_kvm_memslot_guest_slots_never_reach_kvm() {
+    if !kvm_or_skip("shadow_arena_is_one_kvm_memslot_guest_slots_never_reach_kvm") {
+        return;
+    }
+    let kvm = Kvm::new().unwrap();
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    let mmu = KvmMmu::new(
+        BackendKind::Shadow,
+        &BackendConfig::default(),
+        Arc::clone(&vm),
+    )
+    .unwrap();
+    let hosting = mmu.shadow().expect("shadow hosting");
+    let arena = hosting.arena().expect("the arena is the default");
+    let (pool_host, pool_size, pool_hpa) = hosting.backend().pool_region();
+    let region = *arena.region();
+    assert_eq!(region.guest_phys_addr, pool_hpa.raw());
+    assert!(region.memory_size > pool_size);
+    // KVM holds the arena: a region inside it is refused as an overlap.
+    assert_eq!(kvm_has_room_at(&vm, 1, pool_hpa.raw()), Err(libc::EEXIST));
+    assert_eq!(
+        kvm_has_room_at(&vm, 1, pool_hpa.raw() + region.memory_size - 4096),
+        Err(libc::EEXIST)
+    );
+    // The arena maps the pool's own frames.
+    // SAFETY: the pool's first word, mapped while the backend lives.
+    unsafe { std::ptr::write_volatile(pool_host.0 as *mut u64, 0x5a5a) };
+    let in_arena = arena.host_addr(pool_hpa).unwrap();
+    // SAFETY: the arena maps the pool at its start.
+    let seen = unsafe { std::ptr::read_volatile(in_arena as *const u64) };
+    assert_eq!(seen, 0x5a5a);
+    // SAFETY: as above; the pool starts zeroed again for the backend.
+    unsafe { std::ptr::write_volatile(pool_host.0 as *mut u64, 0) };
+
+    // A guest memslot lives in the shadow MMU and the arena only.
+    let memory =
+        mmu_integration::arena::shared_guest_memory(&[(GuestAddress(0x10_0000), 0x4_0000)])
+            .unwrap();
+    memory
+        .write_obj(0x1234_5678u32, GuestAddress(0x10_0010))
+        .unwrap();
+    let glue = mmu.memslots();
+    glue.add_region(
+        RAM,
+        memory.find_region(GuestAddress(0x10_0000)).unwrap(),
+        MemslotFlags::empty(),
+    )
+    .unwrap();
+    let slot = mmu.backend().memslots()[0];
+    let hpa = slot.backing.hpa;
+    assert!(
+        hpa.raw() >= pool_hpa.raw() + pool_size,
+        "{hpa} is past the pool"
+    );
+    assert!(hpa.raw() + 0x4_0000 <= pool_hpa.raw() + region.memory_size);
+    // KVM has nothing at the guest-physical address.
+    assert_eq!(kvm_has_room_at(&vm, 1, 0x10_0000), Ok(()));
+    let at = arena.host_addr(hpa).unwrap();
+    // SAFETY: the slot's place in the arena, mapped while the slot lives.
+    let word = unsafe { std::ptr::read_volatile((at + 0x10) as *const u32) };
+    assert_eq!(word, 0x1234_5678, "the arena maps the guest's memory");
+    println!(
+        "arena at {:#x}, {} MiB; pool {} KiB; {} at {hpa}",
+        region.guest_phys_addr,
+        region.memory_size >> 20,
+        pool_size >> 10,
+        RAM
+    );
+
+    // After the delete the place is inaccessible: nothing reaches the old
+    // backing through the arena (KVM's MMU notifier dropped its pages).
+    glue.delete(RAM).unwrap();
+    assert_eq!(arena.backing_used(), 0);
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let line = maps
+        .lines()
+        .find(|l| {
+            let range = l.split_whitespace().next().unwrap();
+            let (lo, hi) = range.split_once('-').unwrap();
+            let (lo, hi) = (
+                u64::from_str_radix(lo, 16).unwrap(),
+                u64::from_str_radix(hi, 16).unwrap(),
+            );
+            lo <= at && at < hi
+        })
+        .expect("the arena is mapped");
+    assert!(line.contains(" ---p "), "{line}");
+    // The memory itself is untouched.
+    assert_eq!(
+        memory.read_obj::<u32>(GuestAddress(0x10_0010)).unwrap(),
+        0x1234_5678
+    );
+    // A private mapping cannot be placed, and the refusal says why.
+    let private = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+    let err = glue
+        .add_region(
+            RAM,
+            private.find_region(GuestAddress(0)).unwrap(),
+            MemslotFlags::empty(),
+        )
+        .unwrap_err();
+    println!("private memory: {err}");
+    let chain = format!("{:?}", err);
+    assert!(chain.contains("shared mapping"), "{chain}");
+    assert!(mmu.backend().memslots().is_empty());
+    assert_eq!(arena.backing_used(), 0);
+    assert_eq!(
+        hosting.coherence(),
+        if mmu_integration::kvm::host_shadows_page_tables() {
+            mmu_backends::shadow::Coherence::Replay {
+                window: mmu_integration::kvm::SHADOW_HOST_WINDOW,
+            }
+        } else {
+            mmu_backends::shadow::Coherence::Direct
+        }
+    );
+    drop(mmu);
+    // Dropping the MMU removed the arena's slot.
+    assert_eq!(kvm_has_room_at(&vm, 1, pool_hpa.raw()), Ok(()));
+}
+
+/// Shadow hosting with every guest memslot mirrored into a KVM memslot.
+#[cfg(feature = "shadow")]
+fn mirrored() -> mmu_integration::host::HostOptions {
+    mmu_integration::host::HostOptions {
+        shadow_backing: mmu_integration::host::ShadowBacking::Mirror,
+        ..Default::default()
+    }
 }
 
 /// Under shadow, switching dirty logging on for a slot added without it
@@ -462,10 +562,11 @@ fn shadow_dirty_logging_switched_on_later_reaches_kvm() {
     }
     let kvm = Kvm::new().unwrap();
     let vm = Arc::new(kvm.create_vm().unwrap());
-    let mmu = KvmMmu::new(
+    let mmu = KvmMmu::<MemslotError>::with_options(
         BackendKind::Shadow,
         &BackendConfig::default(),
         Arc::clone(&vm),
+        mirrored(),
     )
     .unwrap();
     let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x4_0000)]).unwrap();
@@ -518,7 +619,7 @@ fn shadow_mirror_refusals_keep_the_errno() {
         BackendKind::Shadow,
         &BackendConfig::default(),
         Arc::clone(&vm),
-        mmu_integration::host::HostOptions::default(),
+        mirrored(),
     )
     .unwrap();
     let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();

@@ -169,14 +169,16 @@ impl ShadowPool {
         if !hpa_base.is_aligned(PAGE_SIZE) || hpa_base.raw().checked_add(len).is_none() {
             return Err(PoolError::Base(hpa_base));
         }
-        // SAFETY: an anonymous private mapping at an address of the kernel's
+        // Shared, so a host can map the same frames a second time (into
+        // one hypervisor memory region with the guest's memory, say).
+        // SAFETY: an anonymous mapping at an address of the kernel's
         // choosing touches no existing memory; the result is checked below.
         let ptr = unsafe {
             libc::mmap(
                 core::ptr::null_mut(),
                 len_usize,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
             )

@@ -2,7 +2,8 @@
 //!
 //! [`MmuVm`] is a [`Vm`] whose guest memory is owned by an MMU backend
 //! chosen at creation ([`BackendKind`]): the memslots go through the
-//! backend (the EPT backend mirrors them into KVM with its port), and every
+//! backend (the EPT backend mirrors them into KVM with its port; the
+//! shadow backend's live in its backing arena, one KVM memslot), and every
 //! vCPU's exits go through an [`MmuHandler`], which hands them to
 //! `mmu-integration`'s exit handler: MMIO exits are classified by the backend
 //! and served on the VM's [`Devices`]; guest #PFs the kit reports and the
@@ -23,6 +24,7 @@ use kvm_ioctls::VcpuExit;
 use mmu_api::paging::{Cr0, Cr4, Efer};
 use mmu_api::{Gpa, Gva, MemslotFlags, MmuBackend, PagingContext, PfErrorCode, SlotId, VcpuId};
 use mmu_backends::{BackendConfig, BackendKind};
+use mmu_integration::host::{HostOptions, ShadowBacking};
 use mmu_integration::kvm::{HostCoherence, KvmMmu, PageFaultDelivery, Routed, apply_action};
 use mmu_integration::{Action, BusError, ExitStats, Memslots, MmioBus, VcpuExits};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -39,6 +41,11 @@ use crate::x86;
 pub const SYSTEM_SLOT: SlotId = SlotId(0);
 /// The memslot of the data area.
 pub const DATA_SLOT: SlotId = SlotId(1);
+
+/// Room in the shadow backend's arena beyond the guest's memory, for the
+/// memslots a VMM adds and deletes while the guest runs (churn, stress,
+/// the benches' extra slots).
+pub const ARENA_HEADROOM: u64 = 64 << 20;
 
 /// MMIO devices of an [`MmuVm`] vCPU. Guest memory the MMU needs is
 /// served by the VM itself.
@@ -406,12 +413,19 @@ impl MmuVm {
             coherence,
         } = config;
         let (vm, mmu) = Vm::new_with_memory(vm, |vm_fd, memory| {
-            let mmu = KvmMmu::with_coherence(kind, &backend, Arc::clone(vm_fd), coherence)?;
-            let glue = mmu.memslots();
-            let regions: Vec<_> = {
-                use vm_memory::GuestMemoryBackend;
-                memory.iter().collect()
+            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+            let options = HostOptions {
+                coherence,
+                // Room for the guest's memory and the memslots the
+                // workloads add beside it.
+                shadow_backing: ShadowBacking::Arena {
+                    room: memory.iter().map(|r| r.len()).sum::<u64>() + ARENA_HEADROOM,
+                },
+                ..HostOptions::default()
             };
+            let mmu = KvmMmu::with_options(kind, &backend, Arc::clone(vm_fd), options)?;
+            let glue = mmu.memslots();
+            let regions: Vec<_> = memory.iter().collect();
             let [system, data] = regions[..] else {
                 return Err(SetupError::Config(format!(
                     "guest memory has {} regions, expected 2",

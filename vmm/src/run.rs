@@ -35,6 +35,7 @@ use mmu_api::paging::WalkOptions;
 use mmu_api::{Access, AccessKind, Gva, MemslotFlags, MmuBackend, MmuStats, VcpuId};
 use mmu_backends::{BackendConfig, BackendKind};
 use mmu_integration::ExitStats;
+use mmu_integration::arena::shared_guest_memory;
 use mmu_integration::kvm::{KvmHostError, check_hostable};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -918,9 +919,8 @@ fn setup(options: &RunOptions) -> Result<Setup, RunCommandError> {
     })?;
     let plan = workload::plan(vm.vm(), workload, &options.params)?;
     let churn_memory = if workload == Workload::Churn {
-        let memory =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(CHURN_GPA), CHURN_SIZE as usize)])
-                .map_err(|source| SetupError::AllocateMemory {
+        let memory = shared_guest_memory(&[(GuestAddress(CHURN_GPA), CHURN_SIZE as usize)])
+            .map_err(|source| SetupError::AllocateMemory {
                 size: CHURN_SIZE,
                 source,
             })?;

@@ -49,6 +49,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use mmu_api::{DirtyBitmap, Gpa, MemslotError, MemslotFlags};
+use mmu_integration::arena::shared_guest_memory;
 use mmu_integration::{BusError, Memslots};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -393,11 +394,8 @@ impl<'a> StressHost<'a> {
     /// Adds the slot at location A with a fresh backing.
     fn add(&mut self) -> Result<(), StressError> {
         self.publish_state(State::Changing)?;
-        let memory = GuestMemoryMmap::<()>::from_ranges(&[(
-            GuestAddress(STRESS_GPA_A),
-            STRESS_SIZE as usize,
-        )])
-        .map_err(memory_error)?;
+        let memory = shared_guest_memory(&[(GuestAddress(STRESS_GPA_A), STRESS_SIZE as usize)])
+            .map_err(memory_error)?;
         self.backing = Some(memory.clone());
         self.placement += 1;
         self.write_identity(State::AtA)?;

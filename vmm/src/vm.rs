@@ -11,6 +11,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use mmu_api::paging::{CpuFeatures, CpuidLeaf, GuestPhysMemory, PagingContext, PhysMemError};
 use mmu_api::{Gpa, VcpuId};
+use mmu_integration::arena::shared_guest_memory;
 use tracing::debug;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileMemory,
@@ -174,7 +175,8 @@ impl Vm {
         );
 
         let data = layout.data().start;
-        let memory = GuestMemoryMmap::<()>::from_ranges(&[
+        // Shared, so a shadow backend's arena can map it a second time.
+        let memory = shared_guest_memory(&[
             (GuestAddress(0), data as usize),
             (GuestAddress(data), (config.mem_size - data) as usize),
         ])

@@ -228,15 +228,16 @@ fn memslot_churn_under_running_vcpus_fast_zaps_and_frees_obsolete_pages() {
     if !kvm_or_skip("memslot_churn_under_running_vcpus_fast_zaps_and_frees_obsolete_pages") {
         return;
     }
+    use mmu_integration::arena::shared_guest_memory;
     use mmu_vmm::kit::workloads::{self, TouchKind};
-    use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
     // KVM's 8-entry prefetch: with the whole-table default the vCPUs
     // refault so few pages after a zap that they can finish their passes
     // before a second churn cycle, and the test would churn once.
     let mut backend = BackendConfig::default();
     backend.shadow.prefetch = 8;
     let mut vm = shadow_vm_with(2, HostCoherence::Detect, backend);
-    let spare = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(1 << 30), 2 << 20)]).unwrap();
+    let spare = shared_guest_memory(&[(GuestAddress(1 << 30), 2 << 20)]).unwrap();
     let spare_region = spare.iter().next().unwrap();
     let spare_slot = mmu_api::SlotId(2);
     vm.memslots()
