@@ -133,6 +133,8 @@ mod memslots;
 #[cfg(feature = "mshv")]
 pub mod mshv;
 pub mod ports;
+#[cfg(all(feature = "shadow", feature = "kvm"))]
+pub mod shadow_host;
 #[cfg(all(test, feature = "ept"))]
 mod test_support;
 #[cfg(all(feature = "kvm", any(test, feature = "test-utils")))]

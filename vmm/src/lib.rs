@@ -101,7 +101,6 @@
 pub mod conformance;
 pub mod diff;
 mod error;
-pub mod insn;
 pub mod json;
 mod kick;
 pub mod kit;
@@ -110,7 +109,6 @@ pub mod mmu;
 pub mod observe;
 mod rng;
 pub mod run;
-pub mod shadow_host;
 pub mod space;
 pub mod stress;
 pub mod tables;

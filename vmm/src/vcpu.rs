@@ -4,18 +4,20 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use mmu_api::VcpuId;
+use mmu_api::{Gpa, VcpuId};
 use mmu_integration::Action;
 use mmu_integration::kvm::{PageFaultDelivery, Routed, apply_action};
+use mmu_integration::ports::PortError;
+use mmu_integration::shadow_host::PvVcpu;
 use tracing::{debug, trace};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use crate::error::{GuestException, IoDirection, KvmError, VcpuError};
 use crate::kick::{RunPageGuard, VcpuControl, request};
 use crate::kit::Kernel;
-use crate::kit::abi::{REPLAY_CAPACITY, action, hypercall, percpu};
+use crate::kit::abi::{REPLAY_CAPACITY, action, frame, hypercall, percpu};
 use crate::layout::Layout;
 
 /// A page-table operation the guest kernel asks the VMM to serve
@@ -358,12 +360,6 @@ impl<'a> VcpuContext<'a> {
         Ok(regs)
     }
 
-    /// Drops the cached registers (KVM changed them: a pending port read
-    /// was completed).
-    pub(crate) fn forget_regs(&mut self) {
-        self.regs = None;
-    }
-
     /// Replaces the general registers.
     pub fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), VcpuError> {
         self.fd
@@ -396,7 +392,7 @@ impl<'a> VcpuContext<'a> {
         self.memory
             .read_obj(GuestAddress(gpa))
             .map_err(|source| VcpuError::Memory {
-                gpa: mmu_api::Gpa(gpa),
+                gpa: Gpa(gpa),
                 source,
             })
     }
@@ -406,7 +402,7 @@ impl<'a> VcpuContext<'a> {
         self.memory
             .read_obj(GuestAddress(gpa))
             .map_err(|source| VcpuError::Memory {
-                gpa: mmu_api::Gpa(gpa),
+                gpa: Gpa(gpa),
                 source,
             })
     }
@@ -418,7 +414,7 @@ impl<'a> VcpuContext<'a> {
         self.memory
             .write_obj(value, GuestAddress(gpa))
             .map_err(|source| VcpuError::Memory {
-                gpa: mmu_api::Gpa(gpa),
+                gpa: Gpa(gpa),
                 source,
             })
     }
@@ -498,7 +494,7 @@ impl<'a> VcpuContext<'a> {
             }
         };
         let rsp = self.regs()?.rsp;
-        self.write_u64(rsp + EXCEPTION_FRAME_ERROR_CODE, error_code)?;
+        self.write_u64(rsp + frame::ERROR_CODE, error_code)?;
         if cr2 != exception.cr2 {
             let mut sregs = self.sregs()?;
             sregs.cr2 = cr2;
@@ -510,9 +506,66 @@ impl<'a> VcpuContext<'a> {
     }
 }
 
-/// Offset of the error-code word in the exception frame at RSP (see
-/// [`abi`](crate::kit::abi)).
-const EXCEPTION_FRAME_ERROR_CODE: u64 = 24;
+/// The shadow hosting of `mmu-integration` works on the vCPU through this
+/// context, sharing its cached registers.
+impl PvVcpu for VcpuContext<'_> {
+    fn get_regs(&mut self) -> Result<kvm_regs, PortError> {
+        if let Some(regs) = self.regs {
+            return Ok(regs);
+        }
+        let regs = self
+            .fd
+            .get_regs()
+            .map_err(|e| PortError::failed("KVM_GET_REGS", e))?;
+        self.regs = Some(regs);
+        Ok(regs)
+    }
+
+    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), PortError> {
+        self.fd
+            .set_regs(regs)
+            .map_err(|e| PortError::failed("KVM_SET_REGS", e))?;
+        self.regs = Some(*regs);
+        Ok(())
+    }
+
+    fn get_sregs(&mut self) -> Result<kvm_sregs, PortError> {
+        self.fd
+            .get_sregs()
+            .map_err(|e| PortError::failed("KVM_GET_SREGS", e))
+    }
+
+    fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), PortError> {
+        self.fd
+            .set_sregs(sregs)
+            .map_err(|e| PortError::failed("KVM_SET_SREGS", e))
+    }
+
+    fn get_vcpu_events(&mut self) -> Result<kvm_vcpu_events, PortError> {
+        self.fd
+            .get_vcpu_events()
+            .map_err(|e| PortError::failed("KVM_GET_VCPU_EVENTS", e))
+    }
+
+    fn set_vcpu_events(&mut self, events: &kvm_vcpu_events) -> Result<(), PortError> {
+        self.fd
+            .set_vcpu_events(events)
+            .map_err(|e| PortError::failed("KVM_SET_VCPU_EVENTS", e))
+    }
+
+    fn complete_pending_io(&mut self) -> Result<(), PortError> {
+        self.regs = None;
+        mmu_integration::shadow_host::complete_pending_io(self.fd)
+    }
+
+    fn read_guest(&mut self, gpa: Gpa, data: &mut [u8]) -> Result<(), GuestMemoryError> {
+        self.memory.read_slice(data, GuestAddress(gpa.raw()))
+    }
+
+    fn write_guest(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), GuestMemoryError> {
+        self.memory.write_slice(data, GuestAddress(gpa.raw()))
+    }
+}
 
 /// What the vCPU thread needs for one run.
 #[derive(Debug)]
@@ -716,7 +769,7 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
         memory
             .write_obj(value, GuestAddress(kernel_page + offset))
             .map_err(|source| VcpuError::Memory {
-                gpa: mmu_api::Gpa(kernel_page + offset),
+                gpa: Gpa(kernel_page + offset),
                 source,
             })?;
     }
@@ -843,7 +896,7 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
                 let mut buf = vec![0u8; len];
                 if !handler.mmio_read(&mut ctx, gpa, &mut buf)? {
                     return Err(VcpuError::UnknownMmio {
-                        gpa: mmu_api::Gpa(gpa),
+                        gpa: Gpa(gpa),
                         direction: IoDirection::Read,
                         size: len,
                     });
@@ -854,7 +907,7 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
             Exit::MmioWrite { gpa, data } => {
                 if !handler.mmio_write(&mut ctx, gpa, &data)? {
                     return Err(VcpuError::UnknownMmio {
-                        gpa: mmu_api::Gpa(gpa),
+                        gpa: Gpa(gpa),
                         direction: IoDirection::Write,
                         size: data.len(),
                     });
@@ -892,17 +945,9 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
 /// Lets KVM finish an instruction left pending by the last exit of a
 /// previous run (the kit's hypercalls are port reads, and a run ends on
 /// one): KVM completes it on the next `KVM_RUN`, and would otherwise do so
-/// on top of the registers the new run sets. With `immediate_exit` set,
-/// `KVM_RUN` completes it and returns without running guest code.
-pub(crate) fn complete_pending_io(fd: &mut VcpuFd) -> Result<(), VcpuError> {
-    fd.set_kvm_immediate_exit(1);
-    let result = fd.run().map(|_| ());
-    fd.set_kvm_immediate_exit(0);
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
-        Err(e) => Err(KvmError::new("KVM_RUN", e).into()),
-    }
+/// on top of the registers the new run sets.
+fn complete_pending_io(fd: &mut VcpuFd) -> Result<(), VcpuError> {
+    mmu_integration::shadow_host::complete_pending_io(fd).map_err(|e| VcpuError::Hosting(e.into()))
 }
 
 /// The answer to a hypercall, or the end of the program.

@@ -79,6 +79,31 @@ impl ReplayRestart {
     }
 }
 
+/// What the shadow hosting of `mmu-integration` needs to know about the
+/// kit's kernel: these restart points, and the kit's system calls
+/// ([`abi::syscall_entry_pending`]).
+impl mmu_integration::shadow_host::PvKernel for ReplayRestart {
+    fn replay_restart_rip(&self, rip: u64) -> u64 {
+        self.restart_rip(rip)
+    }
+
+    fn cr3_reload_restart(&self, rip: u64) -> Option<u64> {
+        ReplayRestart::cr3_reload_restart(self, rip)
+    }
+
+    fn in_replay_routine(&self, rip: u64) -> bool {
+        self.in_routine(rip)
+    }
+
+    fn syscall_bytes_len(&self) -> usize {
+        abi::syscall_bytes(0).len()
+    }
+
+    fn syscall_entry_pending(&self, before_rip: &[u8], regs: &kvm_bindings::kvm_regs) -> bool {
+        abi::syscall_entry_pending(before_rip, regs.rax, regs.rflags)
+    }
+}
+
 /// Labels of the kernel's shared routines.
 struct Labels {
     replay: CodeLabel,
