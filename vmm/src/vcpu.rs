@@ -10,7 +10,7 @@ use mmu_api::{Gpa, VcpuId};
 use mmu_integration::Action;
 use mmu_integration::kvm::{PageFaultDelivery, Routed, apply_action};
 use mmu_integration::ports::PortError;
-use mmu_integration::shadow_host::PvVcpu;
+use mmu_integration::shadow_host::{PvVcpu, ReadExit, complete_read};
 use tracing::{debug, trace};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
@@ -661,81 +661,6 @@ impl Exit {
     }
 }
 
-/// The kind of read exit whose answer [`complete_read`] writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ReadExit {
-    /// A port read (`KVM_EXIT_IO`, direction in).
-    Io,
-    /// An MMIO read (`KVM_EXIT_MMIO`, not a write).
-    Mmio,
-}
-
-/// Writes `bytes` (truncated or zero-padded to the access size) as the
-/// answer to the read exit `KVM_RUN` last returned on `fd`, which KVM hands
-/// to the guest on the next `KVM_RUN`.
-///
-/// The data area is found again from `kvm_run` through this borrow of
-/// `fd` (nothing is kept from the exit but its kind and size), and only
-/// if `kvm_run` still describes a read exit of `kind` with `len` bytes.
-fn complete_read(
-    fd: &mut VcpuFd,
-    kind: ReadExit,
-    len: usize,
-    bytes: &[u8],
-) -> Result<(), VcpuError> {
-    let run = fd.get_kvm_run();
-    let Some(area) = read_area(run, kind).filter(|area| area.len() == len) else {
-        return Err(VcpuError::Handler(format!(
-            "the vCPU no longer holds the {kind:?} read exit of {len} bytes it is answered for"
-        )));
-    };
-    let n = bytes.len().min(len);
-    area[..n].copy_from_slice(&bytes[..n]);
-    area[n..].fill(0);
-    Ok(())
-}
-
-/// The data area of the read exit of `kind` that `run` describes, or None
-/// if it describes something else.
-fn read_area(run: &mut kvm_bindings::kvm_run, kind: ReadExit) -> Option<&mut [u8]> {
-    match kind {
-        ReadExit::Io => {
-            if run.exit_reason != kvm_bindings::KVM_EXIT_IO {
-                return None;
-            }
-            // SAFETY: the exit reason is KVM_EXIT_IO, so KVM filled the
-            // `io` member of the union; it is plain integers.
-            let io = unsafe { run.__bindgen_anon_1.io };
-            if u32::from(io.direction) != kvm_bindings::KVM_EXIT_IO_IN {
-                return None;
-            }
-            let len = usize::from(io.size) * io.count as usize;
-            let offset = usize::try_from(io.data_offset).ok()?;
-            let data = std::ptr::from_mut(run).cast::<u8>().wrapping_add(offset);
-            // SAFETY: for KVM_EXIT_IO, KVM puts the data `data_offset`
-            // bytes into the vCPU's kvm_run mapping, which `fd` keeps
-            // mapped and which holds `size * count` bytes there (the same
-            // area kvm-ioctls hands out as `VcpuExit::IoIn`). The slice
-            // borrows `run`, so it cannot outlive this borrow of the vCPU,
-            // and nothing else writes the area before the next KVM_RUN.
-            Some(unsafe { std::slice::from_raw_parts_mut(data, len) })
-        }
-        ReadExit::Mmio => {
-            if run.exit_reason != kvm_bindings::KVM_EXIT_MMIO {
-                return None;
-            }
-            // SAFETY: the exit reason is KVM_EXIT_MMIO, so KVM filled the
-            // `mmio` member of the union; it is plain integers and bytes.
-            let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
-            if mmio.is_write != 0 {
-                return None;
-            }
-            let len = (mmio.len as usize).min(mmio.data.len());
-            Some(&mut mmio.data[..len])
-        }
-    }
-}
-
 /// Runs one vCPU until its program ends, it fails, or it is stopped.
 pub(crate) fn run_vcpu<H: ExitHandler>(
     run: VcpuRun<'_>,
@@ -1091,32 +1016,6 @@ mod tests {
         assert_eq!(r.last(1), Some(7));
         assert_eq!(r.last(2), Some(6));
         assert_eq!(r.last(3), None);
-    }
-
-    #[test]
-    fn read_answers_go_only_to_the_read_exit_they_answer() {
-        // SAFETY: kvm_run is plain integers, bytes and unions of them; all
-        // zeroes is a valid value.
-        let mut run: kvm_bindings::kvm_run = unsafe { std::mem::zeroed() };
-        run.exit_reason = kvm_bindings::KVM_EXIT_MMIO;
-        run.__bindgen_anon_1.mmio.len = 4;
-        run.__bindgen_anon_1.mmio.is_write = 0;
-        assert!(read_area(&mut run, ReadExit::Io).is_none());
-        let area = read_area(&mut run, ReadExit::Mmio).expect("an MMIO read");
-        assert_eq!(area.len(), 4);
-        area.copy_from_slice(&[1, 2, 3, 4]);
-        // SAFETY: the `mmio` member was written above.
-        assert_eq!(unsafe { run.__bindgen_anon_1.mmio.data }[..4], [1, 2, 3, 4]);
-        run.__bindgen_anon_1.mmio.is_write = 1;
-        assert!(read_area(&mut run, ReadExit::Mmio).is_none());
-        // A port write is not a read: no area, whatever its offset says.
-        run.exit_reason = kvm_bindings::KVM_EXIT_IO;
-        run.__bindgen_anon_1.io.direction = kvm_bindings::KVM_EXIT_IO_OUT as u8;
-        run.__bindgen_anon_1.io.data_offset = 1 << 40;
-        assert!(read_area(&mut run, ReadExit::Io).is_none());
-        run.exit_reason = kvm_bindings::KVM_EXIT_HLT;
-        assert!(read_area(&mut run, ReadExit::Mmio).is_none());
-        assert!(read_area(&mut run, ReadExit::Io).is_none());
     }
 
     #[test]

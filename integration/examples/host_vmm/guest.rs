@@ -20,7 +20,8 @@ pub(crate) const RAM_SIZE: u64 = 0x8_0000;
 pub(crate) const CODE_GPA: u64 = 0x1000;
 /// The first page the program touches.
 pub(crate) const TOUCH_GPA: u64 = 0x1_0000;
-/// The device's page: doorbell at +0, status at +4.
+/// The device's page: doorbell at +0, status at +4, report at +8, done at
+/// +12.
 pub(crate) const DEVICE_GPA: u64 = 0xd_0000;
 /// A 64 KiB ROM (a read-only memslot) at the top of the first megabyte.
 pub(crate) const ROM_GPA: u64 = 0xf_0000;
@@ -221,6 +222,10 @@ pub(crate) struct Bus {
     pub(crate) unclaimed_reads: u64,
     /// Writes to addresses with no device (dropped).
     pub(crate) unclaimed_writes: u64,
+    /// Values written to the report register (+8), in order.
+    pub(crate) reports: Vec<u32>,
+    /// The done register (+12) was written.
+    pub(crate) done: bool,
 }
 
 impl Bus {
@@ -233,6 +238,8 @@ impl Bus {
             rom_writes: BTreeMap::new(),
             unclaimed_reads: 0,
             unclaimed_writes: 0,
+            reports: Vec::new(),
+            done: false,
         }
     }
 }
@@ -263,6 +270,13 @@ impl MmioBus for Bus {
                 self.doorbell = u16::from_le_bytes(bytes);
                 self.rings += 1;
             }
+            a if a == DEVICE_GPA + 8 => {
+                let mut bytes = [0u8; 4];
+                let n = data.len().min(4);
+                bytes[..n].copy_from_slice(&data[..n]);
+                self.reports.push(u32::from_le_bytes(bytes));
+            }
+            a if a == DEVICE_GPA + 12 => self.done = true,
             a if (ROM_GPA..ROM_GPA + ROM_SIZE).contains(&a) => {
                 self.rom_writes.insert(a, data.to_vec());
             }

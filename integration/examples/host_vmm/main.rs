@@ -15,44 +15,58 @@
 //! 3. runs one vCPU in a loop: `prepare_entry` before `KVM_RUN`,
 //!    `exit_guest` after it, every exit through `handle_kvm_exit` (MMIO is
 //!    classified by the backend and served on the VMM's bus), and the
-//!    VMM's own exits (port I/O, HLT) handled as before;
+//!    VMM's own exits (port I/O: the guest's reports, its end, and the
+//!    paravirtual MMU ABI's hypercalls) handled by the VMM;
 //! 4. prints what the guest reported, the dirty log and the backend's
 //!    stats, and checks them against the host's model of the guest.
 //!
-//! The guest is a few bytes of real-mode code (see `guest.rs`): it touches
-//! pages, does request/response over an MMIO doorbell and status register,
-//! writes to the ROM and reads it.
+//! The guest (see `pv_guest.rs`) is a minimal long-mode kernel and a
+//! CPL3 program that speaks the paravirtual MMU ABI
+//! (`mmu_integration::shadow_host::abi`): its page tables are written by
+//! the host before the first entry, its exception stubs report to the VMM
+//! with the EXCEPTION hypercall, and its return path runs the replay
+//! queue. The program touches pages, does request/response over an MMIO
+//! doorbell and status register, writes to the ROM and reads it, reads
+//! its pages back, and reports.
 //!
-//! With `--mmu shadow`, `KvmMmu::new` registers the shadow page pool with
-//! KVM and mirrors each memslot at its host-physical address (read-only
-//! and dirty-logged as the slot is). This guest runs in real mode, without
-//! page tables, so KVM translates its accesses through the mirror and the
-//! shadow tables are never walked: the backend classifies its MMIO and the
-//! glue merges KVM's dirty log into the backend's. A guest that pages runs
-//! on the shadow tables themselves once its #PF vector and CR3 loads reach
-//! the backend, as the `vmm` crate's guest kit does (`mmu-vmm run --mmu
-//! shadow`).
+//! With `--mmu ept` KVM walks the guest's tables itself and the kernel
+//! never runs after the start: MMIO reaches the VMM as KVM's MMIO exits.
+//!
+//! With `--mmu shadow` the hardware walks the shadow MMU's tables. The
+//! VMM hosts it per vCPU with `mmu_integration::shadow_host::ShadowVcpuHost`:
+//! `prepare_entry` loads the MMU's root into CR3 (and queues the replay
+//! records a host whose KVM shadows page tables needs), every hypercall
+//! port read goes to `hypercall`, and the answer completes the read. The
+//! program's first accesses fault in the shadow tables (the example
+//! checks that the backend counted shadow faults); its MMIO accesses are
+//! #PFs on MMIO SPTEs, which the hosting emulates against the same bus.
 
 mod guest;
+mod pv_guest;
 
 use std::error::Error;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuExit};
-use mmu_api::{MemslotFlags, SlotId, VcpuId, VcpuKick};
+use mmu_api::paging::{CpuFeatures, CpuidLeaf, Cr0, Cr4, Efer};
+use mmu_api::{MemslotFlags, PagingContext, SlotId, VcpuId, VcpuKick};
 use mmu_backends::{BackendConfig, BackendKind};
 use mmu_integration::kvm::{KvmMmu, Routed, apply_action};
+use mmu_integration::shadow_host::abi::hypercall;
+use mmu_integration::shadow_host::{
+    HypercallAnswer, KvmPvVcpu, ReadExit, ReplayHub, ShadowVcpuHost, complete_read,
+    read_exception_frame,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use guest::{
-    Bus, CODE_GPA, RAM_SIZE, REPORT_PORT, ROM_GPA, ROM_SIZE, ROM_WORD, TOUCH_GPA, expected_reports,
-    program, start_real_mode,
-};
+use guest::{Bus, RAM_SIZE, ROM_GPA, ROM_SIZE, ROM_WORD, TOUCH_GPA};
+use pv_guest::{GDT_GPA, IDT_GPA, KERNEL_GPA, TSS_GPA, USER_CODE_GPA};
 
 /// Pages the guest touches and requests it makes.
-const PAGES: u16 = 16;
-const REQUESTS: u16 = 32;
+const PAGES: u32 = 16;
+const REQUESTS: u32 = 32;
 
 /// This VMM runs its one vCPU on the main thread and no other thread posts
 /// MMU requests, so a kick has nothing to interrupt. A VMM with vCPU
@@ -84,12 +98,23 @@ fn run() -> Result<bool, Box<dyn Error>> {
     let vm = Arc::new(kvm.create_vm()?);
     let mmu = KvmMmu::new(kind, &BackendConfig::default(), Arc::clone(&vm))?;
 
-    // Guest memory, registered through the MMU.
+    // Guest memory, with the guest's image, registered through the MMU.
     let memory = GuestMemoryMmap::<()>::from_ranges(&[
         (GuestAddress(0), RAM_SIZE as usize),
         (GuestAddress(ROM_GPA), ROM_SIZE as usize),
     ])?;
-    memory.write_slice(&program(PAGES, REQUESTS), GuestAddress(CODE_GPA))?;
+    let kernel = pv_guest::kernel()?;
+    for (gpa, words) in pv_guest::page_tables(PAGES) {
+        write_words(&memory, gpa, &words)?;
+    }
+    write_words(&memory, GDT_GPA, &pv_guest::gdt())?;
+    write_words(&memory, IDT_GPA, &pv_guest::idt(&kernel))?;
+    memory.write_slice(&pv_guest::tss(), GuestAddress(TSS_GPA))?;
+    memory.write_slice(&kernel.code, GuestAddress(KERNEL_GPA))?;
+    memory.write_slice(
+        &pv_guest::program(PAGES, REQUESTS)?,
+        GuestAddress(USER_CODE_GPA),
+    )?;
     memory.write_obj(ROM_WORD, GuestAddress(ROM_GPA + 0x20))?;
     let regions: Vec<_> = memory.iter().collect();
     mmu.memslots()
@@ -97,45 +122,129 @@ fn run() -> Result<bool, Box<dyn Error>> {
     mmu.memslots()
         .add_region(SlotId(1), regions[1], MemslotFlags::READONLY)?;
 
-    // One vCPU and its MMU half.
+    // One vCPU in long mode on the guest's own tables, and its MMU half.
+    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+    let leaves: Vec<CpuidLeaf> = cpuid
+        .as_slice()
+        .iter()
+        .map(|e| CpuidLeaf::new(e.function, e.index, [e.eax, e.ebx, e.ecx, e.edx]))
+        .collect();
     let mut vcpu = vm.create_vcpu(0)?;
-    start_real_mode(&vcpu, CODE_GPA)?;
+    vcpu.set_cpuid2(&cpuid)?;
+    let sregs = pv_guest::long_mode_sregs(vcpu.get_sregs()?);
+    vcpu.set_sregs(&sregs)?;
+    vcpu.set_regs(&pv_guest::start_regs(&kernel))?;
+    let mut base = PagingContext::new(
+        CpuFeatures::from_cpuid(&leaves),
+        CpuidLeaf::maxphyaddr(&leaves),
+    );
+    base.cr0 = Cr0::from_bits_truncate(sregs.cr0);
+    base.cr3 = sregs.cr3;
+    base.cr4 = Cr4::from_bits_truncate(sregs.cr4);
+    base.efer = Efer::from_bits_truncate(sregs.efer);
     let mut exits = mmu.create_vcpu(VcpuId(0), Arc::new(SingleThreaded))?;
     let delivery = mmu.page_fault_delivery();
+    if mmu.shadow().is_none() {
+        // Under shadow, the hosting's first `prepare_entry` finds the
+        // guest's own CR3 and sets the context itself.
+        apply_action(&vcpu, exits.set_paging_context(&base)?, delivery)?;
+    }
     let mut bus = Bus::new(memory.clone());
 
-    // The vCPU loop.
-    let mut reports = Vec::new();
+    // Under shadow, the vCPU's hosting: the guest's facts come from the
+    // guest image.
+    let layout = pv_guest::vcpu_layout(&kernel);
+    let mut shadow = mmu.shadow().map(|hosting| {
+        let backend = hosting.backend().clone();
+        let hub = ReplayHub::for_backend(&backend, 1);
+        ShadowVcpuHost::new(0, backend, hub, layout, Arc::new(kernel.clone()), base)
+    });
+
+    // The vCPU loop, until the guest writes the device's done register.
     loop {
-        apply_action(&vcpu, exits.prepare_entry()?, delivery)?;
-        let result = vcpu.run();
-        exits.exit_guest();
-        match exits.handle_kvm_exit(result?, &mut bus)? {
-            Routed::Handled(action) => apply_action(&vcpu, action, delivery)?,
-            Routed::Unhandled(VcpuExit::IoOut(REPORT_PORT, data)) => {
-                let mut word = [0u8; 2];
-                word[..data.len().min(2)].copy_from_slice(&data[..data.len().min(2)]);
-                reports.push(u16::from_le_bytes(word));
+        match shadow.as_mut() {
+            Some(host) => {
+                host.prepare_entry(&mut KvmPvVcpu::new(&mut vcpu, &memory), &mut exits)?
             }
-            Routed::Unhandled(VcpuExit::Hlt) => break,
-            Routed::Unhandled(other) => return Err(format!("unexpected exit {other:?}").into()),
+            None => apply_action(&vcpu, exits.prepare_entry()?, delivery)?,
+        }
+        let result = vcpu.run();
+        match shadow.as_mut() {
+            Some(host) => host.exit_guest(&mut exits),
+            None => exits.exit_guest(),
+        }
+        let port = match exits.handle_kvm_exit(result?, &mut bus)? {
+            Routed::Handled(action) => {
+                apply_action(&vcpu, action, delivery)?;
+                if bus.done {
+                    break;
+                }
+                continue;
+            }
+            Routed::Unhandled(VcpuExit::IoIn(port, data))
+                if (hypercall::BASE..hypercall::END).contains(&port) && data.len() == 4 =>
+            {
+                port
+            }
+            Routed::Unhandled(other) => {
+                let other = format!("{other:?}");
+                let regs = vcpu.get_regs()?;
+                let sregs = vcpu.get_sregs()?;
+                return Err(format!(
+                    "unexpected exit {other} at rip {:#x} (cs {:#x}, cr2 {:#x})",
+                    regs.rip, sregs.cs.selector, sregs.cr2
+                )
+                .into());
+            }
+        };
+        // A hypercall of the paravirtual MMU ABI.
+        let mut pv = KvmPvVcpu::new(&mut vcpu, &memory);
+        let answer = match shadow.as_mut() {
+            Some(host) => host.hypercall(&mut pv, &mut exits, &mut bus, port)?,
+            // KVM walks the guest's tables: an exception is the guest's.
+            None => HypercallAnswer::Unhandled(read_exception_frame(&mut pv)?),
+        };
+        let value = match answer {
+            HypercallAnswer::Answer(value) => value,
+            HypercallAnswer::DeliverPageFault { frame, .. } | HypercallAnswer::Unhandled(frame) => {
+                return Err(format!(
+                    "the guest took vector {} (error code {:#x}, cr2 {:#x}) at rip {:#x}",
+                    frame.vector, frame.error_code, frame.cr2, frame.rip
+                )
+                .into());
+            }
+        };
+        complete_read(&mut vcpu, ReadExit::Io, 4, &value.to_le_bytes())?;
+        if bus.done {
+            break;
         }
     }
 
     // What the guest did, and what the MMU saw.
+    let reports = bus.reports.clone();
     let dirty = mmu.memslots().dirty_log(SlotId(0))?;
     let touched: Vec<u64> = (0..u64::from(PAGES))
         .map(|i| TOUCH_GPA / 4096 + i)
         .collect();
     let missing = touched.iter().filter(|&&p| !dirty.is_dirty(p)).count();
-    let expected = expected_reports(REQUESTS);
-    println!("backend: {}", mmu.backend().name());
+    let expected = pv_guest::expected_reports(PAGES, REQUESTS, ROM_WORD);
+    let stats = mmu.backend().stats();
+    match mmu.shadow() {
+        Some(hosting) => println!(
+            "backend: {} (coherence {:?})",
+            mmu.backend().name(),
+            hosting.coherence()
+        ),
+        None => println!("backend: {}", mmu.backend().name()),
+    }
     println!(
-        "guest reported: status sum {:#x}, ROM word {:#x} (expected {:#x}, {:#x})",
+        "guest reported: status sum {:#x}, ROM word {:#x}, page sum {} (expected {:#x}, {:#x}, {})",
         reports.first().copied().unwrap_or(0),
         reports.get(1).copied().unwrap_or(0),
+        reports.get(2).copied().unwrap_or(0),
         expected[0],
-        expected[1]
+        expected[1],
+        expected[2]
     );
     println!(
         "device: {} doorbell rings, ROM writes {:x?}",
@@ -152,13 +261,29 @@ fn run() -> Result<bool, Box<dyn Error>> {
         }
     );
     println!("exit handler: {}", exits.stats());
-    println!("backend stats: {}", mmu.backend().stats());
+    println!("backend stats: {stats}");
 
-    let ok = reports == expected
+    let mut ok = reports == expected
         && missing == 0
         && bus.rings == u64::from(REQUESTS)
         && bus.rom_writes.get(&(ROM_GPA + 0x10)) == Some(&vec![0x55]);
+    if shadow.is_some() {
+        // The guest ran on the shadow tables: they faulted in.
+        let faults = stats.get("faults").unwrap_or(0);
+        println!("shadow faults: {faults}");
+        ok &= faults > 0;
+    }
     Ok(ok)
+}
+
+/// Writes little-endian words at `gpa`.
+fn write_words(
+    memory: &GuestMemoryMmap,
+    gpa: u64,
+    words: &[u64],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    memory.write_slice(&bytes, GuestAddress(gpa))
 }
 
 fn main() -> ExitCode {

@@ -69,7 +69,7 @@ use mmu_backends::shadow::{Coherence, ShadowBackend};
 pub use abi::ExceptionFrame;
 pub use insn::EmulateError;
 pub use replay::ReplayHub;
-pub use vcpu::{KvmPvVcpu, PvVcpu, complete_pending_io};
+pub use vcpu::{KvmPvVcpu, PvVcpu, ReadExit, complete_pending_io, complete_read};
 
 use crate::bus::MmioBus;
 use crate::error::ExitError;
@@ -127,6 +127,14 @@ pub enum HostingError {
     UnexpectedAction {
         /// The action.
         action: Action,
+    },
+    /// The vCPU's last exit is not the read an answer was given for.
+    #[error("the vCPU no longer holds the {kind:?} read exit of {len} bytes it is answered for")]
+    NoReadExit {
+        /// The kind of read answered.
+        kind: ReadExit,
+        /// Its size in bytes.
+        len: usize,
     },
     /// A port in the hypercall range was read that this contract does not
     /// define (one of those left to the VMM).

@@ -165,3 +165,109 @@ where
         self.memory.write_slice(data, GuestAddress(gpa.raw()))
     }
 }
+
+/// The kind of read exit whose answer [`complete_read`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReadExit {
+    /// A port read (`KVM_EXIT_IO`, direction in).
+    Io,
+    /// An MMIO read (`KVM_EXIT_MMIO`, not a write).
+    Mmio,
+}
+
+/// Writes `bytes` (truncated or zero-padded to the access size) as the
+/// answer to the read exit `KVM_RUN` last returned on `fd`, which KVM hands
+/// to the guest on the next `KVM_RUN`.
+///
+/// The data area is found again from `kvm_run` through this borrow of
+/// `fd` (nothing is kept from the exit but its kind and size), and only
+/// if `kvm_run` still describes a read exit of `kind` with `len` bytes.
+/// This is how a host answers a hypercall of the paravirtual MMU ABI (a
+/// 4-byte port read) after the exit's borrow of the vCPU ended.
+pub fn complete_read(
+    fd: &mut VcpuFd,
+    kind: ReadExit,
+    len: usize,
+    bytes: &[u8],
+) -> Result<(), HostingError> {
+    let run = fd.get_kvm_run();
+    let Some(area) = read_area(run, kind).filter(|area| area.len() == len) else {
+        return Err(HostingError::NoReadExit { kind, len });
+    };
+    let n = bytes.len().min(len);
+    area[..n].copy_from_slice(&bytes[..n]);
+    area[n..].fill(0);
+    Ok(())
+}
+
+/// The data area of the read exit of `kind` that `run` describes, or None
+/// if it describes something else.
+fn read_area(run: &mut kvm_bindings::kvm_run, kind: ReadExit) -> Option<&mut [u8]> {
+    match kind {
+        ReadExit::Io => {
+            if run.exit_reason != kvm_bindings::KVM_EXIT_IO {
+                return None;
+            }
+            // SAFETY: the exit reason is KVM_EXIT_IO, so KVM filled the
+            // `io` member of the union; it is plain integers.
+            let io = unsafe { run.__bindgen_anon_1.io };
+            if u32::from(io.direction) != kvm_bindings::KVM_EXIT_IO_IN {
+                return None;
+            }
+            let len = usize::from(io.size) * io.count as usize;
+            let offset = usize::try_from(io.data_offset).ok()?;
+            let data = std::ptr::from_mut(run).cast::<u8>().wrapping_add(offset);
+            // SAFETY: for KVM_EXIT_IO, KVM puts the data `data_offset`
+            // bytes into the vCPU's kvm_run mapping, which `fd` keeps
+            // mapped and which holds `size * count` bytes there (the same
+            // area kvm-ioctls hands out as `VcpuExit::IoIn`). The slice
+            // borrows `run`, so it cannot outlive this borrow of the vCPU,
+            // and nothing else writes the area before the next KVM_RUN.
+            Some(unsafe { std::slice::from_raw_parts_mut(data, len) })
+        }
+        ReadExit::Mmio => {
+            if run.exit_reason != kvm_bindings::KVM_EXIT_MMIO {
+                return None;
+            }
+            // SAFETY: the exit reason is KVM_EXIT_MMIO, so KVM filled the
+            // `mmio` member of the union; it is plain integers and bytes.
+            let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+            if mmio.is_write != 0 {
+                return None;
+            }
+            let len = (mmio.len as usize).min(mmio.data.len());
+            Some(&mut mmio.data[..len])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_answers_go_only_to_the_read_exit_they_answer() {
+        // SAFETY: kvm_run is plain integers, bytes and unions of them; all
+        // zeroes is a valid value.
+        let mut run: kvm_bindings::kvm_run = unsafe { std::mem::zeroed() };
+        run.exit_reason = kvm_bindings::KVM_EXIT_MMIO;
+        run.__bindgen_anon_1.mmio.len = 4;
+        run.__bindgen_anon_1.mmio.is_write = 0;
+        assert!(read_area(&mut run, ReadExit::Io).is_none());
+        let area = read_area(&mut run, ReadExit::Mmio).expect("an MMIO read");
+        assert_eq!(area.len(), 4);
+        area.copy_from_slice(&[1, 2, 3, 4]);
+        // SAFETY: the `mmio` member was written above.
+        assert_eq!(unsafe { run.__bindgen_anon_1.mmio.data }[..4], [1, 2, 3, 4]);
+        run.__bindgen_anon_1.mmio.is_write = 1;
+        assert!(read_area(&mut run, ReadExit::Mmio).is_none());
+        // A port write is not a read: no area, whatever its offset says.
+        run.exit_reason = kvm_bindings::KVM_EXIT_IO;
+        run.__bindgen_anon_1.io.direction = kvm_bindings::KVM_EXIT_IO_OUT as u8;
+        run.__bindgen_anon_1.io.data_offset = 1 << 40;
+        assert!(read_area(&mut run, ReadExit::Io).is_none());
+        run.exit_reason = kvm_bindings::KVM_EXIT_HLT;
+        assert!(read_area(&mut run, ReadExit::Mmio).is_none());
+        assert!(read_area(&mut run, ReadExit::Io).is_none());
+    }
+}
