@@ -21,7 +21,7 @@ pub(crate) const CODE_GPA: u64 = 0x1000;
 /// The first page the program touches.
 pub(crate) const TOUCH_GPA: u64 = 0x1_0000;
 /// The device's page: doorbell at +0, status at +4, report at +8, done at
-/// +12.
+/// +12, checkpoint at +16.
 pub(crate) const DEVICE_GPA: u64 = 0xd_0000;
 /// A 64 KiB ROM (a read-only memslot) at the top of the first megabyte.
 pub(crate) const ROM_GPA: u64 = 0xf_0000;
@@ -226,6 +226,9 @@ pub(crate) struct Bus {
     pub(crate) reports: Vec<u32>,
     /// The done register (+12) was written.
     pub(crate) done: bool,
+    /// Writes to the checkpoint register (+16): the guest asks the host
+    /// to act (the example harvests the dirty log).
+    pub(crate) checkpoints: u64,
 }
 
 impl Bus {
@@ -240,6 +243,7 @@ impl Bus {
             unclaimed_writes: 0,
             reports: Vec::new(),
             done: false,
+            checkpoints: 0,
         }
     }
 }
@@ -277,6 +281,7 @@ impl MmioBus for Bus {
                 self.reports.push(u32::from_le_bytes(bytes));
             }
             a if a == DEVICE_GPA + 12 => self.done = true,
+            a if a == DEVICE_GPA + 16 => self.checkpoints += 1,
             a if (ROM_GPA..ROM_GPA + ROM_SIZE).contains(&a) => {
                 self.rom_writes.insert(a, data.to_vec());
             }

@@ -3,7 +3,9 @@
 //! its page faults, and runs unchanged under ept.
 //!
 //! Everything is identity-mapped in the first 2 MiB with 4 KiB pages, by
-//! page tables the host writes before the first entry:
+//! page tables the host writes before the first entry. Below `SYSTEM_END`
+//! is the system memory (a memslot that is never dirty-logged), above it
+//! the program's:
 //!
 //! | guest-physical | what | guest mapping |
 //! | --- | --- | --- |
@@ -36,6 +38,11 @@ use crate::guest::{DEVICE_GPA, RAM_SIZE, ROM_GPA, ROM_SIZE, TOUCH_GPA};
 
 const PAGE: u64 = 4096;
 
+/// The end of the system memory (descriptor tables, the kernel, its
+/// pages and stack), which is a memslot of its own that is never
+/// dirty-logged: a dirty-log harvest write-protects the pages of a logged
+/// slot, and a #PF on the kernel stack would be a double fault.
+pub(crate) const SYSTEM_END: u64 = 0x1_0000;
 /// The GDT: null, kernel code, kernel data, user data, user code, TSS.
 pub(crate) const GDT_GPA: u64 = 0x1000;
 /// The IDT (256 gates).
@@ -334,7 +341,9 @@ pub(crate) fn kernel() -> Result<GuestKernel, Box<dyn std::error::Error>> {
 /// The CPL3 program:
 ///
 /// 1. writes one word to each of `pages` pages from `TOUCH_GPA` (the
-///    value is the count down, `pages` .. 1);
+///    value is the count down, `pages` .. 1), writes the device's
+///    checkpoint register (the host harvests the dirty log meanwhile),
+///    and adds `SECOND_PASS` to each of those words;
 /// 2. `requests` times, writes the request number to the device's
 ///    doorbell and adds its status register to a sum (MMIO);
 /// 3. writes a byte to the ROM (an MMIO write to the device behind the
@@ -346,10 +355,12 @@ pub(crate) fn kernel() -> Result<GuestKernel, Box<dyn std::error::Error>> {
 pub(crate) fn program(pages: u32, requests: u32) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut touch = a.create_label();
+    let mut again = a.create_label();
     let mut request = a.create_label();
     let mut sum = a.create_label();
     let mut done = a.create_label();
 
+    a.mov(rsi, DEVICE_GPA)?;
     a.mov(rax, TOUCH_GPA)?;
     a.mov(ecx, pages)?;
     a.set_label(&mut touch)?;
@@ -357,8 +368,15 @@ pub(crate) fn program(pages: u32, requests: u32) -> Result<Vec<u8>, IcedError> {
     a.add(rax, PAGE as i32)?;
     a.dec(ecx)?;
     a.jnz(touch)?;
+    a.mov(dword_ptr(rsi + 16), 1)?;
+    a.mov(rax, TOUCH_GPA)?;
+    a.mov(ecx, pages)?;
+    a.set_label(&mut again)?;
+    a.add(qword_ptr(rax), SECOND_PASS as i32)?;
+    a.add(rax, PAGE as i32)?;
+    a.dec(ecx)?;
+    a.jnz(again)?;
 
-    a.mov(rsi, DEVICE_GPA)?;
     a.xor(ebx, ebx)?;
     a.mov(ecx, requests)?;
     a.set_label(&mut request)?;
@@ -390,15 +408,19 @@ pub(crate) fn program(pages: u32, requests: u32) -> Result<Vec<u8>, IcedError> {
     a.assemble(USER_CODE_GPA)
 }
 
+/// What the second pass adds to each touched word.
+const SECOND_PASS: u32 = 0x100;
+
 /// What the program reports: the sum of the statuses (status = 2 *
 /// request + 1, requests counted down from `requests` to 1), the ROM
-/// word, and the sum of the words written (`pages` .. 1).
+/// word, and the sum of the words written (`pages` .. 1, each plus
+/// `SECOND_PASS`).
 pub(crate) fn expected_reports(pages: u32, requests: u32, rom_word: u16) -> [u32; 3] {
     let n = requests;
     [
         n * (n + 1) + n,
         u32::from(rom_word),
-        pages * (pages + 1) / 2,
+        pages * (pages + 1) / 2 + pages * SECOND_PASS,
     ]
 }
 
