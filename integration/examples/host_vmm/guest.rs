@@ -1,9 +1,12 @@
-//! The example's guest and device: a few bytes of 16-bit real-mode code
-//! (no firmware, no page tables: the vCPU starts at `CODE_GPA` with every
-//! segment base at 0), and an MMIO device with a doorbell and a status
-//! register, in the style of a request/response NIC.
+//! The example's device and memory map: an MMIO device with a doorbell
+//! and a status register, in the style of a request/response NIC, plus
+//! report, done and checkpoint registers the guest talks to the host
+//! through; guest RAM and a ROM.
 //!
-//! Also used by the crate's KVM tests (`tests/kvm.rs`).
+//! Also a few bytes of 16-bit real-mode code (no firmware, no page
+//! tables: the vCPU starts at `CODE_GPA` with every segment base at 0),
+//! which the crate's KVM tests (`tests/kvm.rs`) run for the memslot paths
+//! that need no paging; the example itself runs `pv_guest.rs`.
 
 #![allow(dead_code)]
 
