@@ -56,6 +56,8 @@ pub mod abi;
 mod emulate;
 pub mod insn;
 mod replay;
+#[cfg(all(test, feature = "ept"))]
+mod tests;
 mod vcpu;
 
 use std::fmt;
