@@ -155,7 +155,10 @@ pub struct PvVcpuLayout {
     /// (code, GDT, IDT, TSS, this vCPU's kernel stack and pages), with the
     /// error code of the access the CPU makes there (a write for data the
     /// CPU updates or pushes to, a fetch for code). Every new root gets
-    /// them faulted in.
+    /// them faulted in. They must stay writable while the guest runs: keep
+    /// them out of dirty-logged memslots (a harvest write-protects a
+    /// logged slot's pages, and a #PF on the kernel stack is a double
+    /// fault).
     pub kernel_pages: Vec<(Gva, PfErrorCode)>,
     /// The guest-physical address of the vCPU's kernel page (offsets in
     /// [`abi::percpu`]).
