@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 use crate::error::{GuestException, IoDirection, KvmError, VcpuError};
 use crate::kick::{RunPageGuard, VcpuControl, request};
 use crate::kit::Kernel;
-use crate::kit::abi::{REPLAY_CAPACITY, action, frame, hypercall, percpu};
+use crate::kit::abi::{REPLAY_CAPACITY, REPLAY_ENTRY_SIZE, action, frame, hypercall, percpu};
 use crate::layout::Layout;
 
 /// A page-table operation the guest kernel asks the VMM to serve
@@ -438,7 +438,7 @@ impl<'a> VcpuContext<'a> {
         }
         let queue = self.layout.replay_queue(self.id.0 as usize);
         for (i, (address, value)) in stores.iter().enumerate() {
-            let slot = queue + 16 * (count + i as u64);
+            let slot = queue + REPLAY_ENTRY_SIZE * (count + i as u64);
             self.write_u64(slot, *address)?;
             self.write_u64(slot + 8, *value)?;
         }

@@ -43,7 +43,7 @@
 
 pub use mmu_integration::shadow_host::abi::{
     ExceptionFrame, FAULT_CAPACITY, FAULT_ENTRY_WORDS, PV_MMU_ABI_VERSION, REASSERT,
-    REASSERT_FRAME, REPLAY_CAPACITY, REPLAY_VECTOR, action, frame, percpu,
+    REASSERT_FRAME, REPLAY_CAPACITY, REPLAY_ENTRY_SIZE, REPLAY_VECTOR, action, frame, percpu,
 };
 
 pub use crate::layout::KERNEL_AREA_SIZE;

@@ -576,7 +576,7 @@ fn emit_exception_common(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(
     a.mov(rdx, rsp)?;
     a.and(rdx, -(KERNEL_AREA_SIZE as i32))?;
     a.mov(rdx, qword_ptr(rdx + percpu::REDIRECT_RIP as i32))?;
-    a.mov(qword_ptr(rsp + 32), rdx)?;
+    a.mov(qword_ptr(rsp + abi::frame::RIP as i32), rdx)?;
     a.jmp(ret)
 }
 
@@ -704,7 +704,7 @@ fn emit_replay(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedErr
     a.lock().cmpxchg(word_ptr(r10), dx)?;
     a.jne(frame_retry)?;
     a.set_label(&mut stored)?;
-    a.add(r8, 16)?;
+    a.add(r8, abi::REPLAY_ENTRY_SIZE as i32)?;
     a.dec(rcx)?;
     a.jnz(next)?;
     a.set_label(&mut drained)?;
