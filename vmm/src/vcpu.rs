@@ -10,7 +10,7 @@ use mmu_api::{Gpa, VcpuId};
 use mmu_integration::Action;
 use mmu_integration::kvm::{PageFaultDelivery, Routed, apply_action};
 use mmu_integration::ports::PortError;
-use mmu_integration::shadow_host::{PvVcpu, ReadExit, complete_read};
+use mmu_integration::shadow_host::{PvVcpu, ReadExit, complete_read, read_exception_frame};
 use tracing::{debug, trace};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
@@ -909,7 +909,7 @@ fn serve_hypercall<H: ExitHandler>(
         }
         hypercall::EXCEPTION => {
             stats.exceptions += 1;
-            let exception = read_exception(ctx, &regs)?;
+            let exception = read_exception(ctx)?;
             debug!(vcpu = ctx.id.0, %exception, "guest exception");
             match handler.exception(ctx, &exception)? {
                 ExceptionAction::Resume(actions) => Ok(Served::Answer(actions & !action::REDIRECT)),
@@ -949,24 +949,17 @@ fn serve_hypercall<H: ExitHandler>(
 }
 
 /// Reads the exception frame the kernel's stub left at RSP (see
-/// [`abi`](crate::kit::abi)), and CR2.
-fn read_exception(ctx: &mut VcpuContext<'_>, regs: &kvm_regs) -> Result<GuestException, VcpuError> {
-    let word = |i: u64| ctx.read_u64(regs.rsp + 8 * i);
-    let vector = word(2)?;
-    let error_code = word(3)?;
-    let rip = word(4)?;
-    let cs = word(5)?;
-    let rflags = word(6)?;
-    let rsp = word(7)?;
-    let cr2 = ctx.sregs()?.cr2;
+/// [`abi::frame`](crate::kit::abi::frame)), and CR2.
+fn read_exception(ctx: &mut VcpuContext<'_>) -> Result<GuestException, VcpuError> {
+    let frame = read_exception_frame(ctx)?;
     Ok(GuestException {
-        vector: vector as u8,
-        error_code,
-        cr2,
-        rip,
-        cs: cs as u16,
-        rsp,
-        rflags,
+        vector: frame.vector,
+        error_code: frame.error_code,
+        cr2: frame.cr2,
+        rip: frame.rip,
+        cs: frame.cs,
+        rsp: frame.rsp,
+        rflags: frame.rflags,
     })
 }
 
