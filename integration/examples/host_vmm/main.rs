@@ -10,14 +10,16 @@
 //!
 //! 1. creates a KVM VM and builds its MMU with `KvmMmu::new(kind, ...)`;
 //! 2. registers the guest's system memory, its RAM (dirty-logged) and a
-//!    ROM (read-only) through the MMU's memslot glue, so the backend owns the memslots (the EPT
-//!    backend issues `KVM_SET_USER_MEMORY_REGION` itself);
+//!    ROM (read-only) through the MMU's memslot glue, so the backend owns
+//!    the memslots (the EPT backend issues `KVM_SET_USER_MEMORY_REGION`
+//!    itself);
 //! 3. runs one vCPU in a loop: `prepare_entry` before `KVM_RUN`,
 //!    `exit_guest` after it, every exit through `handle_kvm_exit` (MMIO is
-//!    classified by the backend and served on the VMM's bus), and the
-//!    VMM's own exits (port I/O: the guest's reports, its end, and the
-//!    paravirtual MMU ABI's hypercalls) handled by the VMM;
-//! 4. prints what the guest reported, the dirty log and the backend's
+//!    classified by the backend and served on the VMM's bus: the device,
+//!    and its registers through which the guest reports, asks for a
+//!    dirty-log harvest and ends), and the port reads of the paravirtual
+//!    MMU ABI's hypercalls through the shadow hosting;
+//! 4. prints what the guest reported, both dirty logs and the backend's
 //!    stats, and checks them against the host's model of the guest.
 //!
 //! The guest (see `pv_guest.rs`) is a minimal long-mode kernel and a
@@ -25,9 +27,10 @@
 //! (`mmu_integration::shadow_host::abi`): its page tables are written by
 //! the host before the first entry, its exception stubs report to the VMM
 //! with the EXCEPTION hypercall, and its return path runs the replay
-//! queue. The program touches pages, does request/response over an MMIO
-//! doorbell and status register, writes to the ROM and reads it, reads
-//! its pages back, and reports.
+//! queue. The program touches pages, asks for a dirty-log harvest and
+//! touches them again, does request/response over an MMIO doorbell and
+//! status register, writes to the ROM and reads it, reads its pages back,
+//! and reports.
 //!
 //! With `--mmu ept` KVM walks the guest's tables itself and the kernel
 //! never runs after the start: MMIO reaches the VMM as KVM's MMIO exits.
@@ -39,7 +42,10 @@
 //! port read goes to `hypercall`, and the answer completes the read. The
 //! program's first accesses fault in the shadow tables (the example
 //! checks that the backend counted shadow faults); its MMIO accesses are
-//! #PFs on MMIO SPTEs, which the hosting emulates against the same bus.
+//! #PFs on MMIO SPTEs, which the hosting emulates against the same bus;
+//! the harvest write-protects pages the host's KVM has already seen, which
+//! (under replay coherence) the guest kernel re-asserts from its queue
+//! (the example checks that it replayed entries).
 
 mod guest;
 mod pv_guest;
