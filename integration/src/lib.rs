@@ -21,6 +21,20 @@
 //!   sets all of this up for a VM.
 //! - **Its device dispatch**, through adapters of the host's own shape.
 //!
+//! Under the shadow backend on KVM, the hardware walks the MMU's tables,
+//! and the guest must report its page faults and CR3 loads itself (KVM
+//! never passes them to userspace): it speaks the paravirtual MMU ABI
+//! defined here as a versioned contract ([`shadow_host::abi`], version
+//! [`PV_MMU_ABI_VERSION`](shadow_host::abi::PV_MMU_ABI_VERSION)), and the
+//! host runs one [`shadow_host::ShadowVcpuHost`] per vCPU around
+//! `KVM_RUN`: it loads the MMU's roots into CR3, queues the table writes
+//! the guest kernel must replay where the host's KVM shadows page tables
+//! itself, and emulates the MOV-class accesses the MMU answers with MMIO
+//! or a protected page-table write. The guest's side comes in as data
+//! ([`shadow_host::PvVcpuLayout`]) and a trait ([`shadow_host::PvKernel`]);
+//! the vCPU as a [`shadow_host::PvVcpu`] (implemented for `VcpuFd` with
+//! guest memory).
+//!
 //! Everything that touches the hypervisor goes through two small
 //! [`ports`]: a memory-region port per VM and a vCPU-register / event port
 //! per vCPU, implemented here for kvm-ioctls' `VmFd` and `VcpuFd`. A host
@@ -52,14 +66,15 @@
 //! | --- | --- | --- |
 //! | `kvm` | yes | the [`kvm`] module (kvm-ioctls): the ports over `VmFd` / `VcpuFd` |
 //! | `ept` | yes | the EPT backend (and [`ports::RegionMemory`]) |
-//! | `shadow` | yes | the shadow backend and its hosting ([`host::ShadowHosting`]) |
+//! | `shadow` | yes | the shadow backend and its hosting ([`host::ShadowHosting`]; with `kvm`, [`shadow_host`] and its iced-x86 decoder) |
 //! | `mshv` | no | the `mshv` module (mshv-bindings) |
 //!
 //! # Example
 //!
 //! An MMIO write exit from KVM, classified by the EPT backend and served on
 //! the VMM's bus (here with the backend's in-process hypervisor double, so
-//! it runs without `/dev/kvm`; the `host_vmm` example does it on KVM):
+//! it runs without `/dev/kvm`; the `host_vmm` example does it on KVM, with
+//! a paging guest under either backend):
 //!
 //! ```
 //! # #[cfg(all(feature = "kvm", feature = "ept"))] {
@@ -135,6 +150,8 @@ mod memslots;
 #[cfg(feature = "mshv")]
 pub mod mshv;
 pub mod ports;
+#[cfg(all(feature = "shadow", feature = "kvm"))]
+pub mod shadow_host;
 #[cfg(all(test, feature = "ept"))]
 mod test_support;
 #[cfg(all(feature = "kvm", any(test, feature = "test-utils")))]

@@ -296,6 +296,9 @@ pub enum VcpuError {
     /// The MMU's answer could not be carried out on the vCPU.
     #[error("cannot carry out the MMU's action on the vCPU")]
     MmuAction(#[from] mmu_integration::kvm::ApplyError),
+    /// The shadow backend's hosting could not serve an exit.
+    #[error("the shadow hosting failed")]
+    Hosting(#[from] mmu_integration::shadow_host::HostingError),
 }
 
 /// A run of the VM failed.

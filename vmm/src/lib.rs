@@ -35,7 +35,7 @@
 //! | from | mechanism | what |
 //! | --- | --- | --- |
 //! | CPL3 program | `int3` (DPL3 gate, vector 3), number in EAX, args RDI, RSI, result RAX | EXIT, REPORT, LOAD_CR3, INVLPG, FLUSH_TLB, STORE, LOAD, CALL, SWAP_ENTRIES, READ_CR0/CR3, WRITE_CR0, RDMSR, WRMSR, SET_FAULT_HANDLER ([`kit::abi::syscall`]) |
-//! | CPL0 kernel | `in eax, dx` on port 0x500 + n, args RDI, RSI, answer EAX | DONE 0x500, REPORT 0x501, EXCEPTION 0x502, LOAD_CR3 0x503, INVLPG 0x504, FLUSH_TLB 0x505, BAD_SYSCALL 0x506, READ_CR3 0x507, REPLAY_REFILL 0x508 ([`kit::abi::hypercall`]) |
+//! | CPL0 kernel | `in eax, dx` on port 0x500 + n, args RDI, RSI, answer EAX | DONE 0x500, REPORT 0x501, EXCEPTION 0x502, LOAD_CR3 0x503, INVLPG 0x504, FLUSH_TLB 0x505, BAD_SYSCALL 0x506, READ_CR3 0x507, REPLAY_REFILL 0x508 ([`kit::abi::hypercall`]; all but DONE, REPORT and BAD_SYSCALL are the paravirtual MMU ABI of [`mmu_integration::shadow_host::abi`], version 1) |
 //! | IDT stub | pushes vector (and a zero error code if none), saves RAX/RDX, EXCEPTION hypercall; the VMM reads the frame at RSP and CR2 | answer bits REPLAY, NATIVE, DELIVER (log the fault, resume the program at its handler), REDIRECT ([`kit::abi::action`]) |
 //!
 //! Under [`PagingOps::Native`] the kernel's LOAD_CR3 / INVLPG / FLUSH_TLB
@@ -56,8 +56,8 @@
 //! observe), `mmu-vmm bench churn|mmio-rr|faults|reclaim` and
 //! `mmu-vmm compare [--quick]` (the backends measured side by side:
 //! the `mmu-bench` crate). Both backends run guests on KVM; under `shadow`
-//! the kit's paravirtual paging calls and #PF stub reach the MMU
-//! ([`shadow_host`]).
+//! the kit's paravirtual paging calls and #PF stub reach the MMU through
+//! `mmu-integration`'s shadow hosting ([`mmu_integration::shadow_host`]).
 //!
 //! A guest that triple-faults, runs past its time limit, touches a port or
 //! address nothing serves, or takes an exception nothing resolves ends its
@@ -101,7 +101,6 @@
 pub mod conformance;
 pub mod diff;
 mod error;
-pub mod insn;
 pub mod json;
 mod kick;
 pub mod kit;
@@ -110,7 +109,6 @@ pub mod mmu;
 pub mod observe;
 mod rng;
 pub mod run;
-pub mod shadow_host;
 pub mod space;
 pub mod stress;
 pub mod tables;

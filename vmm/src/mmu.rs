@@ -13,26 +13,31 @@
 //! per-vCPU areas, page tables) and [`DATA_SLOT`] (the workload data area),
 //! which logs dirty pages when [`MmuVmConfig::log_dirty_data`] is set.
 //!
-//! Under the `shadow` backend the hardware walks the MMU's tables: see
-//! [`crate::shadow_host`] for the roots, the host-coherence
-//! replay and the instruction emulation that takes.
+//! Under the `shadow` backend the hardware walks the MMU's tables: each
+//! handler then hosts it with `mmu-integration`'s
+//! [`ShadowVcpuHost`] (roots, the host-coherence replay, the instruction
+//! emulation), told where the kit's kernel keeps its pages
+//! ([`PvVcpuLayout`]) and where its replay routine restarts
+//! ([`ReplayRestart`](crate::kit::ReplayRestart)).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use kvm_ioctls::VcpuExit;
-use mmu_api::paging::{Cr0, Cr4, Efer};
 use mmu_api::{Gpa, Gva, MemslotFlags, MmuBackend, PagingContext, PfErrorCode, SlotId, VcpuId};
 use mmu_backends::{BackendConfig, BackendKind};
 use mmu_integration::host::{HostOptions, ShadowBacking};
 use mmu_integration::kvm::{HostCoherence, KvmMmu, PageFaultDelivery, Routed, apply_action};
+use mmu_integration::shadow_host::{
+    ExceptionFrame, PageFaultAnswer, PvVcpuLayout, ReplayHub, ShadowVcpuHost, current_context,
+};
 use mmu_integration::{Action, BusError, ExitStats, Memslots, MmioBus, VcpuExits};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::error::{GuestException, RunError, SetupError, VcpuError};
 use crate::kit::Program;
 use crate::kit::abi::action;
-use crate::shadow_host::{self, Emulation, ReplayHub, ShadowVcpuHost};
+use crate::layout::{GDT_GPA, IDT_GPA, KERNEL_AREA_SIZE, KERNEL_CODE_GPA, Layout, PAGE_SIZE};
 use crate::vcpu::{ExceptionAction, ExitHandler, PagingOp, VcpuContext};
 use crate::vm::{RunReport, VcpuArgs, Vm, VmConfig};
 use crate::x86;
@@ -117,9 +122,6 @@ pub struct MmuHandler {
     base: PagingContext,
     /// The shadow backend's hosting, when this VM runs it.
     shadow: Option<ShadowVcpuHost>,
-    /// The replay queue was brought up to date since the vCPU last left
-    /// the guest.
-    replay_settled: bool,
 }
 
 impl std::fmt::Debug for MmuHandler {
@@ -144,23 +146,14 @@ impl MmuHandler {
         vcpu: &mut VcpuContext<'_>,
         cr3: Option<u64>,
     ) -> Result<PagingContext, VcpuError> {
-        let sregs = vcpu.sregs()?;
-        let rflags = vcpu.regs()?.rflags;
-        let mut ctx = self.base;
-        ctx.cr0 = Cr0::from_bits_truncate(sregs.cr0);
-        ctx.cr3 = cr3.unwrap_or(sregs.cr3);
-        ctx.cr4 = Cr4::from_bits_truncate(sregs.cr4);
-        ctx.efer = Efer::from_bits_truncate(sregs.efer);
-        ctx.cpl = (sregs.cs.selector & 3) as u8;
-        ctx.eflags_ac = rflags & x86::RFLAGS_AC != 0;
-        Ok(ctx)
+        current_context(&self.base, vcpu, cr3).map_err(|e| VcpuError::Hosting(e.into()))
     }
 }
 
 impl ExitHandler for MmuHandler {
     fn prepare_entry(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<(), VcpuError> {
-        if self.shadow.is_some() {
-            return self.prepare_shadow_entry(vcpu);
+        if let Some(host) = self.shadow.as_mut() {
+            return Ok(host.prepare_entry(vcpu, &mut self.exits)?);
         }
         let action = self.exits.prepare_entry()?;
         apply_action(vcpu.fd(), action, self.delivery)?;
@@ -168,8 +161,10 @@ impl ExitHandler for MmuHandler {
     }
 
     fn left_guest(&mut self) {
-        self.exits.exit_guest();
-        self.replay_settled = false;
+        match self.shadow.as_mut() {
+            Some(host) => host.exit_guest(&mut self.exits),
+            None => self.exits.exit_guest(),
+        }
     }
 
     fn read_cr3(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<u64, VcpuError> {
@@ -181,7 +176,7 @@ impl ExitHandler for MmuHandler {
 
     fn replay_refill(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<(), VcpuError> {
         match self.shadow.as_mut() {
-            Some(host) => host.refill(vcpu),
+            Some(host) => Ok(host.replay_refill(vcpu)?),
             None => vcpu.write_u64(
                 vcpu.kernel_page() + crate::kit::abi::percpu::REPLAY_PENDING,
                 0,
@@ -215,19 +210,18 @@ impl ExitHandler for MmuHandler {
         if exception.vector != x86::VECTOR_PF {
             return Ok(ExceptionAction::Fail);
         }
+        if let Some(host) = self.shadow.as_mut() {
+            let frame = exception_frame(vcpu, exception)?;
+            return match host.page_fault(vcpu, &mut self.exits, &mut self.bus, &frame)? {
+                PageFaultAnswer::Resume => Ok(ExceptionAction::Resume(0)),
+                PageFaultAnswer::DeliverPageFault { error_code, cr2 } => {
+                    vcpu.deliver_page_fault(exception, u64::from(error_code.bits()), cr2.raw())
+                }
+                PageFaultAnswer::GeneralProtection => Ok(ExceptionAction::Fail),
+            };
+        }
         let error_code = PfErrorCode::from_bits_retain(exception.error_code as u32);
         let action = self.exits.page_fault(Gva(exception.cr2), error_code)?;
-        if self.shadow.is_some() {
-            let target = match action {
-                Action::EmulateMmio { gpa } => Some(Emulation::Mmio(gpa)),
-                Action::EmulateWrite { gpa } => Some(Emulation::PageTableWrite(gpa)),
-                _ => None,
-            };
-            if let Some(target) = target {
-                shadow_host::emulate(vcpu, &mut self.exits, &mut self.bus, exception, target)?;
-                return Ok(ExceptionAction::Resume(0));
-            }
-        }
         match action {
             Action::Resume => Ok(ExceptionAction::Resume(0)),
             Action::LoadRoot(load) => {
@@ -251,30 +245,11 @@ impl ExitHandler for MmuHandler {
             // The hardware walks the shadow tables: a CR3 load is the MMU's
             // root; INVLPG and flushes still run natively (they make KVM drop
             // what it cached from the pool).
-            return match op {
-                PagingOp::LoadCr3(cr3) => {
-                    let guest = host.guest_cr3();
-                    host.set_guest_cr3(cr3);
-                    let ctx = match self.current_context(vcpu, Some(cr3)) {
-                        Ok(ctx) => ctx,
-                        Err(e) => {
-                            self.shadow_mut().set_guest_cr3(guest);
-                            return Err(e);
-                        }
-                    };
-                    let action = self.exits.set_paging_context(&ctx)?;
-                    self.load_shadow_root(vcpu, action)?;
-                    Ok(0)
-                }
-                PagingOp::Invlpg(gva) => {
-                    self.exits.invlpg(Gva(gva));
-                    Ok(action::NATIVE)
-                }
-                PagingOp::FlushTlb => {
-                    self.exits.flush_tlb(false);
-                    Ok(action::NATIVE)
-                }
-            };
+            return Ok(match op {
+                PagingOp::LoadCr3(cr3) => host.load_cr3(vcpu, &mut self.exits, cr3)?,
+                PagingOp::Invlpg(gva) => host.invlpg(&mut self.exits, Gva(gva)),
+                PagingOp::FlushTlb => host.flush_tlb(&mut self.exits),
+            });
         }
         match op {
             PagingOp::LoadCr3(cr3) => {
@@ -289,75 +264,51 @@ impl ExitHandler for MmuHandler {
     }
 }
 
-impl MmuHandler {
-    fn shadow_mut(&mut self) -> &mut ShadowVcpuHost {
-        self.shadow
-            .as_mut()
-            .expect("only called for a VM that hosts the shadow backend")
-    }
+/// The exception frame the kit's stub left at the kernel's RSP, as the
+/// shadow hosting reads it.
+fn exception_frame(
+    vcpu: &mut VcpuContext<'_>,
+    exception: &GuestException,
+) -> Result<ExceptionFrame, VcpuError> {
+    Ok(ExceptionFrame {
+        at: vcpu.regs()?.rsp,
+        vector: exception.vector,
+        error_code: exception.error_code,
+        cr2: exception.cr2,
+        rip: exception.rip,
+        cs: exception.cs,
+        rsp: exception.rsp,
+        rflags: exception.rflags,
+    })
+}
 
-    /// Loads the root `action` names (if any) into the hardware CR3.
-    fn load_shadow_root(
-        &mut self,
-        vcpu: &mut VcpuContext<'_>,
-        action: Action,
-    ) -> Result<(), VcpuError> {
-        let Action::LoadRoot(load) = action else {
-            return Ok(());
-        };
-        let Some(root) = load.root else {
-            return Ok(());
-        };
-        let mut sregs = vcpu.sregs()?;
-        let host = self
-            .shadow
-            .as_mut()
-            .expect("only called for a VM that hosts the shadow backend");
-        host.load_root(
-            vcpu,
-            &mut self.exits,
-            &mut sregs,
-            root.raw(),
-            load.flush_tlb,
-        )
+/// Where vCPU `index` of a kit guest keeps its kernel page and replay
+/// queue, and the pages every shadow root must map for it: the GDT, the
+/// IDT and its TSS (written by the CPU), the kernel's code (fetched), and
+/// its kernel area (stack, kernel page, queue).
+fn kit_vcpu_layout(layout: &Layout, index: usize, kernel_code_len: u64) -> PvVcpuLayout {
+    let write = PfErrorCode::WRITE;
+    let fetch = PfErrorCode::FETCH;
+    let mut pages = vec![
+        (Gva(GDT_GPA), write),
+        (Gva(IDT_GPA), write),
+        (Gva(layout.tss(index) & !(PAGE_SIZE - 1)), write),
+    ];
+    let mut code = KERNEL_CODE_GPA;
+    while code < KERNEL_CODE_GPA + kernel_code_len {
+        pages.push((Gva(code), fetch));
+        code += PAGE_SIZE;
     }
-
-    /// Before an entry under the shadow backend: a new run's CR3 becomes
-    /// the guest's context, the MMU's root goes into the hardware CR3, and
-    /// the vCPU's replay records are queued.
-    fn prepare_shadow_entry(&mut self, vcpu: &mut VcpuContext<'_>) -> Result<(), VcpuError> {
-        let sregs = vcpu.sregs()?;
-        if !self.shadow_mut().is_root(sregs.cr3) {
-            // A new run loaded the guest's own tables.
-            self.shadow_mut().new_run(sregs.cr3);
-            let ctx = self.current_context(vcpu, Some(sregs.cr3))?;
-            self.exits.set_paging_context(&ctx)?;
-        }
-        // `prepare_entry` marks the vCPU as in guest mode, where another
-        // thread's remote flush only kicks it and waits: nothing that takes
-        // the MMU lock may run then. So take the requests, leave guest mode
-        // again for the work (root, prefaults, replay queue), and repeat
-        // until an entry finds nothing new.
-        loop {
-            let action = self.exits.prepare_entry()?;
-            let (root, flush) = match action {
-                Action::LoadRoot(load) => (load.root.map(|r| r.raw()), load.flush_tlb),
-                _ => (None, false),
-            };
-            let current = vcpu.sregs()?;
-            if root.is_none_or(|r| r == current.cr3) && !flush && self.replay_settled {
-                return Ok(());
-            }
-            self.exits.exit_guest();
-            self.load_shadow_root(vcpu, action)?;
-            let sregs = vcpu.sregs()?;
-            let host = self
-                .shadow
-                .as_mut()
-                .expect("only called for a VM that hosts the shadow backend");
-            host.prepare_replay(vcpu, &mut self.exits, &sregs)?;
-            self.replay_settled = true;
-        }
+    let area = layout.kernel_page(index);
+    let mut page = area;
+    while page < area + KERNEL_AREA_SIZE {
+        pages.push((Gva(page), write));
+        page += PAGE_SIZE;
+    }
+    PvVcpuLayout {
+        kernel_pages: pages,
+        kernel_page: Gpa(area),
+        replay_queue: Gpa(layout.replay_queue(index)),
     }
 }
 
@@ -450,8 +401,8 @@ impl MmuVm {
         }
         let hub = hosting
             .as_ref()
-            .filter(|b| shadow_host::needs_replay(b))
-            .map(|b| Arc::new(ReplayHub::new(b.clone(), vm.vcpu_count())));
+            .and_then(|b| ReplayHub::for_backend(b, vm.vcpu_count()));
+        let kit_kernel = Arc::new(vm.kernel().replay_restart().clone());
         let mut handlers = Vec::with_capacity(vm.vcpu_count());
         for index in 0..vm.vcpu_count() {
             let kicker = vm
@@ -468,10 +419,9 @@ impl MmuVm {
                     index,
                     backend.clone(),
                     hub.clone(),
-                    vm.layout(),
-                    vm.kernel().replay_restart().clone(),
-                    vm.kernel().code().len() as u64,
-                    base.cr3,
+                    kit_vcpu_layout(vm.layout(), index, vm.kernel().code().len() as u64),
+                    kit_kernel.clone(),
+                    base,
                 )
             });
             handlers.push(MmuHandler {
@@ -483,7 +433,6 @@ impl MmuVm {
                 delivery: mmu.page_fault_delivery(),
                 base,
                 shadow,
-                replay_settled: false,
             });
         }
         Ok(MmuVm { handlers, mmu, vm })

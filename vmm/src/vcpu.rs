@@ -4,18 +4,20 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use mmu_api::VcpuId;
+use mmu_api::{Gpa, VcpuId};
 use mmu_integration::Action;
 use mmu_integration::kvm::{PageFaultDelivery, Routed, apply_action};
+use mmu_integration::ports::PortError;
+use mmu_integration::shadow_host::{PvVcpu, ReadExit, complete_read, read_exception_frame};
 use tracing::{debug, trace};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use crate::error::{GuestException, IoDirection, KvmError, VcpuError};
 use crate::kick::{RunPageGuard, VcpuControl, request};
 use crate::kit::Kernel;
-use crate::kit::abi::{REPLAY_CAPACITY, action, hypercall, percpu};
+use crate::kit::abi::{REPLAY_CAPACITY, REPLAY_ENTRY_SIZE, action, frame, hypercall, percpu};
 use crate::layout::Layout;
 
 /// A page-table operation the guest kernel asks the VMM to serve
@@ -358,12 +360,6 @@ impl<'a> VcpuContext<'a> {
         Ok(regs)
     }
 
-    /// Drops the cached registers (KVM changed them: a pending port read
-    /// was completed).
-    pub(crate) fn forget_regs(&mut self) {
-        self.regs = None;
-    }
-
     /// Replaces the general registers.
     pub fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), VcpuError> {
         self.fd
@@ -396,7 +392,7 @@ impl<'a> VcpuContext<'a> {
         self.memory
             .read_obj(GuestAddress(gpa))
             .map_err(|source| VcpuError::Memory {
-                gpa: mmu_api::Gpa(gpa),
+                gpa: Gpa(gpa),
                 source,
             })
     }
@@ -406,7 +402,7 @@ impl<'a> VcpuContext<'a> {
         self.memory
             .read_obj(GuestAddress(gpa))
             .map_err(|source| VcpuError::Memory {
-                gpa: mmu_api::Gpa(gpa),
+                gpa: Gpa(gpa),
                 source,
             })
     }
@@ -418,7 +414,7 @@ impl<'a> VcpuContext<'a> {
         self.memory
             .write_obj(value, GuestAddress(gpa))
             .map_err(|source| VcpuError::Memory {
-                gpa: mmu_api::Gpa(gpa),
+                gpa: Gpa(gpa),
                 source,
             })
     }
@@ -442,7 +438,7 @@ impl<'a> VcpuContext<'a> {
         }
         let queue = self.layout.replay_queue(self.id.0 as usize);
         for (i, (address, value)) in stores.iter().enumerate() {
-            let slot = queue + 16 * (count + i as u64);
+            let slot = queue + REPLAY_ENTRY_SIZE * (count + i as u64);
             self.write_u64(slot, *address)?;
             self.write_u64(slot + 8, *value)?;
         }
@@ -498,7 +494,7 @@ impl<'a> VcpuContext<'a> {
             }
         };
         let rsp = self.regs()?.rsp;
-        self.write_u64(rsp + EXCEPTION_FRAME_ERROR_CODE, error_code)?;
+        self.write_u64(rsp + frame::ERROR_CODE, error_code)?;
         if cr2 != exception.cr2 {
             let mut sregs = self.sregs()?;
             sregs.cr2 = cr2;
@@ -510,9 +506,66 @@ impl<'a> VcpuContext<'a> {
     }
 }
 
-/// Offset of the error-code word in the exception frame at RSP (see
-/// [`abi`](crate::kit::abi)).
-const EXCEPTION_FRAME_ERROR_CODE: u64 = 24;
+/// The shadow hosting of `mmu-integration` works on the vCPU through this
+/// context, sharing its cached registers.
+impl PvVcpu for VcpuContext<'_> {
+    fn get_regs(&mut self) -> Result<kvm_regs, PortError> {
+        if let Some(regs) = self.regs {
+            return Ok(regs);
+        }
+        let regs = self
+            .fd
+            .get_regs()
+            .map_err(|e| PortError::failed("KVM_GET_REGS", e))?;
+        self.regs = Some(regs);
+        Ok(regs)
+    }
+
+    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), PortError> {
+        self.fd
+            .set_regs(regs)
+            .map_err(|e| PortError::failed("KVM_SET_REGS", e))?;
+        self.regs = Some(*regs);
+        Ok(())
+    }
+
+    fn get_sregs(&mut self) -> Result<kvm_sregs, PortError> {
+        self.fd
+            .get_sregs()
+            .map_err(|e| PortError::failed("KVM_GET_SREGS", e))
+    }
+
+    fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), PortError> {
+        self.fd
+            .set_sregs(sregs)
+            .map_err(|e| PortError::failed("KVM_SET_SREGS", e))
+    }
+
+    fn get_vcpu_events(&mut self) -> Result<kvm_vcpu_events, PortError> {
+        self.fd
+            .get_vcpu_events()
+            .map_err(|e| PortError::failed("KVM_GET_VCPU_EVENTS", e))
+    }
+
+    fn set_vcpu_events(&mut self, events: &kvm_vcpu_events) -> Result<(), PortError> {
+        self.fd
+            .set_vcpu_events(events)
+            .map_err(|e| PortError::failed("KVM_SET_VCPU_EVENTS", e))
+    }
+
+    fn complete_pending_io(&mut self) -> Result<(), PortError> {
+        self.regs = None;
+        mmu_integration::shadow_host::complete_pending_io(self.fd)
+    }
+
+    fn read_guest(&mut self, gpa: Gpa, data: &mut [u8]) -> Result<(), GuestMemoryError> {
+        self.memory.read_slice(data, GuestAddress(gpa.raw()))
+    }
+
+    fn write_guest(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), GuestMemoryError> {
+        self.memory.write_slice(data, GuestAddress(gpa.raw()))
+    }
+}
 
 /// What the vCPU thread needs for one run.
 #[derive(Debug)]
@@ -608,81 +661,6 @@ impl Exit {
     }
 }
 
-/// The kind of read exit whose answer [`complete_read`] writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ReadExit {
-    /// A port read (`KVM_EXIT_IO`, direction in).
-    Io,
-    /// An MMIO read (`KVM_EXIT_MMIO`, not a write).
-    Mmio,
-}
-
-/// Writes `bytes` (truncated or zero-padded to the access size) as the
-/// answer to the read exit `KVM_RUN` last returned on `fd`, which KVM hands
-/// to the guest on the next `KVM_RUN`.
-///
-/// The data area is found again from `kvm_run` through this borrow of
-/// `fd` (nothing is kept from the exit but its kind and size), and only
-/// if `kvm_run` still describes a read exit of `kind` with `len` bytes.
-fn complete_read(
-    fd: &mut VcpuFd,
-    kind: ReadExit,
-    len: usize,
-    bytes: &[u8],
-) -> Result<(), VcpuError> {
-    let run = fd.get_kvm_run();
-    let Some(area) = read_area(run, kind).filter(|area| area.len() == len) else {
-        return Err(VcpuError::Handler(format!(
-            "the vCPU no longer holds the {kind:?} read exit of {len} bytes it is answered for"
-        )));
-    };
-    let n = bytes.len().min(len);
-    area[..n].copy_from_slice(&bytes[..n]);
-    area[n..].fill(0);
-    Ok(())
-}
-
-/// The data area of the read exit of `kind` that `run` describes, or None
-/// if it describes something else.
-fn read_area(run: &mut kvm_bindings::kvm_run, kind: ReadExit) -> Option<&mut [u8]> {
-    match kind {
-        ReadExit::Io => {
-            if run.exit_reason != kvm_bindings::KVM_EXIT_IO {
-                return None;
-            }
-            // SAFETY: the exit reason is KVM_EXIT_IO, so KVM filled the
-            // `io` member of the union; it is plain integers.
-            let io = unsafe { run.__bindgen_anon_1.io };
-            if u32::from(io.direction) != kvm_bindings::KVM_EXIT_IO_IN {
-                return None;
-            }
-            let len = usize::from(io.size) * io.count as usize;
-            let offset = usize::try_from(io.data_offset).ok()?;
-            let data = std::ptr::from_mut(run).cast::<u8>().wrapping_add(offset);
-            // SAFETY: for KVM_EXIT_IO, KVM puts the data `data_offset`
-            // bytes into the vCPU's kvm_run mapping, which `fd` keeps
-            // mapped and which holds `size * count` bytes there (the same
-            // area kvm-ioctls hands out as `VcpuExit::IoIn`). The slice
-            // borrows `run`, so it cannot outlive this borrow of the vCPU,
-            // and nothing else writes the area before the next KVM_RUN.
-            Some(unsafe { std::slice::from_raw_parts_mut(data, len) })
-        }
-        ReadExit::Mmio => {
-            if run.exit_reason != kvm_bindings::KVM_EXIT_MMIO {
-                return None;
-            }
-            // SAFETY: the exit reason is KVM_EXIT_MMIO, so KVM filled the
-            // `mmio` member of the union; it is plain integers and bytes.
-            let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
-            if mmio.is_write != 0 {
-                return None;
-            }
-            let len = (mmio.len as usize).min(mmio.data.len());
-            Some(&mut mmio.data[..len])
-        }
-    }
-}
-
 /// Runs one vCPU until its program ends, it fails, or it is stopped.
 pub(crate) fn run_vcpu<H: ExitHandler>(
     run: VcpuRun<'_>,
@@ -716,7 +694,7 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
         memory
             .write_obj(value, GuestAddress(kernel_page + offset))
             .map_err(|source| VcpuError::Memory {
-                gpa: mmu_api::Gpa(kernel_page + offset),
+                gpa: Gpa(kernel_page + offset),
                 source,
             })?;
     }
@@ -843,7 +821,7 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
                 let mut buf = vec![0u8; len];
                 if !handler.mmio_read(&mut ctx, gpa, &mut buf)? {
                     return Err(VcpuError::UnknownMmio {
-                        gpa: mmu_api::Gpa(gpa),
+                        gpa: Gpa(gpa),
                         direction: IoDirection::Read,
                         size: len,
                     });
@@ -854,7 +832,7 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
             Exit::MmioWrite { gpa, data } => {
                 if !handler.mmio_write(&mut ctx, gpa, &data)? {
                     return Err(VcpuError::UnknownMmio {
-                        gpa: mmu_api::Gpa(gpa),
+                        gpa: Gpa(gpa),
                         direction: IoDirection::Write,
                         size: data.len(),
                     });
@@ -892,17 +870,9 @@ pub(crate) fn run_vcpu<H: ExitHandler>(
 /// Lets KVM finish an instruction left pending by the last exit of a
 /// previous run (the kit's hypercalls are port reads, and a run ends on
 /// one): KVM completes it on the next `KVM_RUN`, and would otherwise do so
-/// on top of the registers the new run sets. With `immediate_exit` set,
-/// `KVM_RUN` completes it and returns without running guest code.
-pub(crate) fn complete_pending_io(fd: &mut VcpuFd) -> Result<(), VcpuError> {
-    fd.set_kvm_immediate_exit(1);
-    let result = fd.run().map(|_| ());
-    fd.set_kvm_immediate_exit(0);
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
-        Err(e) => Err(KvmError::new("KVM_RUN", e).into()),
-    }
+/// on top of the registers the new run sets.
+fn complete_pending_io(fd: &mut VcpuFd) -> Result<(), VcpuError> {
+    mmu_integration::shadow_host::complete_pending_io(fd).map_err(|e| VcpuError::Hosting(e.into()))
 }
 
 /// The answer to a hypercall, or the end of the program.
@@ -939,7 +909,7 @@ fn serve_hypercall<H: ExitHandler>(
         }
         hypercall::EXCEPTION => {
             stats.exceptions += 1;
-            let exception = read_exception(ctx, &regs)?;
+            let exception = read_exception(ctx)?;
             debug!(vcpu = ctx.id.0, %exception, "guest exception");
             match handler.exception(ctx, &exception)? {
                 ExceptionAction::Resume(actions) => Ok(Served::Answer(actions & !action::REDIRECT)),
@@ -979,24 +949,17 @@ fn serve_hypercall<H: ExitHandler>(
 }
 
 /// Reads the exception frame the kernel's stub left at RSP (see
-/// [`abi`](crate::kit::abi)), and CR2.
-fn read_exception(ctx: &mut VcpuContext<'_>, regs: &kvm_regs) -> Result<GuestException, VcpuError> {
-    let word = |i: u64| ctx.read_u64(regs.rsp + 8 * i);
-    let vector = word(2)?;
-    let error_code = word(3)?;
-    let rip = word(4)?;
-    let cs = word(5)?;
-    let rflags = word(6)?;
-    let rsp = word(7)?;
-    let cr2 = ctx.sregs()?.cr2;
+/// [`abi::frame`](crate::kit::abi::frame)), and CR2.
+fn read_exception(ctx: &mut VcpuContext<'_>) -> Result<GuestException, VcpuError> {
+    let frame = read_exception_frame(ctx)?;
     Ok(GuestException {
-        vector: vector as u8,
-        error_code,
-        cr2,
-        rip,
-        cs: cs as u16,
-        rsp,
-        rflags,
+        vector: frame.vector,
+        error_code: frame.error_code,
+        cr2: frame.cr2,
+        rip: frame.rip,
+        cs: frame.cs,
+        rsp: frame.rsp,
+        rflags: frame.rflags,
     })
 }
 
@@ -1046,32 +1009,6 @@ mod tests {
         assert_eq!(r.last(1), Some(7));
         assert_eq!(r.last(2), Some(6));
         assert_eq!(r.last(3), None);
-    }
-
-    #[test]
-    fn read_answers_go_only_to_the_read_exit_they_answer() {
-        // SAFETY: kvm_run is plain integers, bytes and unions of them; all
-        // zeroes is a valid value.
-        let mut run: kvm_bindings::kvm_run = unsafe { std::mem::zeroed() };
-        run.exit_reason = kvm_bindings::KVM_EXIT_MMIO;
-        run.__bindgen_anon_1.mmio.len = 4;
-        run.__bindgen_anon_1.mmio.is_write = 0;
-        assert!(read_area(&mut run, ReadExit::Io).is_none());
-        let area = read_area(&mut run, ReadExit::Mmio).expect("an MMIO read");
-        assert_eq!(area.len(), 4);
-        area.copy_from_slice(&[1, 2, 3, 4]);
-        // SAFETY: the `mmio` member was written above.
-        assert_eq!(unsafe { run.__bindgen_anon_1.mmio.data }[..4], [1, 2, 3, 4]);
-        run.__bindgen_anon_1.mmio.is_write = 1;
-        assert!(read_area(&mut run, ReadExit::Mmio).is_none());
-        // A port write is not a read: no area, whatever its offset says.
-        run.exit_reason = kvm_bindings::KVM_EXIT_IO;
-        run.__bindgen_anon_1.io.direction = kvm_bindings::KVM_EXIT_IO_OUT as u8;
-        run.__bindgen_anon_1.io.data_offset = 1 << 40;
-        assert!(read_area(&mut run, ReadExit::Io).is_none());
-        run.exit_reason = kvm_bindings::KVM_EXIT_HLT;
-        assert!(read_area(&mut run, ReadExit::Mmio).is_none());
-        assert!(read_area(&mut run, ReadExit::Io).is_none());
     }
 
     #[test]

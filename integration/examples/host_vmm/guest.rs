@@ -1,9 +1,12 @@
-//! The example's guest and device: a few bytes of 16-bit real-mode code
-//! (no firmware, no page tables: the vCPU starts at `CODE_GPA` with every
-//! segment base at 0), and an MMIO device with a doorbell and a status
-//! register, in the style of a request/response NIC.
+//! The example's device and memory map: an MMIO device with a doorbell
+//! and a status register, in the style of a request/response NIC, plus
+//! report, done and checkpoint registers the guest talks to the host
+//! through; guest RAM and a ROM.
 //!
-//! Also used by the crate's KVM tests (`tests/kvm.rs`).
+//! Also a few bytes of 16-bit real-mode code (no firmware, no page
+//! tables: the vCPU starts at `CODE_GPA` with every segment base at 0),
+//! which the crate's KVM tests (`tests/kvm.rs`) run for the memslot paths
+//! that need no paging; the example itself runs `pv_guest.rs`.
 
 #![allow(dead_code)]
 
@@ -20,7 +23,8 @@ pub(crate) const RAM_SIZE: u64 = 0x8_0000;
 pub(crate) const CODE_GPA: u64 = 0x1000;
 /// The first page the program touches.
 pub(crate) const TOUCH_GPA: u64 = 0x1_0000;
-/// The device's page: doorbell at +0, status at +4.
+/// The device's page: doorbell at +0, status at +4, report at +8, done at
+/// +12, checkpoint at +16.
 pub(crate) const DEVICE_GPA: u64 = 0xd_0000;
 /// A 64 KiB ROM (a read-only memslot) at the top of the first megabyte.
 pub(crate) const ROM_GPA: u64 = 0xf_0000;
@@ -221,6 +225,13 @@ pub(crate) struct Bus {
     pub(crate) unclaimed_reads: u64,
     /// Writes to addresses with no device (dropped).
     pub(crate) unclaimed_writes: u64,
+    /// Values written to the report register (+8), in order.
+    pub(crate) reports: Vec<u32>,
+    /// The done register (+12) was written.
+    pub(crate) done: bool,
+    /// Writes to the checkpoint register (+16): the guest asks the host
+    /// to act (the example harvests the dirty log).
+    pub(crate) checkpoints: u64,
 }
 
 impl Bus {
@@ -233,6 +244,9 @@ impl Bus {
             rom_writes: BTreeMap::new(),
             unclaimed_reads: 0,
             unclaimed_writes: 0,
+            reports: Vec::new(),
+            done: false,
+            checkpoints: 0,
         }
     }
 }
@@ -263,6 +277,14 @@ impl MmioBus for Bus {
                 self.doorbell = u16::from_le_bytes(bytes);
                 self.rings += 1;
             }
+            a if a == DEVICE_GPA + 8 => {
+                let mut bytes = [0u8; 4];
+                let n = data.len().min(4);
+                bytes[..n].copy_from_slice(&data[..n]);
+                self.reports.push(u32::from_le_bytes(bytes));
+            }
+            a if a == DEVICE_GPA + 12 => self.done = true,
+            a if a == DEVICE_GPA + 16 => self.checkpoints += 1,
             a if (ROM_GPA..ROM_GPA + ROM_SIZE).contains(&a) => {
                 self.rom_writes.insert(a, data.to_vec());
             }

@@ -6,63 +6,55 @@
 //! ```
 //!
 //! The backend is picked from the command line when the VM is created;
-//! nothing else in the VMM changes with it. The VMM:
+//! nothing else in the VMM changes with it. The VMM (`vmm.rs`):
 //!
 //! 1. creates a KVM VM and builds its MMU with `KvmMmu::new(kind, ...)`;
-//! 2. registers guest RAM (dirty-logged) and a ROM (read-only) through the
-//!    MMU's memslot glue, so the backend owns the memslots (the EPT
-//!    backend issues `KVM_SET_USER_MEMORY_REGION` itself);
+//! 2. registers the guest's system memory, its RAM (dirty-logged) and a
+//!    ROM (read-only) through the MMU's memslot glue, so the backend owns
+//!    the memslots (the EPT backend issues `KVM_SET_USER_MEMORY_REGION`
+//!    itself);
 //! 3. runs one vCPU in a loop: `prepare_entry` before `KVM_RUN`,
 //!    `exit_guest` after it, every exit through `handle_kvm_exit` (MMIO is
-//!    classified by the backend and served on the VMM's bus), and the
-//!    VMM's own exits (port I/O, HLT) handled as before;
-//! 4. prints what the guest reported, the dirty log and the backend's
+//!    classified by the backend and served on the VMM's bus: the device,
+//!    and its registers through which the guest reports, asks for a
+//!    dirty-log harvest and ends), and the port reads of the paravirtual
+//!    MMU ABI's hypercalls through the shadow hosting;
+//! 4. prints what the guest reported, both dirty logs and the backend's
 //!    stats, and checks them against the host's model of the guest.
 //!
-//! The guest is a few bytes of real-mode code (see `guest.rs`): it touches
-//! pages, does request/response over an MMIO doorbell and status register,
-//! writes to the ROM and reads it.
+//! The guest (see `pv_guest.rs`) is a minimal long-mode kernel and a
+//! CPL3 program that speaks the paravirtual MMU ABI
+//! (`mmu_integration::shadow_host::abi`): its page tables are written by
+//! the host before the first entry, its exception stubs report to the VMM
+//! with the EXCEPTION hypercall, and its return path runs the replay
+//! queue. The program touches pages, asks for a dirty-log harvest and
+//! touches them again, does request/response over an MMIO doorbell and
+//! status register, writes to the ROM and reads it, reads its pages back,
+//! and reports.
 //!
-//! With `--mmu shadow`, `KvmMmu::new` registers the shadow page pool with
-//! KVM and mirrors each memslot at its host-physical address (read-only
-//! and dirty-logged as the slot is). This guest runs in real mode, without
-//! page tables, so KVM translates its accesses through the mirror and the
-//! shadow tables are never walked: the backend classifies its MMIO and the
-//! glue merges KVM's dirty log into the backend's. A guest that pages runs
-//! on the shadow tables themselves once its #PF vector and CR3 loads reach
-//! the backend, as the `vmm` crate's guest kit does (`mmu-vmm run --mmu
-//! shadow`).
+//! With `--mmu ept` KVM walks the guest's tables itself and the kernel
+//! never runs after the start: MMIO reaches the VMM as KVM's MMIO exits.
+//!
+//! With `--mmu shadow` the hardware walks the shadow MMU's tables. The
+//! VMM hosts it per vCPU with `mmu_integration::shadow_host::ShadowVcpuHost`:
+//! `prepare_entry` loads the MMU's root into CR3 (and queues the replay
+//! records a host whose KVM shadows page tables needs), every hypercall
+//! port read goes to `hypercall`, and the answer completes the read. The
+//! program's first accesses fault in the shadow tables (the example
+//! checks that the backend counted shadow faults); its MMIO accesses are
+//! #PFs on MMIO SPTEs, which the hosting emulates against the same bus;
+//! the harvest write-protects pages the host's KVM has already seen, which
+//! (under replay coherence) the guest kernel re-asserts from its queue
+//! (the example checks that it replayed entries).
 
 mod guest;
+mod pv_guest;
+mod vmm;
 
 use std::error::Error;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use kvm_ioctls::{Kvm, VcpuExit};
-use mmu_api::{MemslotFlags, SlotId, VcpuId, VcpuKick};
-use mmu_backends::{BackendConfig, BackendKind};
-use mmu_integration::kvm::{KvmMmu, Routed, apply_action};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-
-use guest::{
-    Bus, CODE_GPA, RAM_SIZE, REPORT_PORT, ROM_GPA, ROM_SIZE, ROM_WORD, TOUCH_GPA, expected_reports,
-    program, start_real_mode,
-};
-
-/// Pages the guest touches and requests it makes.
-const PAGES: u16 = 16;
-const REQUESTS: u16 = 32;
-
-/// This VMM runs its one vCPU on the main thread and no other thread posts
-/// MMU requests, so a kick has nothing to interrupt. A VMM with vCPU
-/// threads kicks with a signal plus `immediate_exit` (see `mmu_vmm::Kicker`).
-#[derive(Debug)]
-struct SingleThreaded;
-
-impl VcpuKick for SingleThreaded {
-    fn kick(&self) {}
-}
+use mmu_backends::BackendKind;
 
 fn parse_args() -> Result<BackendKind, Box<dyn Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -77,88 +69,12 @@ fn parse_args() -> Result<BackendKind, Box<dyn Error>> {
 }
 
 fn run() -> Result<bool, Box<dyn Error>> {
-    let kind = parse_args()?;
-
-    // The VM and its MMU: the one place the backend is named.
-    let kvm = Kvm::new()?;
-    let vm = Arc::new(kvm.create_vm()?);
-    let mmu = KvmMmu::new(kind, &BackendConfig::default(), Arc::clone(&vm))?;
-
-    // Guest memory, registered through the MMU.
-    let memory = GuestMemoryMmap::<()>::from_ranges(&[
-        (GuestAddress(0), RAM_SIZE as usize),
-        (GuestAddress(ROM_GPA), ROM_SIZE as usize),
-    ])?;
-    memory.write_slice(&program(PAGES, REQUESTS), GuestAddress(CODE_GPA))?;
-    memory.write_obj(ROM_WORD, GuestAddress(ROM_GPA + 0x20))?;
-    let regions: Vec<_> = memory.iter().collect();
-    mmu.memslots()
-        .add_region(SlotId(0), regions[0], MemslotFlags::LOG_DIRTY)?;
-    mmu.memslots()
-        .add_region(SlotId(1), regions[1], MemslotFlags::READONLY)?;
-
-    // One vCPU and its MMU half.
-    let mut vcpu = vm.create_vcpu(0)?;
-    start_real_mode(&vcpu, CODE_GPA)?;
-    let mut exits = mmu.create_vcpu(VcpuId(0), Arc::new(SingleThreaded))?;
-    let delivery = mmu.page_fault_delivery();
-    let mut bus = Bus::new(memory.clone());
-
-    // The vCPU loop.
-    let mut reports = Vec::new();
-    loop {
-        apply_action(&vcpu, exits.prepare_entry()?, delivery)?;
-        let result = vcpu.run();
-        exits.exit_guest();
-        match exits.handle_kvm_exit(result?, &mut bus)? {
-            Routed::Handled(action) => apply_action(&vcpu, action, delivery)?,
-            Routed::Unhandled(VcpuExit::IoOut(REPORT_PORT, data)) => {
-                let mut word = [0u8; 2];
-                word[..data.len().min(2)].copy_from_slice(&data[..data.len().min(2)]);
-                reports.push(u16::from_le_bytes(word));
-            }
-            Routed::Unhandled(VcpuExit::Hlt) => break,
-            Routed::Unhandled(other) => return Err(format!("unexpected exit {other:?}").into()),
-        }
+    let outcome = vmm::run_guest(parse_args()?)?;
+    print!("{}", outcome.report);
+    for what in &outcome.failed {
+        eprintln!("host_vmm: {what} differ from the host's model of the guest");
     }
-
-    // What the guest did, and what the MMU saw.
-    let dirty = mmu.memslots().dirty_log(SlotId(0))?;
-    let touched: Vec<u64> = (0..u64::from(PAGES))
-        .map(|i| TOUCH_GPA / 4096 + i)
-        .collect();
-    let missing = touched.iter().filter(|&&p| !dirty.is_dirty(p)).count();
-    let expected = expected_reports(REQUESTS);
-    println!("backend: {}", mmu.backend().name());
-    println!(
-        "guest reported: status sum {:#x}, ROM word {:#x} (expected {:#x}, {:#x})",
-        reports.first().copied().unwrap_or(0),
-        reports.get(1).copied().unwrap_or(0),
-        expected[0],
-        expected[1]
-    );
-    println!(
-        "device: {} doorbell rings, ROM writes {:x?}",
-        bus.rings, bus.rom_writes
-    );
-    println!(
-        "dirty log of RAM: {} pages; the {} pages the guest touched are {}",
-        dirty.count(),
-        touched.len(),
-        if missing == 0 {
-            "all in it"
-        } else {
-            "NOT all in it"
-        }
-    );
-    println!("exit handler: {}", exits.stats());
-    println!("backend stats: {}", mmu.backend().stats());
-
-    let ok = reports == expected
-        && missing == 0
-        && bus.rings == u64::from(REQUESTS)
-        && bus.rom_writes.get(&(ROM_GPA + 0x10)) == Some(&vec![0x55]);
-    Ok(ok)
+    Ok(outcome.failed.is_empty())
 }
 
 fn main() -> ExitCode {

@@ -13,88 +13,38 @@
 //! one-byte `int3` (and `int1`) are delivered through the IDT as usual.
 //! The price is that #BP is not available as a breakpoint trap.
 //!
-//! # Hypercalls
+//! # Hypercalls, exceptions, the kernel page and the replay queue
 //!
-//! The kernel calls the VMM with a 4-byte port read, `in eax, dx`, on one
-//! port per hypercall ([`hypercall`]). The VMM reads the arguments from
-//! the vCPU's registers (RDI, RSI) and, for exceptions, from the kernel
-//! stack; its 32-bit answer is the value read into EAX. A port read of
-//! another size, or a write, to these ports is a malformed hypercall;
-//! other ports belong to devices, and an access nothing serves stops the
-//! vCPU with [`VcpuError::UnknownPort`](crate::VcpuError::UnknownPort).
+//! The kernel speaks the paravirtual MMU ABI of `mmu-integration`
+//! (version [`PV_MMU_ABI_VERSION`]): its hypercalls ([`hypercall`]),
+//! answer bits ([`action`]), exception frame ([`frame`]), per-vCPU kernel
+//! page ([`percpu`]) and replay queue ([`REPLAY_CAPACITY`], [`REASSERT`],
+//! [`REASSERT_FRAME`], [`REPLAY_VECTOR`]) are that contract's, re-exported
+//! here; see [`mmu_integration::shadow_host::abi`] for what each means. The
+//! kit adds three hypercalls in the range the contract leaves to the VMM
+//! ([`hypercall::DONE`], [`hypercall::REPORT`], [`hypercall::BAD_SYSCALL`]).
+//! Ports outside the hypercall range belong to devices, and an access
+//! nothing serves stops the vCPU with
+//! [`VcpuError::UnknownPort`](crate::VcpuError::UnknownPort).
 //!
-//! Page-table hypercalls ([`hypercall::LOAD_CR3`], [`hypercall::INVLPG`],
-//! [`hypercall::FLUSH_TLB`], made only under
-//! [`PagingOps::Paravirt`](super::PagingOps::Paravirt)) and
-//! [`hypercall::EXCEPTION`] answer with [`action`] bits, which the kernel
-//! carries out in this order: replay the queue, execute the native
-//! instruction, deliver the fault to the program, resume elsewhere.
-//!
-//! # Exceptions
-//!
-//! Every IDT vector but [`SYSCALL_VECTOR`] and [`REPLAY_VECTOR`] (whose gate
-//! jumps straight to the return path) has a stub that pushes a zero error code (if
-//! the CPU pushed none) and the vector number, saves RAX and RDX, and makes
-//! the [`hypercall::EXCEPTION`] hypercall. At that exit RSP points to
-//! this frame (8-byte words):
-//!
-//! | RSP + | word |
-//! | --- | --- |
-//! | 0 | saved RDX |
-//! | 8 | saved RAX |
-//! | 16 | vector |
-//! | 24 | error code |
-//! | 32 | RIP of the interrupted context |
-//! | 40 | CS |
-//! | 48 | RFLAGS |
-//! | 56 | RSP |
-//! | 64 | SS |
-//!
-//! and CR2 still holds the faulting address of a #PF. After the answer the
-//! stub restores RAX and RDX and returns with `iretq`, to the faulting
-//! instruction unless [`action::DELIVER`] or [`action::REDIRECT`] moved it.
-//!
-//! # Faults delivered to the program
-//!
-//! A fault that belongs to the guest (the MMU gives it back) is delivered
-//! to the guest itself when the VMM answers [`action::DELIVER`]: the
-//! kernel appends (vector, error code, CR2) from the frame to the vCPU's
-//! fault log ([`percpu::FAULT_COUNT`], [`percpu::FAULT_LOG`]) and, if the
-//! fault interrupted CPL3 and the program set a handler with
-//! [`syscall::SET_FAULT_HANDLER`], resumes the program there with every
-//! register as it was at the fault (RSP included). The VMM first writes
-//! into the frame's error-code word the error code the guest must see
-//! (under a shadow MMU the hardware's differs from the architectural
-//! one). A CPL0 fault of a LOAD, STORE or CALL system call is answered
-//! DELIVER together with [`action::REDIRECT`] to
+//! The kit's kernel makes the page-table hypercalls only under
+//! [`PagingOps::Paravirt`](super::PagingOps::Paravirt). A CPL0 fault of a
+//! LOAD, STORE or CALL system call is answered [`action::DELIVER`]
+//! together with [`action::REDIRECT`] to
 //! [`Kernel::fault_return`](super::Kernel::fault_return): logged, and the
-//! call returns [`FAULTED`].
-//!
-//! # The per-vCPU kernel page
+//! call returns [`FAULTED`]. A CPL3 program sets where delivered faults
+//! resume it ([`percpu::FAULT_RIP`]) with [`syscall::SET_FAULT_HANDLER`].
 //!
 //! Each vCPU's kernel stack sits in a [`KERNEL_AREA_SIZE`]-aligned area
-//! whose first page holds the vCPU's kernel variables (the kernel finds it
-//! by rounding RSP down) and whose second page is the replay queue: up to
-//! [`REPLAY_CAPACITY`] entries of two words, (guest-virtual address,
-//! value). The kernel runs the queue before every return from the kernel
-//! (and on [`action::REPLAY`]): it stores each value at its address with a
-//! CPL0 64-bit store, in order, then clears the count, then reloads CR3.
-//! An address with [`REASSERT`] (bit 0) set asks for a re-assertion
-//! instead: the kernel reads the entry and writes the value it read back
-//! with `lock cmpxchg`, retrying until no concurrent change came in
-//! between, so KVM learns the entry's current value and no newer value is
-//! ever overwritten; [`REASSERT_FRAME`] (bit 1) re-asserts the first two
-//! bytes of a zapped shadow page, which makes KVM drop its whole shadow
-//! of the page. This is how a
-//! VMM-side shadow MMU on a host whose KVM shadows guest tables (PVM)
-//! makes its table writes visible to KVM: KVM tracks guest CPL0 writes,
-//! not host writes.
-//!
-//! The return path checks the count and [`percpu::REPLAY_PENDING`] and
-//! then executes `iretq`; a VMM that queues work while the vCPU is between
-//! that check and the `iretq` moves RIP back to the check
-//! ([`Kernel::replay_restart`](super::Kernel::replay_restart)). A vCPU at
-//! CPL3 is sent into the kernel with [`REPLAY_VECTOR`].
+//! whose first page is the vCPU's kernel page (the kernel finds it by
+//! rounding RSP down) and whose second page is its replay queue. The
+//! return path's restart points are
+//! [`Kernel::replay_restart`](super::Kernel::replay_restart).
+
+pub use mmu_integration::shadow_host::abi::{
+    ExceptionFrame, FAULT_CAPACITY, FAULT_ENTRY_WORDS, PV_MMU_ABI_VERSION, REASSERT,
+    REASSERT_FRAME, REPLAY_CAPACITY, REPLAY_ENTRY_SIZE, REPLAY_VECTOR, action, frame, percpu,
+};
 
 pub use crate::layout::KERNEL_AREA_SIZE;
 
@@ -170,109 +120,19 @@ pub mod syscall {
 /// after a fault.
 pub const FAULTED: u64 = u64::MAX;
 
-/// Hypercall ports (4-byte `in`).
+/// Hypercall ports (4-byte `in`): the contract's, and the kit's own in
+/// the range it leaves to the VMM.
 pub mod hypercall {
-    /// The first hypercall port.
-    pub const BASE: u16 = 0x0500;
+    pub use mmu_integration::shadow_host::abi::hypercall::*;
+
     /// The program is done: RDI = exit code. The VMM does not resume the vCPU.
     pub const DONE: u16 = BASE;
     /// A result: RDI = value, RSI = tag. Answer 0.
     pub const REPORT: u16 = BASE + 1;
-    /// An exception; frame on the stack (see the module docs). Answer:
-    /// [`action`](super::action) bits.
-    pub const EXCEPTION: u16 = BASE + 2;
-    /// Load CR3: RDI = new CR3. Answer: [`action`](super::action) bits.
-    pub const LOAD_CR3: u16 = BASE + 3;
-    /// INVLPG: RDI = address. Answer: [`action`](super::action) bits.
-    pub const INVLPG: u16 = BASE + 4;
-    /// Flush the TLB. Answer: [`action`](super::action) bits.
-    pub const FLUSH_TLB: u16 = BASE + 5;
     /// A CPL3 program made an unknown system call: RAX = its number. The
     /// VMM does not resume the vCPU.
     pub const BAD_SYSCALL: u16 = BASE + 6;
-    /// Read CR3 (the guest's own, which under a shadow MMU is not the one
-    /// the hardware uses). Answer: its low 32 bits (the kit's page tables
-    /// live below 4 GiB).
-    pub const READ_CR3: u16 = BASE + 7;
-    /// The replay routine drained its queue and found
-    /// [`REPLAY_PENDING`](super::percpu::REPLAY_PENDING) set: the VMM
-    /// refills the queue and sets or clears `REPLAY_PENDING`. Answer 0.
-    pub const REPLAY_REFILL: u16 = BASE + 8;
-    /// One past the last hypercall port.
-    pub const END: u16 = BASE + 9;
 }
-
-/// Answer bits of the page-table and exception hypercalls.
-pub mod action {
-    /// Replay the vCPU's queue of page-table writes first.
-    pub const REPLAY: u32 = 1 << 0;
-    /// Then execute the native instruction: `mov cr3, rdi` for LOAD_CR3,
-    /// `invlpg [rdi]` for INVLPG, a CR3 reload for FLUSH_TLB and
-    /// EXCEPTION.
-    pub const NATIVE: u32 = 1 << 1;
-    /// EXCEPTION only: resume at the address in the kernel page's
-    /// [`REDIRECT_RIP`](super::percpu::REDIRECT_RIP) instead of the
-    /// faulting instruction.
-    pub const REDIRECT: u32 = 1 << 2;
-    /// EXCEPTION only, carried out after NATIVE and before REDIRECT: the
-    /// fault is the guest's. Append (vector, error code, CR2) to the fault
-    /// log; if the fault came from CPL3 and
-    /// [`FAULT_RIP`](super::percpu::FAULT_RIP) is not 0, resume the
-    /// program there instead of at the faulting instruction.
-    pub const DELIVER: u32 = 1 << 3;
-    /// Every defined bit.
-    pub const ALL: u32 = REPLAY | NATIVE | REDIRECT | DELIVER;
-}
-
-/// Offsets in the per-vCPU kernel page.
-pub mod percpu {
-    /// The vCPU's index (written by the VMM).
-    pub const INDEX: u64 = 0;
-    /// Where [`REDIRECT`](super::action::REDIRECT) resumes.
-    pub const REDIRECT_RIP: u64 = 8;
-    /// Number of valid replay-queue entries.
-    pub const REPLAY_COUNT: u64 = 16;
-    /// Non-zero: the VMM has more replay work than the queue holds; the
-    /// replay routine asks for it with [`REPLAY_REFILL`](super::hypercall::REPLAY_REFILL).
-    pub const REPLAY_PENDING: u64 = 24;
-    /// Where [`DELIVER`](super::action::DELIVER) resumes a CPL3 program
-    /// (0: nowhere). Set by [`SET_FAULT_HANDLER`](super::syscall::SET_FAULT_HANDLER).
-    pub const FAULT_RIP: u64 = 32;
-    /// Faults delivered since the run started; can exceed
-    /// [`FAULT_CAPACITY`](super::FAULT_CAPACITY) (only the count grows then).
-    pub const FAULT_COUNT: u64 = 40;
-    /// The fault log: entries of three words (vector, error code, CR2)
-    /// from here to the end of the page.
-    pub const FAULT_LOG: u64 = 64;
-}
-
-/// Words of one fault-log entry.
-pub const FAULT_ENTRY_WORDS: u64 = 3;
-
-/// Entries the fault log holds (the rest of the kernel page).
-pub const FAULT_CAPACITY: u64 =
-    (crate::layout::PAGE_SIZE - percpu::FAULT_LOG) / (8 * FAULT_ENTRY_WORDS);
-
-/// Entries the replay queue page holds.
-pub const REPLAY_CAPACITY: usize = 256;
-
-/// Bit 0 of a replay-queue address: re-assert the 64-bit entry there
-/// instead of storing a value. See the module docs.
-pub const REASSERT: u64 = 1;
-
-/// Bit 1 of a replay-queue address: the page there is a zapped shadow
-/// page; re-assert its first two bytes. KVM takes a write of fewer than
-/// 4 bytes to a page it shadows as a page table as misaligned and drops
-/// its whole shadow of the page, so nothing of the old contents survives
-/// into the frame's next use (one emulated write instead of one per
-/// entry). See the module docs.
-pub const REASSERT_FRAME: u64 = 2;
-
-/// The vector the VMM injects to make a vCPU at CPL3 run its replay queue:
-/// its gate goes straight to the kernel's return path, which replays the
-/// queue before it returns (a reserved exception vector, so it never
-/// collides with a real one).
-pub const REPLAY_VECTOR: u8 = 22;
 
 /// Conventional report tags used by the kit's workloads.
 pub mod tag {

@@ -79,6 +79,31 @@ impl ReplayRestart {
     }
 }
 
+/// What the shadow hosting of `mmu-integration` needs to know about the
+/// kit's kernel: these restart points, and the kit's system calls
+/// ([`abi::syscall_entry_pending`]).
+impl mmu_integration::shadow_host::PvKernel for ReplayRestart {
+    fn replay_restart_rip(&self, rip: u64) -> u64 {
+        self.restart_rip(rip)
+    }
+
+    fn cr3_reload_restart(&self, rip: u64) -> Option<u64> {
+        ReplayRestart::cr3_reload_restart(self, rip)
+    }
+
+    fn in_replay_routine(&self, rip: u64) -> bool {
+        self.in_routine(rip)
+    }
+
+    fn syscall_bytes_len(&self) -> usize {
+        abi::syscall_bytes(0).len()
+    }
+
+    fn syscall_entry_pending(&self, before_rip: &[u8], regs: &kvm_bindings::kvm_regs) -> bool {
+        abi::syscall_entry_pending(before_rip, regs.rax, regs.rflags)
+    }
+}
+
 /// Labels of the kernel's shared routines.
 struct Labels {
     replay: CodeLabel,
@@ -551,7 +576,7 @@ fn emit_exception_common(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(
     a.mov(rdx, rsp)?;
     a.and(rdx, -(KERNEL_AREA_SIZE as i32))?;
     a.mov(rdx, qword_ptr(rdx + percpu::REDIRECT_RIP as i32))?;
-    a.mov(qword_ptr(rsp + 32), rdx)?;
+    a.mov(qword_ptr(rsp + abi::frame::RIP as i32), rdx)?;
     a.jmp(ret)
 }
 
@@ -679,7 +704,7 @@ fn emit_replay(a: &mut CodeAssembler, labels: &mut Labels) -> Result<(), IcedErr
     a.lock().cmpxchg(word_ptr(r10), dx)?;
     a.jne(frame_retry)?;
     a.set_label(&mut stored)?;
-    a.add(r8, 16)?;
+    a.add(r8, abi::REPLAY_ENTRY_SIZE as i32)?;
     a.dec(rcx)?;
     a.jnz(next)?;
     a.set_label(&mut drained)?;

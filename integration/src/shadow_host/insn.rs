@@ -1,10 +1,10 @@
 //! Decoding and emulating the one instruction that faulted, for MMIO and
 //! for writes to page tables a shadow MMU protects (a #PF the shadow backend
 //! answers `Mmio` or `Emulate`, which KVM does not decode for us because the
-//! fault reaches the guest kit's stub, not KVM's MMIO exit). The shadow
-//! backend's hosting on KVM ([`crate::shadow_host`]) uses it.
+//! fault reaches the guest's exception stub, not KVM's MMIO exit). The
+//! shadow hosting ([`crate::shadow_host`]) uses it.
 //!
-//! Only what the guest kit's workloads and a VMM's device accesses need:
+//! Only what guest workloads and a VMM's device accesses typically need:
 //! MOV loads and stores of 1, 2, 4 or 8 bytes between a general-purpose
 //! register (or an immediate) and memory, and MOVZX / MOVSX loads. Anything
 //! else is a typed error, never a guess.
