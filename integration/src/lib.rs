@@ -17,8 +17,10 @@
 //!   dirty-logging switch (per slot, as KVM does, or VM-wide over the slots
 //!   recorded as logged, as Cloud Hypervisor does). On KVM the EPT backend
 //!   owns the VM's memslots through [`kvm::KvmMemory`]
-//!   (`KVM_SET_USER_MEMORY_REGION`, `KVM_GET_DIRTY_LOG`); [`kvm::KvmMmu`]
-//!   sets all of this up for a VM.
+//!   (`KVM_SET_USER_MEMORY_REGION`, `KVM_GET_DIRTY_LOG`); the shadow
+//!   backend's pool and guest memory live in one KVM memslot registered at
+//!   VM creation, the [`arena::Arena`], so its memslot changes never reach
+//!   KVM's memory map; [`kvm::KvmMmu`] sets all of this up for a VM.
 //! - **Its device dispatch**, through adapters of the host's own shape.
 //!
 //! Under the shadow backend on KVM, the hardware walks the MMU's tables,
