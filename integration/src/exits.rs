@@ -5,8 +5,8 @@ use std::fmt;
 use std::time::Instant;
 
 use mmu_api::{
-    FaultOutcome, Gpa, Gva, MmioClass, MmuVcpu, PAGE_SIZE, PagingContext, PfErrorCode, RootLoad,
-    VcpuId,
+    FaultOutcome, Gpa, Gva, Hpa, MmioClass, MmuVcpu, PAGE_SIZE, PagingContext, PfErrorCode,
+    RootLoad, VcpuId,
 };
 use tracing::{debug, trace};
 
@@ -164,6 +164,13 @@ pub struct VcpuExits {
     stats: ExitStats,
     /// MMIO service times, when they are recorded.
     mmio_times: Option<MmioServiceTimes>,
+    /// The hypervisor's MMIO window of a shadow backend
+    /// (`ShadowConfig::mmio_window`): an MMIO exit there is for the guest
+    /// frame at its offset.
+    mmio_window: Option<Hpa>,
+    /// The MMIO access being served came through the window (an MMIO
+    /// leaf answered it: the cached path).
+    via_window: bool,
 }
 
 /// How long the MMU took to serve each MMIO access of one vCPU, in
@@ -202,7 +209,39 @@ impl VcpuExits {
             mmu,
             stats: ExitStats::default(),
             mmio_times: None,
+            mmio_window: None,
+            via_window: false,
         }
+    }
+
+    /// Where the shadow backend's MMIO leaves point (its
+    /// `ShadowConfig::mmio_window`): MMIO exits at or above it are taken
+    /// as accesses to the guest frame at the offset. [`HostMmu`](crate::host::HostMmu)
+    /// sets it for the vCPUs it creates.
+    pub fn set_mmio_window(&mut self, window: Option<Hpa>) {
+        self.mmio_window = window;
+    }
+
+    /// The guest-physical address of a hypervisor MMIO exit at `addr`,
+    /// and whether it came through the MMIO window.
+    pub(crate) fn exit_gpa(&self, addr: u64) -> (Gpa, bool) {
+        match self.mmio_window {
+            Some(w) if addr >= w.raw() => (Gpa(addr - w.raw()), true),
+            _ => (Gpa(addr), false),
+        }
+    }
+
+    /// Serves `op` as an MMIO access that came through the window (or
+    /// not), so its service time lands on the right path.
+    pub(crate) fn with_window<R>(
+        &mut self,
+        via_window: bool,
+        op: impl FnOnce(&mut Self) -> R,
+    ) -> R {
+        self.via_window = via_window;
+        let result = op(self);
+        self.via_window = false;
+        result
     }
 
     /// Starts (or stops) timing the MMU's service of every MMIO access
@@ -227,7 +266,12 @@ impl VcpuExits {
             return;
         };
         let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        match self.mmu.last_mmio_cached() {
+        let cached = if self.via_window {
+            Some(true)
+        } else {
+            self.mmu.last_mmio_cached()
+        };
+        match cached {
             Some(true) => times.cached_ns.push(ns),
             Some(false) => times.uncached_ns.push(ns),
             None => {}
@@ -465,7 +509,7 @@ mod tests {
         assert_eq!(Action::from_root_load(RootLoad::default()), Action::Resume);
         let flush = RootLoad::new(None, true);
         assert_eq!(Action::from_root_load(flush), Action::LoadRoot(flush));
-        let root = RootLoad::new(Some(mmu_api::Hpa(0x1000)), false);
+        let root = RootLoad::new(Some(Hpa(0x1000)), false);
         assert_eq!(Action::from_root_load(root), Action::LoadRoot(root));
 
         let gpa = Gpa(0x5000);

@@ -182,6 +182,13 @@ pub struct HostOptions {
 #[cfg(feature = "shadow")]
 pub const SHADOW_POOL_SLOT: u32 = 0x7000;
 
+/// Where the shadow backend's MMIO leaves point on KVM
+/// (`ShadowConfig::mmio_window`): 32 TiB, above the arena, so a guest frame
+/// below 32 TiB that no memslot backs is reached at `32 TiB + gpa`, where
+/// KVM has no memory and exits with `KVM_EXIT_MMIO`.
+#[cfg(feature = "shadow")]
+pub const SHADOW_MMIO_WINDOW: mmu_api::Hpa = mmu_api::Hpa(1 << 45);
+
 /// Where the shadow backend's host window sits in every root under
 /// `Coherence::Replay`: the first 512 GiB of the upper half.
 #[cfg(feature = "shadow")]
@@ -237,6 +244,9 @@ impl<R: RegionPort + ?Sized> ShadowHosting<R> {
             HostCoherence::Replay => true,
             HostCoherence::Direct => false,
         };
+        // MMIO leaves point into a window where KVM has no memory, above
+        // the arena: the guest's access exits as KVM's own MMIO exit.
+        config.mmio_window = Some(SHADOW_MMIO_WINDOW);
         config.coherence = if replay {
             mmu_backends::shadow::Coherence::Replay {
                 window: SHADOW_HOST_WINDOW,
@@ -509,7 +519,13 @@ impl<R: RegionPort + ?Sized + 'static, E> HostMmu<R, E> {
         id: VcpuId,
         kick: Arc<dyn VcpuKick>,
     ) -> Result<VcpuExits, mmu_api::BackendError> {
-        Ok(VcpuExits::new(self.backend.create_vcpu(id, kick)?))
+        let mut exits = VcpuExits::new(self.backend.create_vcpu(id, kick)?);
+        #[cfg(feature = "shadow")]
+        if let Some(hosting) = &self.shadow {
+            let config = hosting.backend.config();
+            exits.set_mmio_window(config.mmio_window.filter(|_| config.mmio_caching));
+        }
+        Ok(exits)
     }
 }
 

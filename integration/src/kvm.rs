@@ -26,7 +26,6 @@ use std::io;
 
 use kvm_bindings::{KVM_CAP_EXCEPTION_PAYLOAD, KVM_VCPUEVENT_VALID_PAYLOAD, kvm_enable_cap};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use mmu_api::Gpa;
 use tracing::{debug, trace};
 
 use crate::bus::MmioBus;
@@ -77,23 +76,27 @@ impl VcpuExits {
     ) -> Result<Routed<'a>, ExitError> {
         match exit {
             VcpuExit::MmioRead(addr, data) => {
+                let (gpa, via_window) = self.exit_gpa(addr);
                 trace!(
                     vcpu = self.id().0,
-                    gpa = addr,
+                    addr,
+                    gpa = gpa.raw(),
                     len = data.len(),
                     "KVM_EXIT_MMIO read"
                 );
-                self.mmio_read(Gpa(addr), data, bus)?;
+                self.with_window(via_window, |s| s.mmio_read(gpa, data, bus))?;
                 Ok(Routed::Handled(Action::Resume))
             }
             VcpuExit::MmioWrite(addr, data) => {
+                let (gpa, via_window) = self.exit_gpa(addr);
                 trace!(
                     vcpu = self.id().0,
-                    gpa = addr,
+                    addr,
+                    gpa = gpa.raw(),
                     len = data.len(),
                     "KVM_EXIT_MMIO write"
                 );
-                self.mmio_write(Gpa(addr), data, bus)?;
+                self.with_window(via_window, |s| s.mmio_write(gpa, data, bus))?;
                 Ok(Routed::Handled(Action::Resume))
             }
             other => {
@@ -240,6 +243,8 @@ impl VcpuPort for VcpuFd {
 
 #[cfg(all(test, feature = "ept"))]
 mod tests {
+    use mmu_api::Gpa;
+
     use super::*;
     use mmu_backends::BackendKind;
 
@@ -272,6 +277,36 @@ mod tests {
             ]
         );
         assert_eq!(exits.stats().mmio_exits, 2);
+    }
+
+    #[test]
+    fn exits_in_the_mmio_window_are_for_the_guest_frame_at_the_offset() {
+        let (_port, backend) = ept();
+        let mut exits = vcpu(&*backend, 0);
+        let window = mmu_api::Hpa(1 << 45);
+        exits.set_mmio_window(Some(window));
+        exits.record_mmio_service_times(true);
+        let mut bus = RecordingBus::default();
+        let mut run_data = [0u8; 4];
+        let exit = VcpuExit::MmioRead((1 << 45) + 0xfee0_0020, &mut run_data);
+        exits.handle_kvm_exit(exit, &mut bus).unwrap();
+        let exit = VcpuExit::MmioWrite((1 << 45) + 0xfee0_00b0, &[1, 2]);
+        exits.handle_kvm_exit(exit, &mut bus).unwrap();
+        // Below the window an address is a guest-physical one.
+        let exit = VcpuExit::MmioWrite(0xfee0_00b0, &[3]);
+        exits.handle_kvm_exit(exit, &mut bus).unwrap();
+        assert_eq!(
+            bus.calls,
+            [
+                Call::MmioRead(Gpa(0xfee0_0020), 4),
+                Call::MmioWrite(Gpa(0xfee0_00b0), vec![1, 2]),
+                Call::MmioWrite(Gpa(0xfee0_00b0), vec![3]),
+            ]
+        );
+        assert_eq!(run_data, [0xa0, 0xa1, 0xa2, 0xa3]);
+        // The two window exits were answered by an MMIO leaf: the cached
+        // path.
+        assert!(exits.take_mmio_service_times().cached_ns.len() >= 2);
     }
 
     #[test]

@@ -166,7 +166,7 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
             }
             let gfn = page.leaf_gfns.as_ref().expect("level 1")[i];
             if st.is_mmio_spte(spte.0) {
-                let (mgfn, tag, _) = mmio::decode(spte.0);
+                let (mgfn, tag, _) = st.decode_mmio(spte.0);
                 if mgfn != gfn {
                     problems.push(format!("MMIO leaf {ptr:?} names {mgfn}, recorded {gfn}"));
                 }
@@ -177,7 +177,10 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
                 {
                     problems.push(format!("MMIO leaf {ptr:?} is in the rmap"));
                 }
-                if !obsolete && Some(tag) == mmio_tag && st.slots.table.find_gfn(gfn).is_some() {
+                // A window leaf is current until a memslot covers its gfn
+                // (which zaps it); a reserved-bit one while its tag is.
+                let current = tag.is_none() || tag == mmio_tag;
+                if !obsolete && current && st.slots.table.find_gfn(gfn).is_some() {
                     problems.push(format!(
                         "current MMIO leaf {ptr:?} names gfn {gfn}, which a memslot backs"
                     ));
@@ -340,7 +343,7 @@ fn audit_against_guest(st: &MmuState, root: &CachedRoot, problems: &mut Vec<Stri
             }
             let r = t.rights;
             if is_mmio {
-                let (_, _, m) = mmio::decode(spte.0);
+                let (_, _, m) = st.decode_mmio(spte.0);
                 let dirty = t
                     .leaf()
                     .is_none_or(|l| l.entry.raw() & PteFlags::DIRTY.bits() != 0);

@@ -423,8 +423,8 @@ impl MmuBackend for ShadowBackend {
         st.counters.memslot_updates += 1;
         match change {
             // MMIO SPTEs for the new range carry an older generation: they
-            // miss from now on, with no zap.
-            MemslotChange::Created => {}
+            // miss from now on, with no zap. Window leaves carry none.
+            MemslotChange::Created => flush |= st.zap_window_range(first, end),
             MemslotChange::Moved { .. } => zap = true,
             MemslotChange::FlagsChanged { old } => {
                 let newly_ro = !slot.is_writable() && old.is_writable();

@@ -614,7 +614,7 @@ impl MmuState {
             let bits = w.cache_mmio.expect("set when no slot backs the gfn");
             let mut rights = t.rights;
             rights.write &= guest_dirty;
-            let spte = mmio::encode(gfn, pf.generation.count(), bits, rights);
+            let spte = self.mmio_spte(gfn, pf.generation.count(), bits, rights);
             *flush |= self.set_mmio_leaf(sp, index, gfn, spte);
             self.counters.faults_mmio += 1;
             return Ok(Some(FaultOutcome::Mmio { gpa }));

@@ -231,6 +231,16 @@ pub struct ShadowConfig {
     /// it (as KVM does). Off: every fault runs under the lock (the
     /// baseline, for comparison).
     pub lockless_faults: bool,
+    /// Where a hypervisor that runs the shadow tables has no memory: with
+    /// MMIO caching on, a guest frame no memslot backs is then mapped by
+    /// an ordinary leaf to `mmio_window + gpa` (where that stays below
+    /// 2^`host_maxphyaddr`), so the guest's access exits as the
+    /// hypervisor's own MMIO exit (on KVM `KVM_EXIT_MMIO`, the instruction
+    /// already emulated; the exit handler takes the window off the
+    /// address) instead of a reserved-bit #PF the guest must report.
+    /// Frames beyond the window keep reserved-bit MMIO SPTEs. `None`: every
+    /// MMIO SPTE is a reserved-bit one.
+    pub mmio_window: Option<Hpa>,
 }
 
 impl Default for ShadowConfig {
@@ -249,6 +259,7 @@ impl Default for ShadowConfig {
             host_maxphyaddr: 46,
             coherence: Coherence::Direct,
             lockless_faults: true,
+            mmio_window: None,
         }
     }
 }

@@ -8,20 +8,62 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use mmu_api::paging::permission_fault;
-use mmu_api::{FaultOutcome, Gfn, Gpa};
+use mmu_api::paging::{Rights, permission_fault};
+use mmu_api::{FaultOutcome, Gfn, Gpa, Hpa, PAGE_SIZE};
 
 use crate::fault::PageFault;
 use crate::pool::{FrameId, PoolMem};
+use crate::rmap::SptePtr;
 use crate::spte::{Spte, mmio};
 use crate::state::MmuState;
 use crate::stats::LocalCounters;
 use crate::zap::Flush;
 
 impl MmuState {
-    /// True if `spte` is an MMIO SPTE of this backend.
+    /// True if `spte` is an MMIO SPTE of this backend: a reserved-bit one,
+    /// or a window leaf.
     pub(crate) fn is_mmio_spte(&self, spte: u64) -> bool {
-        self.mmio_enabled && mmio::is_mmio(spte)
+        self.mmio_enabled && (mmio::is_mmio(spte) || self.window_gfn(spte).is_some())
+    }
+
+    /// The gfn a window leaf maps (a present leaf into the hypervisor's
+    /// MMIO window), or `None` for any other entry.
+    pub(crate) fn window_gfn(&self, spte: u64) -> Option<Gfn> {
+        let (window, end) = self.mmio_window?;
+        let spte = Spte(spte);
+        let addr = spte.addr().raw();
+        (spte.is_present() && !mmio::is_mmio(spte.0) && addr >= window.raw() && addr < end)
+            .then(|| Gpa(addr - window.raw()).gfn())
+    }
+
+    /// The MMIO SPTE for `gfn` with `rights`: a window leaf where the
+    /// window reaches the frame, else a reserved-bit SPTE tagged with
+    /// `generation`.
+    pub(crate) fn mmio_spte(&self, gfn: Gfn, generation: u64, bits: u8, rights: Rights) -> u64 {
+        let in_window = self.mmio_window.and_then(|(window, end)| {
+            let hpa = window.raw().checked_add(gfn.gpa().raw())?;
+            (hpa.checked_add(PAGE_SIZE)? <= end).then_some(Hpa(hpa))
+        });
+        match in_window {
+            Some(hpa) => Spte::leaf(hpa, rights.write, rights.user, rights.exec).0,
+            None => mmio::encode(gfn, generation, bits, rights),
+        }
+    }
+
+    /// What an MMIO SPTE says: its gfn, its generation tag (none for a
+    /// window leaf, which no fault ever checks) and its rights.
+    pub(crate) fn decode_mmio(&self, spte: u64) -> (Gfn, Option<u64>, Rights) {
+        if let Some(gfn) = self.window_gfn(spte) {
+            let s = Spte(spte);
+            let rights = Rights {
+                write: s.is_writable(),
+                user: s.is_user(),
+                exec: s.is_executable(),
+            };
+            return (gfn, None, rights);
+        }
+        let (gfn, tag, rights) = mmio::decode(spte);
+        (gfn, Some(tag), rights)
     }
 
     /// Installs an MMIO SPTE (never in the rmap: it maps no memory).
@@ -35,7 +77,43 @@ impl MmuState {
         let flush = self.drop_spte(sp, index);
         self.pool.store(sp, index, value);
         self.page_mut(sp).leaf_gfns.as_mut().expect("level 1")[index] = gfn;
+        if self.window_gfn(value).is_some() {
+            let ptr = SptePtr {
+                sp,
+                index: index as u16,
+            };
+            let leaves = self.window_leaves.entry(gfn).or_default();
+            if !leaves.contains(&ptr) {
+                leaves.push(ptr);
+            }
+        }
         self.counters.mmio_sptes += 1;
+        flush
+    }
+
+    /// Drops the window leaves of frames in `[start, end)`: memory now
+    /// backs them, and the hypervisor would otherwise keep answering them
+    /// as MMIO without a fault.
+    pub(crate) fn zap_window_range(&mut self, start: Gfn, end: Gfn) -> Flush {
+        let gfns: Vec<Gfn> = self
+            .window_leaves
+            .range(start..end)
+            .map(|(g, _)| *g)
+            .collect();
+        let mut flush = Flush::NONE;
+        for gfn in gfns {
+            for ptr in self.window_leaves.remove(&gfn).unwrap_or_default() {
+                let live = self.pages[ptr.sp as usize].as_ref().is_some_and(|p| {
+                    p.leaf_gfns
+                        .as_ref()
+                        .is_some_and(|g| g[usize::from(ptr.index)] == gfn)
+                });
+                let spte = self.pool.load(ptr.sp, usize::from(ptr.index));
+                if live && self.window_gfn(spte) == Some(gfn) {
+                    flush |= self.drop_spte(ptr.sp, usize::from(ptr.index));
+                }
+            }
+        }
         flush
     }
 }

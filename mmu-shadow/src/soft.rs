@@ -351,6 +351,16 @@ impl SoftVcpu {
                 }
             };
             let hpa = Hpa(frame.raw() + gva.page_offset());
+            // A leaf into the hypervisor's MMIO window: the hypervisor
+            // finds no memory there and exits as MMIO, the window taken off.
+            let config = &self.backend.inner.config;
+            if let Some(window) = config.mmio_window.filter(|_| config.mmio_caching)
+                && hpa.raw() >= window.raw()
+                && hpa.raw() < 1u64 << config.host_maxphyaddr.min(52)
+            {
+                self.mmu.exit_guest();
+                return Ok(SoftOutcome::Mmio(Gpa(hpa.raw() - window.raw())));
+            }
             // The slot may have been deleted and created again since the
             // entry, with the translation made afterwards: then the current
             // memslots hold it.

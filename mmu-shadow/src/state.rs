@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use mmu_api::{Gfn, Gpa, VcpuId};
+use mmu_api::{Gfn, Gpa, Hpa, VcpuId};
 
 use crate::ReclaimPolicy;
 use crate::ShadowConfig;
@@ -76,6 +76,14 @@ pub(crate) struct MmuState {
     /// with it off the host may have MAXPHYADDR 52, where bit 51 is an
     /// address bit of ordinary leaves.
     pub(crate) mmio_enabled: bool,
+    /// The hypervisor's MMIO window (`ShadowConfig::mmio_window`) and its
+    /// end, 2^host_maxphyaddr.
+    pub(crate) mmio_window: Option<(Hpa, u64)>,
+    /// Window leaves by the gfn they map: a memslot added over the gfn
+    /// zaps them (the hypervisor answers them without a fault, so no
+    /// generation check ever sees them). Entries may be stale; each is
+    /// checked against the pool before it is used.
+    pub(crate) window_leaves: BTreeMap<Gfn, Vec<crate::rmap::SptePtr>>,
     /// Replay coherence: the window address and its level-3 and level-4
     /// pages, which every 4-level (resp. 5-level) root links.
     pub(crate) window: Option<HostWindow>,
@@ -111,6 +119,11 @@ impl MmuState {
             policy: config.reclaim,
             zap_batch: config.zap_batch.max(1),
             mmio_enabled: config.mmio_caching,
+            mmio_window: config
+                .mmio_window
+                .filter(|_| config.mmio_caching)
+                .map(|w| (w, 1u64 << config.host_maxphyaddr.min(52))),
+            window_leaves: BTreeMap::new(),
             window: None,
         }
     }

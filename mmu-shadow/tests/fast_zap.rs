@@ -395,3 +395,57 @@ fn fast_zap_waits_for_vcpus_in_guest_mode() {
     assert!(second.is_some() && second != first);
     b.audit().unwrap();
 }
+
+/// With an MMIO window, an MMIO leaf is an ordinary leaf into the
+/// hypervisor's window: the second access exits as the hypervisor's MMIO
+/// (no fault reaches the MMU), and a memslot added over the frame zaps the
+/// leaf so memory is read from then on.
+#[test]
+fn mmio_window_leaves_exit_without_a_fault_until_memory_comes() {
+    let (mut ram, b) = setup({
+        let mut c = config(None, 0);
+        c.mmio_window = Some(mmu_api::Hpa(1 << 45));
+        c
+    });
+    let mut cpu = SoftVcpu::new(&b, VcpuId(0)).unwrap();
+    cpu.load_context(&ctx(0x1000)).unwrap();
+    assert_eq!(
+        cpu.read(Gva(0x8010), 8, AccessMode::User).unwrap(),
+        SoftOutcome::Mmio(Gpa(0x80_0010))
+    );
+    let faults = stat(&b, "faults");
+    assert_eq!((stat(&b, "mmio_sptes"), stat(&b, "faults_mmio")), (1, 1));
+    b.audit().unwrap();
+    // Answered by the "hypervisor" from the leaf: no fault, no fast path.
+    assert_eq!(
+        cpu.read(Gva(0x8018), 8, AccessMode::User).unwrap(),
+        SoftOutcome::Mmio(Gpa(0x80_0018))
+    );
+    assert_eq!(stat(&b, "faults"), faults);
+    assert_eq!(stat(&b, "mmio_fast_hits"), 0);
+    // The guest maps it read-only-until-dirty: a write faults once and is
+    // served as MMIO, then writes exit without a fault too.
+    assert_eq!(
+        cpu.write(Gva(0x8010), 8, 5, AccessMode::User).unwrap(),
+        SoftOutcome::Mmio(Gpa(0x80_0010))
+    );
+    assert_eq!(
+        cpu.write(Gva(0x8010), 8, 6, AccessMode::User).unwrap(),
+        SoftOutcome::Mmio(Gpa(0x80_0010))
+    );
+    let after_writes = stat(&b, "faults");
+    assert!(
+        after_writes <= faults + 1,
+        "{after_writes} faults after {faults}"
+    );
+    b.audit().unwrap();
+    // Memory added over the frame: the leaf goes at once, memory is read.
+    ram.set_word(52, 2, 0x99);
+    add_slot(&b, ram.slot(2, 0x80_0000, 52, 4, MemslotFlags::empty()));
+    b.audit().unwrap();
+    assert_eq!(
+        cpu.read(Gva(0x8010), 8, AccessMode::User).unwrap(),
+        SoftOutcome::Done(0x99)
+    );
+    b.audit().unwrap();
+}

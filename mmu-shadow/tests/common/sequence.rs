@@ -509,6 +509,11 @@ pub fn run_case(case: &Case) -> Result<CaseReport, String> {
         m.reclaim = case.reclaim;
         m.mmio_caching = case.mmio_bits.is_some();
         m.mmio_gen_bits = case.mmio_bits.unwrap_or(19);
+        // Half the cases map MMIO through a hypervisor window instead of
+        // reserved bits (the soft vCPU then exits as the hypervisor would).
+        if case.seed & 1 == 1 {
+            m.mmio_window = Some(Hpa(1 << (m.host_maxphyaddr - 1)));
+        }
         m.coherence = if case.replay {
             Coherence::Replay { window: WINDOW }
         } else {
