@@ -137,53 +137,9 @@ impl std::fmt::Display for IoDirection {
     }
 }
 
-/// An exception the guest took, as the guest kit's stub reported it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct GuestException {
-    /// The vector (14 for #PF, 13 for #GP, 6 for #UD).
-    pub vector: u8,
-    /// The error code the CPU pushed (0 for vectors without one).
-    pub error_code: u64,
-    /// CR2 when the stub exited (the faulting address for a #PF).
-    pub cr2: u64,
-    /// RIP of the interrupted instruction.
-    pub rip: u64,
-    /// CS of the interrupted context; its low two bits are the CPL.
-    pub cs: u16,
-    /// RSP of the interrupted context.
-    pub rsp: u64,
-    /// RFLAGS of the interrupted context.
-    pub rflags: u64,
-}
-
-impl GuestException {
-    /// The privilege level the exception interrupted.
-    pub fn cpl(&self) -> u8 {
-        (self.cs & 3) as u8
-    }
-
-    /// The vector's mnemonic (`#PF`), or `vector N` for others.
-    pub fn name(&self) -> String {
-        crate::x86::vector_name(self.vector)
-    }
-}
-
-impl std::fmt::Display for GuestException {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} error code {:#x} at rip {:#x} (CPL{})",
-            self.name(),
-            self.error_code,
-            self.rip,
-            self.cpl()
-        )?;
-        if self.vector == crate::x86::VECTOR_PF {
-            write!(f, ", cr2 {:#x}", self.cr2)?;
-        }
-        Ok(())
-    }
-}
+/// An exception the guest took, as the guest kit's stub reported it (the
+/// frame of the paravirtual MMU ABI).
+pub use mmu_integration::shadow_host::abi::ExceptionFrame as GuestException;
 
 /// Why a vCPU stopped running its guest, other than finishing.
 #[derive(Debug, thiserror::Error)]

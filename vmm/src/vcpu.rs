@@ -4,15 +4,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events};
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use mmu_api::{Gpa, VcpuId};
 use mmu_integration::Action;
 use mmu_integration::kvm::{PageFaultDelivery, Routed, apply_action};
-use mmu_integration::ports::PortError;
-use mmu_integration::shadow_host::{PvVcpu, ReadExit, complete_read, read_exception_frame};
+use mmu_integration::shadow_host::{KvmVcpuContext, ReadExit, complete_read, read_exception_frame};
 use tracing::{debug, trace};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::error::{GuestException, IoDirection, KvmError, VcpuError};
 use crate::kick::{RunPageGuard, VcpuControl, request};
@@ -507,63 +506,13 @@ impl<'a> VcpuContext<'a> {
 }
 
 /// The shadow hosting of `mmu-integration` works on the vCPU through this
-/// context, sharing its cached registers.
-impl PvVcpu for VcpuContext<'_> {
-    fn get_regs(&mut self) -> Result<kvm_regs, PortError> {
-        if let Some(regs) = self.regs {
-            return Ok(regs);
-        }
-        let regs = self
-            .fd
-            .get_regs()
-            .map_err(|e| PortError::failed("KVM_GET_REGS", e))?;
-        self.regs = Some(regs);
-        Ok(regs)
-    }
+/// context ([`PvVcpu`](mmu_integration::shadow_host::PvVcpu)), sharing its
+/// cached registers.
+impl KvmVcpuContext for VcpuContext<'_> {
+    type Memory = GuestMemoryMmap;
 
-    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), PortError> {
-        self.fd
-            .set_regs(regs)
-            .map_err(|e| PortError::failed("KVM_SET_REGS", e))?;
-        self.regs = Some(*regs);
-        Ok(())
-    }
-
-    fn get_sregs(&mut self) -> Result<kvm_sregs, PortError> {
-        self.fd
-            .get_sregs()
-            .map_err(|e| PortError::failed("KVM_GET_SREGS", e))
-    }
-
-    fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), PortError> {
-        self.fd
-            .set_sregs(sregs)
-            .map_err(|e| PortError::failed("KVM_SET_SREGS", e))
-    }
-
-    fn get_vcpu_events(&mut self) -> Result<kvm_vcpu_events, PortError> {
-        self.fd
-            .get_vcpu_events()
-            .map_err(|e| PortError::failed("KVM_GET_VCPU_EVENTS", e))
-    }
-
-    fn set_vcpu_events(&mut self, events: &kvm_vcpu_events) -> Result<(), PortError> {
-        self.fd
-            .set_vcpu_events(events)
-            .map_err(|e| PortError::failed("KVM_SET_VCPU_EVENTS", e))
-    }
-
-    fn complete_pending_io(&mut self) -> Result<(), PortError> {
-        self.regs = None;
-        mmu_integration::shadow_host::complete_pending_io(self.fd)
-    }
-
-    fn read_guest(&mut self, gpa: Gpa, data: &mut [u8]) -> Result<(), GuestMemoryError> {
-        self.memory.read_slice(data, GuestAddress(gpa.raw()))
-    }
-
-    fn write_guest(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), GuestMemoryError> {
-        self.memory.write_slice(data, GuestAddress(gpa.raw()))
+    fn kvm_parts(&mut self) -> (&mut VcpuFd, &mut Option<kvm_regs>, &GuestMemoryMmap) {
+        (self.fd, &mut self.regs, self.memory)
     }
 }
 
@@ -951,16 +900,7 @@ fn serve_hypercall<H: ExitHandler>(
 /// Reads the exception frame the kernel's stub left at RSP (see
 /// [`abi::frame`](crate::kit::abi::frame)), and CR2.
 fn read_exception(ctx: &mut VcpuContext<'_>) -> Result<GuestException, VcpuError> {
-    let frame = read_exception_frame(ctx)?;
-    Ok(GuestException {
-        vector: frame.vector,
-        error_code: frame.error_code,
-        cr2: frame.cr2,
-        rip: frame.rip,
-        cs: frame.cs,
-        rsp: frame.rsp,
-        rflags: frame.rflags,
-    })
+    Ok(read_exception_frame(ctx)?)
 }
 
 fn unknown_port(

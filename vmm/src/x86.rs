@@ -65,37 +65,7 @@ pub const fn vector_has_error_code(vector: u8) -> bool {
     matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30)
 }
 
-/// The mnemonic of an architectural exception vector, or `vector N`.
-pub fn vector_name(vector: u8) -> String {
-    const NAMES: [&str; 22] = [
-        "#DE",
-        "#DB",
-        "NMI",
-        "#BP",
-        "#OF",
-        "#BR",
-        "#UD",
-        "#NM",
-        "#DF",
-        "vector 9",
-        "#TS",
-        "#NP",
-        "#SS",
-        "#GP",
-        "#PF",
-        "vector 15",
-        "#MF",
-        "#AC",
-        "#MC",
-        "#XM",
-        "#VE",
-        "#CP",
-    ];
-    match NAMES.get(usize::from(vector)) {
-        Some(name) => (*name).to_string(),
-        None => format!("vector {vector}"),
-    }
-}
+pub use mmu_integration::shadow_host::abi::vector_name;
 
 /// GDT selector of the ring-0 64-bit code segment.
 pub const SEL_KERNEL_CODE: u16 = 0x08;

@@ -255,4 +255,58 @@ impl ExceptionFrame {
     pub fn cpl(&self) -> u8 {
         (self.cs & 3) as u8
     }
+
+    /// The vector's mnemonic (`#PF`), or `vector N` for others.
+    pub fn name(&self) -> String {
+        vector_name(self.vector)
+    }
+}
+
+impl std::fmt::Display for ExceptionFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} error code {:#x} at rip {:#x} (CPL{})",
+            self.name(),
+            self.error_code,
+            self.rip,
+            self.cpl()
+        )?;
+        if self.vector == 14 {
+            write!(f, ", cr2 {:#x}", self.cr2)?;
+        }
+        Ok(())
+    }
+}
+
+/// The mnemonic of an architectural exception vector, or `vector N`.
+pub fn vector_name(vector: u8) -> String {
+    const NAMES: [&str; 22] = [
+        "#DE",
+        "#DB",
+        "NMI",
+        "#BP",
+        "#OF",
+        "#BR",
+        "#UD",
+        "#NM",
+        "#DF",
+        "vector 9",
+        "#TS",
+        "#NP",
+        "#SS",
+        "#GP",
+        "#PF",
+        "vector 15",
+        "#MF",
+        "#AC",
+        "#MC",
+        "#XM",
+        "#VE",
+        "#CP",
+    ];
+    match NAMES.get(usize::from(vector)) {
+        Some(name) => (*name).to_string(),
+        None => format!("vector {vector}"),
+    }
 }

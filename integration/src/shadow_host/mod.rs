@@ -71,7 +71,7 @@ use mmu_backends::shadow::{Coherence, ShadowBackend};
 pub use abi::ExceptionFrame;
 pub use insn::EmulateError;
 pub use replay::ReplayHub;
-pub use vcpu::{KvmPvVcpu, PvVcpu, ReadExit, complete_pending_io, complete_read};
+pub use vcpu::{KvmPvVcpu, KvmVcpuContext, PvVcpu, ReadExit, complete_pending_io, complete_read};
 
 use crate::bus::MmioBus;
 use crate::error::ExitError;

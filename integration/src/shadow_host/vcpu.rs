@@ -104,65 +104,93 @@ impl<'a, M: ?Sized> KvmPvVcpu<'a, M> {
     }
 }
 
-impl<M> PvVcpu for KvmPvVcpu<'_, M>
+/// A vCPU context over kvm-ioctls' `VcpuFd` that caches the general
+/// registers between the hypervisor's calls: giving out its parts makes it
+/// a [`PvVcpu`] (registers read once and cached until set or until a
+/// pending instruction is completed). [`KvmPvVcpu`] is one; a VMM's own
+/// per-exit context can be another and share its cache with the hosting.
+pub trait KvmVcpuContext {
+    /// The guest memory type.
+    type Memory: Bytes<GuestAddress, E = GuestMemoryError> + ?Sized;
+
+    /// The vCPU, its register cache and guest memory.
+    fn kvm_parts(&mut self) -> (&mut VcpuFd, &mut Option<kvm_regs>, &Self::Memory);
+}
+
+impl<M> KvmVcpuContext for KvmPvVcpu<'_, M>
 where
     M: Bytes<GuestAddress, E = GuestMemoryError> + ?Sized,
 {
+    type Memory = M;
+
+    fn kvm_parts(&mut self) -> (&mut VcpuFd, &mut Option<kvm_regs>, &M) {
+        (self.fd, &mut self.regs, self.memory)
+    }
+}
+
+impl<T: KvmVcpuContext> PvVcpu for T {
     fn get_regs(&mut self) -> Result<kvm_regs, PortError> {
-        if let Some(regs) = self.regs {
+        let (fd, cache, _) = self.kvm_parts();
+        if let Some(regs) = *cache {
             return Ok(regs);
         }
-        let regs = self
-            .fd
+        let regs = fd
             .get_regs()
             .map_err(|e| PortError::failed("KVM_GET_REGS", e))?;
-        self.regs = Some(regs);
+        *cache = Some(regs);
         Ok(regs)
     }
 
     fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), PortError> {
-        self.fd
-            .set_regs(regs)
+        let (fd, cache, _) = self.kvm_parts();
+        fd.set_regs(regs)
             .map_err(|e| PortError::failed("KVM_SET_REGS", e))?;
-        self.regs = Some(*regs);
+        *cache = Some(*regs);
         Ok(())
     }
 
     fn get_sregs(&mut self) -> Result<kvm_sregs, PortError> {
-        self.fd
+        self.kvm_parts()
+            .0
             .get_sregs()
             .map_err(|e| PortError::failed("KVM_GET_SREGS", e))
     }
 
     fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), PortError> {
-        self.fd
+        self.kvm_parts()
+            .0
             .set_sregs(sregs)
             .map_err(|e| PortError::failed("KVM_SET_SREGS", e))
     }
 
     fn get_vcpu_events(&mut self) -> Result<kvm_vcpu_events, PortError> {
-        self.fd
+        self.kvm_parts()
+            .0
             .get_vcpu_events()
             .map_err(|e| PortError::failed("KVM_GET_VCPU_EVENTS", e))
     }
 
     fn set_vcpu_events(&mut self, events: &kvm_vcpu_events) -> Result<(), PortError> {
-        self.fd
+        self.kvm_parts()
+            .0
             .set_vcpu_events(events)
             .map_err(|e| PortError::failed("KVM_SET_VCPU_EVENTS", e))
     }
 
     fn complete_pending_io(&mut self) -> Result<(), PortError> {
-        self.regs = None;
-        complete_pending_io(self.fd)
+        let (fd, cache, _) = self.kvm_parts();
+        *cache = None;
+        complete_pending_io(fd)
     }
 
     fn read_guest(&mut self, gpa: Gpa, data: &mut [u8]) -> Result<(), GuestMemoryError> {
-        self.memory.read_slice(data, GuestAddress(gpa.raw()))
+        self.kvm_parts().2.read_slice(data, GuestAddress(gpa.raw()))
     }
 
     fn write_guest(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), GuestMemoryError> {
-        self.memory.write_slice(data, GuestAddress(gpa.raw()))
+        self.kvm_parts()
+            .2
+            .write_slice(data, GuestAddress(gpa.raw()))
     }
 }
 
