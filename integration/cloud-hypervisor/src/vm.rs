@@ -12,7 +12,9 @@ use hypervisor::{
 };
 use mmu_api::{MmuBackend, SlotId, VcpuId, VcpuKick};
 use mmu_backends::{BackendConfig, BackendKind};
-use mmu_integration::host::{GuestMmuPath, HostCoherence, HostError, HostMmu, HostOptions};
+use mmu_integration::host::{
+    GuestMmuPath, HostCoherence, HostError, HostMmu, HostOptions, ShadowBacking,
+};
 use mmu_integration::{ExitStats, SlotError, UserRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -128,6 +130,10 @@ impl MmuVm {
             } else {
                 GuestMmuPath::None
             },
+            // Cloud Hypervisor's guest memory is private anonymous memory
+            // unless `shared=on`, which the arena cannot map a second
+            // time: mirror each memslot into a KVM memslot instead.
+            shadow_backing: ShadowBacking::Mirror,
         };
         if config.kind == BackendKind::Shadow
             && options.guest_mmu == GuestMmuPath::Paravirtual
