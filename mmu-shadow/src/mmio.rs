@@ -34,7 +34,11 @@ impl MmuState {
     ) -> Flush {
         let flush = self.drop_spte(sp, index);
         self.pool.store(sp, index, value);
-        self.page_mut(sp).leaf_gfns.as_mut().expect("level 1")[index] = gfn;
+        self.page(sp)
+            .leaf_gfns
+            .as_ref()
+            .expect("level 1")
+            .set(index, gfn);
         self.counters.mmio_sptes += 1;
         flush
     }

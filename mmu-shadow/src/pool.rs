@@ -144,6 +144,18 @@ impl PoolMem {
         self.entry(frame, index).load(Ordering::Acquire)
     }
 
+    /// Writes `value` into an entry that holds 0, with one
+    /// compare-and-exchange; false if the entry holds anything else. For
+    /// faults that fill empty leaf entries holding the MMU lock shared:
+    /// of two racing for one entry, one wins. An entry that was not
+    /// present needs no journal record (a host that shadows the pool
+    /// cached nothing for it).
+    pub(crate) fn fill_empty(&self, frame: FrameId, index: usize, value: u64) -> bool {
+        self.entry(frame, index)
+            .compare_exchange(0, value, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
     /// Compare-and-exchange on one entry (for a hardware model setting A/D).
     #[cfg(any(test, feature = "test-utils"))]
     pub(crate) fn compare_exchange(

@@ -237,7 +237,7 @@ impl MmuVcpu for ShadowVcpu {
                 flush = true;
             }
             if req.contains(Requests::RELOAD_ROOT) {
-                let reload = self.root.is_none_or(|f| self.inner.lock().is_obsolete(f));
+                let reload = self.root.is_none_or(|f| self.inner.read().is_obsolete(f));
                 if reload {
                     let frame = self.inner.resolve_root(self.shared.id, &self.ctx)?;
                     self.root = Some(frame);
