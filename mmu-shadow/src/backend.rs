@@ -3,7 +3,7 @@
 //! and the VM-wide half of mmu.c).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use mmu_api::{
     BackendError, DirtyBitmap, Gfn, Gpa, Gva, HostVirtAddr, Hpa, Memslot, MemslotChange,
@@ -11,6 +11,7 @@ use mmu_api::{
     SlotId, VcpuId, VcpuKick,
 };
 
+use crate::lock::{ExclusiveGuard, MmuLock, SharedGuard};
 use crate::memslots::{DirtyLog, Memslots};
 use crate::pool::{PoolError, PoolMem, ShadowPool};
 use crate::spte::mmio;
@@ -27,7 +28,7 @@ pub const MIN_PAGE_LIMIT: u64 = 12;
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) config: ShadowConfig,
-    state: RwLock<MmuState>,
+    state: MmuLock,
     generation: AtomicU64,
     /// The pool's memory, for lock-free readers.
     pub(crate) pool: Arc<PoolMem>,
@@ -41,37 +42,15 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    /// Takes the MMU lock exclusively. Critical sections are short (a
-    /// fault's is well under a microsecond), shorter than putting a thread
-    /// to sleep and waking it, so a contended lock is first spun on for a
-    /// bounded number of tries, as KVM's `mmu_lock` spins, before the
-    /// thread blocks.
-    pub(crate) fn lock(&self) -> RwLockWriteGuard<'_, MmuState> {
-        // A panic under the lock is a bug that already failed its thread;
-        // the state is still the best there is for teardown.
-        spin_then_block(
-            || match self.state.try_write() {
-                Ok(guard) => Some(guard),
-                Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) => None,
-            },
-            || self.state.write().unwrap_or_else(|e| e.into_inner()),
-        )
+    /// Takes the MMU lock exclusively ([`MmuLock::lock`]).
+    pub(crate) fn lock(&self) -> ExclusiveGuard<'_> {
+        self.state.lock()
     }
 
-    /// Takes the MMU lock shared, as KVM's TDP MMU takes `mmu_lock` for
-    /// read on faults: for faults that only fill empty leaf entries of
-    /// shadow pages that already exist ([`MmuState::install_leaf_shared`]),
-    /// which then run side by side. Spins, then blocks, as [`lock`](Self::lock).
-    pub(crate) fn read(&self) -> RwLockReadGuard<'_, MmuState> {
-        spin_then_block(
-            || match self.state.try_read() {
-                Ok(guard) => Some(guard),
-                Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) => None,
-            },
-            || self.state.read().unwrap_or_else(|e| e.into_inner()),
-        )
+    /// Takes the MMU lock shared for `vcpu` on its own thread, or `None`
+    /// if it is held or wanted exclusively ([`MmuLock::read`]).
+    pub(crate) fn read<'a>(&'a self, vcpu: &'a VcpuShared) -> Option<SharedGuard<'a>> {
+        self.state.read(vcpu)
     }
 
     /// The published memslot generation.
@@ -102,7 +81,7 @@ impl Inner {
     /// before any vCPU is waited for.
     fn zap_all_then<R>(
         &self,
-        mut st: RwLockWriteGuard<'_, MmuState>,
+        mut st: ExclusiveGuard<'_>,
         then: impl FnOnce(&mut MmuState) -> R,
     ) -> R {
         match self.config.zap {
@@ -172,25 +151,6 @@ impl Inner {
     }
 }
 
-/// Takes a lock with `try_lock`, retrying a bounded number of times with
-/// the pause between tries doubling up to 64 spin hints (a waiter that
-/// retried at once would take the lock's cache line from the holder on
-/// every try), then with `block`.
-fn spin_then_block<G>(try_lock: impl Fn() -> Option<G>, block: impl FnOnce() -> G) -> G {
-    const TRIES: u32 = 200;
-    let mut pause = 1u32;
-    for _ in 0..TRIES {
-        if let Some(guard) = try_lock() {
-            return guard;
-        }
-        for _ in 0..pause {
-            std::hint::spin_loop();
-        }
-        pause = (pause * 2).min(64);
-    }
-    block()
-}
-
 /// The shadow paging backend of one VM.
 ///
 /// Cheap to clone (a handle); every clone is the same backend.
@@ -248,7 +208,7 @@ impl ShadowBackend {
                 pool: state.pool.mem().clone(),
                 memslots: state.memslots.clone(),
                 invalidate_seq: state.invalidate_seq.clone(),
-                state: RwLock::new(state),
+                state: MmuLock::new(state),
                 generation: AtomicU64::new(0),
                 zap_serial: Mutex::new(()),
             }),
@@ -283,6 +243,7 @@ impl ShadowBackend {
             id,
             requests: AtomicU32::new(0),
             in_guest: AtomicBool::new(false),
+            reading: AtomicBool::new(false),
             kick,
             stats: Default::default(),
         });

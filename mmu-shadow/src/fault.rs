@@ -449,7 +449,10 @@ impl Inner {
             drop(slots);
             // Most faults only fill an empty leaf entry below shadow pages
             // that already exist: that needs the lock shared only.
-            if let Some(out) = self.read().fix_fault_shared(&pf, stats) {
+            if let Some(out) = self
+                .read(vcpu)
+                .and_then(|st| st.fix_fault_shared(&pf, stats))
+            {
                 return Ok(out);
             }
         }

@@ -83,6 +83,7 @@ mod fault;
 #[cfg(any(test, feature = "test-utils"))]
 #[doc(hidden)]
 pub mod fuzzing;
+mod lock;
 mod memslots;
 mod mmio;
 mod page;

@@ -36,6 +36,8 @@ pub(crate) struct VcpuShared {
     pub(crate) id: VcpuId,
     pub(crate) requests: AtomicU32,
     pub(crate) in_guest: AtomicBool,
+    /// The vCPU holds the MMU lock shared ([`crate::lock::MmuLock::read`]).
+    pub(crate) reading: AtomicBool,
     pub(crate) kick: Arc<dyn VcpuKick>,
     /// Counters of the lock-free paths.
     pub(crate) stats: LocalCounters,
@@ -237,7 +239,7 @@ impl MmuVcpu for ShadowVcpu {
                 flush = true;
             }
             if req.contains(Requests::RELOAD_ROOT) {
-                let reload = self.root.is_none_or(|f| self.inner.read().is_obsolete(f));
+                let reload = self.root.is_none_or(|f| self.inner.lock().is_obsolete(f));
                 if reload {
                     let frame = self.inner.resolve_root(self.shared.id, &self.ctx)?;
                     self.root = Some(frame);
