@@ -69,38 +69,18 @@ impl MmuLock {
 
     /// Takes the lock exclusively. Critical sections are short (a fault's
     /// is well under a microsecond), shorter than putting a thread to sleep
-    /// and waking it, so a contended mutex is first spun on for a bounded
-    /// number of tries, as KVM's `mmu_lock` spins, before the thread
-    /// blocks; then every shared holder is waited out.
+    /// and waking it, so a contended mutex is first spun on, as KVM's
+    /// `mmu_lock` spins, before the thread blocks; then every shared
+    /// holder is waited out.
     pub(crate) fn lock(&self) -> ExclusiveGuard<'_> {
-        // Tries, with the pause between them doubling up to 64 spin hints:
-        // a waiter that retried at once would take the lock's cache line
-        // from the holder on every try.
-        const TRIES: u32 = 200;
-        let mut pause = 1u32;
-        let mut mutex = None;
-        for _ in 0..TRIES {
-            match self.mutex.try_lock() {
-                Ok(guard) => {
-                    mutex = Some(guard);
-                    break;
-                }
-                // A panic under the lock is a bug that already failed its
-                // thread; the state is still the best there is for
-                // teardown.
-                Err(TryLockError::Poisoned(e)) => {
-                    mutex = Some(e.into_inner());
-                    break;
-                }
-                Err(TryLockError::WouldBlock) => {
-                    for _ in 0..pause {
-                        std::hint::spin_loop();
-                    }
-                    pause = (pause * 2).min(64);
-                }
-            }
-        }
-        let mutex = mutex.unwrap_or_else(|| self.mutex.lock().unwrap_or_else(|e| e.into_inner()));
+        let mutex = spin_until(|| match self.mutex.try_lock() {
+            Ok(guard) => Some(guard),
+            // A panic under the lock is a bug that already failed its
+            // thread; the state is still the best there is for teardown.
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        })
+        .unwrap_or_else(|| self.mutex.lock().unwrap_or_else(|e| e.into_inner()));
         self.exclusive.0.store(true, Ordering::SeqCst);
         // SAFETY: holding the mutex, no other exclusive guard exists, and
         // shared holders only read the state; the vCPU list is changed
@@ -118,16 +98,48 @@ impl MmuLock {
     }
 
     /// Takes the lock shared for `vcpu`, a vCPU registered with the state,
-    /// on its own thread. `None` if an exclusive holder is in or on its
-    /// way: the caller takes the lock exclusively instead. The caller must
-    /// not wait for anything while it holds the guard.
+    /// on its own thread. An exclusive holder is usually out again within
+    /// a microsecond: it is waited for (reading its flag only, which takes
+    /// no cache line from it) rather than queued behind on the mutex.
+    /// `None` if the lock stays wanted exclusively: the caller takes it
+    /// exclusively instead. The caller must not wait for anything while it
+    /// holds the guard.
     pub(crate) fn read<'a>(&'a self, vcpu: &'a VcpuShared) -> Option<SharedGuard<'a>> {
-        vcpu.reading.store(true, Ordering::SeqCst);
-        if self.exclusive.0.load(Ordering::SeqCst) {
+        for _ in 0..2 {
+            vcpu.reading.store(true, Ordering::SeqCst);
+            if !self.exclusive.0.load(Ordering::SeqCst) {
+                return Some(SharedGuard { lock: self, vcpu });
+            }
             vcpu.reading.store(false, Ordering::Release);
+            spin_until(|| (!self.exclusive.0.load(Ordering::Relaxed)).then_some(()))?;
+        }
+        None
+    }
+}
+
+/// Calls `attempt` until it succeeds, pausing between calls, for a bounded
+/// time; `None` if it never did. Waiting in the CPU beats sleeping for the
+/// short waits of the MMU lock, but a spin of several thousand pause
+/// instructions in a row makes a hypervisor with pause-loop exiting
+/// deschedule the vCPU, so the budget stays well below that (about 1000
+/// pauses, some 25 us where a pause takes 25 ns), with the pause between
+/// attempts doubling up to 8.
+fn spin_until<T>(mut attempt: impl FnMut() -> Option<T>) -> Option<T> {
+    const BUDGET: u32 = 1000;
+    let mut spent = 0u32;
+    let mut pause = 1u32;
+    loop {
+        if let Some(done) = attempt() {
+            return Some(done);
+        }
+        if spent >= BUDGET {
             return None;
         }
-        Some(SharedGuard { lock: self, vcpu })
+        for _ in 0..pause {
+            std::hint::spin_loop();
+        }
+        spent += pause;
+        pause = (pause * 2).min(8);
     }
 }
 
