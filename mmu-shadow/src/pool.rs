@@ -224,7 +224,15 @@ impl ShadowPool {
     /// (see [`is_quarantined`](Self::is_quarantined)) is never handed out.
     pub(crate) fn alloc(&mut self) -> Option<FrameId> {
         let pos = self.free.iter().rposition(|&f| !self.is_quarantined(f))?;
-        Some(self.free.swap_remove(pos))
+        let frame = self.free.swap_remove(pos);
+        // Written before anything reads it, a never-used frame gets a
+        // fresh zeroed page from the host kernel at once. Read first, it
+        // would be mapped to the shared zero page, and its first write
+        // would replace that mapping, for which the kernel flushes the TLB
+        // of every CPU running another thread of the VMM: an interrupt to
+        // each vCPU thread, in the middle of its faults.
+        self.entry(frame, 0).store(0, Ordering::Relaxed);
+        Some(frame)
     }
 
     /// Returns a frame, zeroing it. The caller must have made sure that no
