@@ -87,8 +87,10 @@ impl MmuLock {
         // only by exclusive holders.
         let vcpus = unsafe { &(*self.state.get()).vcpus };
         for v in vcpus {
-            while v.reading.load(Ordering::SeqCst) {
-                std::hint::spin_loop();
+            // A shared holder is out within a fault's worth of work, unless
+            // its thread was preempted: then give the CPU to it.
+            while spin_until(|| (!v.reading.load(Ordering::SeqCst)).then_some(())).is_none() {
+                std::thread::yield_now();
             }
         }
         ExclusiveGuard {
