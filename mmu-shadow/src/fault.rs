@@ -9,6 +9,17 @@
 //! memslot lookup and the MMIO fast path run without the MMU lock: the
 //! fault snapshots the invalidation sequence count, walks, then takes the
 //! lock and walks again under it only if the count moved.
+//!
+//! Then, as KVM's TDP MMU does, the fault first tries holding the lock
+//! shared ([`MmuState::fix_fault_shared`]): when the whole shadow path to
+//! the faulting entry exists and that entry is empty, it rechecks the
+//! guest entries, fills the leaf with a compare-and-exchange and adds it
+//! to the sharded rmap, and returns. That is what scales: vCPUs faulting
+//! on different pages hold the lock side by side and write no cache line
+//! in common (their counters, their shared-hold flags and, usually, their
+//! rmap shards are their own). Anything more (allocating or linking a
+//! shadow page, reclaim, a flush owed by a write protection, emulation, an
+//! MMIO SPTE, dirty logging) takes the lock exclusively, as before.
 
 use std::sync::atomic::Ordering;
 
