@@ -69,9 +69,9 @@
 //! The hardware runs the shadow tables with the registers
 //! [`hardware_context`] gives, not the guest's own.
 //!
-//! [`soft::SoftVcpu`] is a software CPU that walks the shadow tables as the
-//! hardware would, with a TLB, so tests run without KVM and a missing
-//! flush fails them.
+//! `soft::SoftVcpu` (feature `test-utils`) is a software CPU that walks
+//! the shadow tables as the hardware would, with a TLB, so tests run
+//! without KVM and a missing flush fails them.
 //!
 //! # Example
 //!
