@@ -200,3 +200,94 @@ impl Drop for SharedGuard<'_> {
         self.vcpu.reading.store(false, Ordering::Release);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+    use mmu_api::{Hpa, VcpuId};
+
+    use super::MmuLock;
+    use crate::ShadowConfig;
+    use crate::pool::ShadowPool;
+    use crate::soft::NoKick;
+    use crate::state::MmuState;
+    use crate::vcpu::VcpuShared;
+
+    fn vcpu(id: u32) -> Arc<VcpuShared> {
+        Arc::new(VcpuShared {
+            id: VcpuId(id),
+            requests: AtomicU32::new(0),
+            in_guest: AtomicBool::new(false),
+            reading: AtomicBool::new(false),
+            kick: Arc::new(NoKick),
+            stats: Default::default(),
+        })
+    }
+
+    /// Two vCPU threads take the lock shared over and over while a third
+    /// takes it exclusively, until each kind has had many holds: no shared
+    /// holder is ever inside while the exclusive one is, and the last
+    /// exclusive holder leaves no shared flag set.
+    #[test]
+    fn shared_and_exclusive_holders_never_overlap() {
+        const HOLDS: u64 = 5_000;
+        let pool = ShadowPool::new(16, Hpa(1 << 40)).unwrap();
+        let mut state = MmuState::new(&ShadowConfig::default(), pool);
+        let vcpus = [vcpu(0), vcpu(1)];
+        for v in &vcpus {
+            state.register_vcpu(v.clone());
+        }
+        let lock = MmuLock::new(state);
+        let inside = AtomicU64::new(0);
+        let writer_in = AtomicBool::new(false);
+        let shared_holds = AtomicU64::new(0);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for v in &vcpus {
+                let (lock, inside, writer_in) = (&lock, &inside, &writer_in);
+                let (shared_holds, stop) = (&shared_holds, &stop);
+                s.spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        if let Some(st) = lock.read(v) {
+                            inside.fetch_add(1, Ordering::SeqCst);
+                            for _ in 0..20 {
+                                assert!(
+                                    !writer_in.load(Ordering::SeqCst),
+                                    "shared inside exclusive"
+                                );
+                                std::hint::spin_loop();
+                            }
+                            // The exclusive holder leaves the page limit
+                            // even; it is odd only while it is inside.
+                            assert_eq!(st.page_limit.unwrap_or(0) % 2, 0);
+                            inside.fetch_sub(1, Ordering::SeqCst);
+                            shared_holds.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+            let mut exclusive = 0u64;
+            while exclusive < HOLDS || shared_holds.load(Ordering::SeqCst) < HOLDS {
+                let mut st = lock.lock();
+                writer_in.store(true, Ordering::SeqCst);
+                let limit = st.page_limit.unwrap_or(0);
+                st.page_limit = Some(limit + 1);
+                // Stay in long enough for a shared holder that ignored the
+                // exclusive holder to be caught inside.
+                for _ in 0..50 {
+                    assert_eq!(inside.load(Ordering::SeqCst), 0, "exclusive inside shared");
+                    std::hint::spin_loop();
+                }
+                std::hint::black_box(&mut st.page_limit);
+                st.page_limit = Some(limit + 2);
+                writer_in.store(false, Ordering::SeqCst);
+                drop(st);
+                exclusive += 1;
+            }
+            stop.store(true, Ordering::SeqCst);
+        });
+        assert!(vcpus.iter().all(|v| !v.reading.load(Ordering::SeqCst)));
+    }
+}
