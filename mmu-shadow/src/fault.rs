@@ -76,9 +76,9 @@ pub(crate) struct PageFault {
 pub(crate) struct GuestWalk {
     /// The translation.
     pub(crate) t: Translation,
-    /// Each walked entry as the walk left it (rechecked under the lock once
-    /// the tables are write-protected).
-    pub(crate) gptes: Vec<Option<u64>>,
+    /// Each walked entry as the walk left it, by step (rechecked under the
+    /// lock once the tables are write-protected); at most 5 levels.
+    pub(crate) gptes: [Option<u64>; 5],
     /// The gfn the guest maps.
     pub(crate) gfn: Gfn,
     /// Its memslot.
@@ -90,7 +90,7 @@ pub(crate) struct GuestWalk {
     /// The root key the path was computed for, and the keys of the shadow
     /// pages on the path below it.
     pub(crate) root_key: SpKey,
-    pub(crate) path: Vec<SpKey>,
+    pub(crate) path: PathKeys,
 }
 
 /// A neighbouring guest PTE found present and accessed.
@@ -193,9 +193,16 @@ fn access_of(error_code: PfErrorCode) -> Access {
     Access { kind, mode }
 }
 
-/// The key of the shadow page at `level` on the path to `gva`.
-fn path_key(ctx: &PagingContext, root: &SpKey, t: &Translation, gva: u64, level: PtLevel) -> SpKey {
-    let base = Role::base(ctx);
+/// The key of the shadow page at `level` on the path to `gva`; `base` is
+/// [`Role::base`] of `ctx`.
+fn path_key(
+    ctx: &PagingContext,
+    base: Role,
+    root: &SpKey,
+    t: &Translation,
+    gva: u64,
+    level: PtLevel,
+) -> SpKey {
     let mode = ctx.mode();
     let direct = |level: PtLevel, gpa: u64, access: Access3| SpKey {
         gfn: Gfn((gpa & !(level.coverage() - 1)) >> 12),
@@ -249,16 +256,38 @@ fn path_key(ctx: &PagingContext, root: &SpKey, t: &Translation, gva: u64, level:
     key
 }
 
+/// The keys of the shadow pages on the path below a root, from the level
+/// below the root down to the page table: at most 4, kept inline (a fault
+/// computes them without the lock, and allocates nothing for them).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PathKeys {
+    keys: [SpKey; 4],
+    len: usize,
+}
+
+impl std::ops::Deref for PathKeys {
+    type Target = [SpKey];
+
+    fn deref(&self) -> &[SpKey] {
+        &self.keys[..self.len]
+    }
+}
+
 /// The keys of the shadow pages on the path to `gva` below a root keyed
 /// `root`, from the level below the root down to the page table.
-fn path_keys(ctx: &PagingContext, root: &SpKey, t: &Translation, gva: u64) -> Vec<SpKey> {
-    let mut keys = Vec::with_capacity(4);
+fn path_keys(ctx: &PagingContext, root: &SpKey, t: &Translation, gva: u64) -> PathKeys {
+    let base = Role::base(ctx);
+    let mut path = PathKeys {
+        keys: [*root; 4],
+        len: 0,
+    };
     let mut level = root.role.level;
     while let Some(below) = level.below() {
-        keys.push(path_key(ctx, root, t, gva, below));
+        path.keys[path.len] = path_key(ctx, base, root, t, gva, below);
+        path.len += 1;
         level = below;
     }
-    keys
+    path
 }
 
 impl PageFault {
@@ -320,11 +349,11 @@ impl PageFault {
         // the walk: a frame used at two levels of the same walk (aliasing)
         // has its entry changed by the walk's own A/D update.
         let four_byte = self.ctx.mode() == PagingMode::Bits32;
-        let gptes = t
-            .steps()
-            .iter()
-            .map(|s| read_gpte(&mem, s.entry_gpa, four_byte))
-            .collect();
+        let mut gptes = [None; 5];
+        debug_assert!(t.steps().len() <= gptes.len(), "at most 5 levels");
+        for (gpte, s) in gptes.iter_mut().zip(t.steps()) {
+            *gpte = read_gpte(&mem, s.entry_gpa, four_byte);
+        }
         let gpa = t.gpa;
         let gfn = gpa.gfn();
         let slot = slots.find(gpa);
@@ -565,7 +594,7 @@ impl MmuState {
         };
         let mut sp = pf.root;
         let mut level = root_key.role.level;
-        for &child_key in path {
+        for &child_key in path.iter() {
             let index = level.index(gva.raw());
             let below = child_key.role.level;
             let spte = Spte(self.pool.load(sp, index));
@@ -811,7 +840,7 @@ impl MmuState {
         let flushed = self.wp_flushed.load(Ordering::SeqCst);
         let mut sp = pf.root;
         let mut level = root_key.role.level;
-        for &child_key in &w.path {
+        for &child_key in w.path.iter() {
             let spte = Spte(self.pool.load(sp, level.index(gva)));
             if !spte.is_present() {
                 return None;
