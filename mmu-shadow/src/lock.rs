@@ -4,8 +4,10 @@
 //! faults likewise; here the readers write no line in common).
 //!
 //! A shared holder sets its flag, then checks that no exclusive holder is
-//! in: if one is, it clears the flag and takes the lock exclusively
-//! instead (the shared path is only ever a faster way to the same result).
+//! in: if one is, it clears the flag, waits for the holder to leave and
+//! tries again; if the lock stays wanted exclusively, the caller takes it
+//! exclusively instead (the shared path is only ever a faster way to the
+//! same result).
 //! An exclusive holder takes the mutex, marks itself in, then waits for
 //! every registered vCPU's flag to clear. Both sides store then load with
 //! sequential consistency, so of a reader and a writer arriving together
