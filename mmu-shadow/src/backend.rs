@@ -243,7 +243,7 @@ impl ShadowBackend {
             id,
             requests: AtomicU32::new(0),
             in_guest: AtomicBool::new(false),
-            reading: AtomicBool::new(false),
+            reading: Default::default(),
             kick,
             stats: Default::default(),
         });

@@ -91,7 +91,7 @@ impl MmuLock {
         for v in vcpus {
             // A shared holder is out within a fault's worth of work, unless
             // its thread was preempted: then give the CPU to it.
-            while spin_until(|| (!v.reading.load(Ordering::SeqCst)).then_some(())).is_none() {
+            while spin_until(|| (!v.reading.0.load(Ordering::SeqCst)).then_some(())).is_none() {
                 std::thread::yield_now();
             }
         }
@@ -110,11 +110,11 @@ impl MmuLock {
     /// holds the guard.
     pub(crate) fn read<'a>(&'a self, vcpu: &'a VcpuShared) -> Option<SharedGuard<'a>> {
         for _ in 0..2 {
-            vcpu.reading.store(true, Ordering::SeqCst);
+            vcpu.reading.0.store(true, Ordering::SeqCst);
             if !self.exclusive.0.load(Ordering::SeqCst) {
                 return Some(SharedGuard { lock: self, vcpu });
             }
-            vcpu.reading.store(false, Ordering::Release);
+            vcpu.reading.0.store(false, Ordering::Release);
             spin_until(|| (!self.exclusive.0.load(Ordering::Relaxed)).then_some(()))?;
         }
         None
@@ -199,7 +199,7 @@ impl Drop for SharedGuard<'_> {
     fn drop(&mut self) {
         // Release: an exclusive holder that sees the flag clear sees every
         // entry this holder filled.
-        self.vcpu.reading.store(false, Ordering::Release);
+        self.vcpu.reading.0.store(false, Ordering::Release);
     }
 }
 
@@ -222,7 +222,7 @@ mod tests {
             id: VcpuId(id),
             requests: AtomicU32::new(0),
             in_guest: AtomicBool::new(false),
-            reading: AtomicBool::new(false),
+            reading: Default::default(),
             kick: Arc::new(NoKick),
             stats: Default::default(),
         })
@@ -290,6 +290,6 @@ mod tests {
             }
             stop.store(true, Ordering::SeqCst);
         });
-        assert!(vcpus.iter().all(|v| !v.reading.load(Ordering::SeqCst)));
+        assert!(vcpus.iter().all(|v| !v.reading.0.load(Ordering::SeqCst)));
     }
 }
