@@ -164,17 +164,13 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
                 }
                 continue;
             }
-            let gfn = page.leaf_gfns.as_ref().expect("level 1")[i];
+            let gfn = page.leaf_gfns.as_ref().expect("level 1").get(i);
             if st.is_mmio_spte(spte.0) {
                 let (mgfn, tag, _) = st.decode_mmio(spte.0);
                 if mgfn != gfn {
                     problems.push(format!("MMIO leaf {ptr:?} names {mgfn}, recorded {gfn}"));
                 }
-                if st
-                    .rmap
-                    .get(&gfn)
-                    .is_some_and(|v| v.as_slice().contains(&ptr))
-                {
+                if st.rmap.contains(gfn, ptr) {
                     problems.push(format!("MMIO leaf {ptr:?} is in the rmap"));
                 }
                 // A window leaf is current until a memslot covers its gfn
@@ -187,11 +183,7 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
                 }
                 continue;
             }
-            if !st
-                .rmap
-                .get(&gfn)
-                .is_some_and(|v| v.as_slice().contains(&ptr))
-            {
+            if !st.rmap.contains(gfn, ptr) {
                 problems.push(format!("leaf {ptr:?} for gfn {gfn} is not in the rmap"));
             }
             if obsolete {
@@ -254,12 +246,18 @@ fn audit_pages(st: &MmuState, mmio_tag: Option<u64>, problems: &mut Vec<String>)
 }
 
 fn audit_rmap(st: &MmuState, problems: &mut Vec<String>) {
-    for (gfn, ptrs) in &st.rmap {
+    for (gfn, ptrs) in st.rmap.entries() {
+        let gfn = &gfn;
         for p in ptrs.as_slice() {
             let ok = st.pages[p.sp as usize].as_ref().is_some_and(|page| {
                 page.key.role.level.is_pt()
                     && Spte(st.pool.load(p.sp, usize::from(p.index))).is_present()
-                    && page.leaf_gfns.as_ref().expect("level 1")[usize::from(p.index)] == *gfn
+                    && page
+                        .leaf_gfns
+                        .as_ref()
+                        .expect("level 1")
+                        .get(usize::from(p.index))
+                        == *gfn
             });
             if !ok {
                 problems.push(format!(
@@ -334,7 +332,8 @@ fn audit_against_guest(st: &MmuState, root: &CachedRoot, problems: &mut Vec<Stri
                 .expect("live")
                 .leaf_gfns
                 .as_ref()
-                .expect("level 1")[i];
+                .expect("level 1")
+                .get(i);
             if t.gpa.gfn() != gfn {
                 problems.push(format!(
                     "leaf for gva {gva:#x} maps gfn {gfn}, the guest maps {}",

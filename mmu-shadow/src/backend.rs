@@ -11,6 +11,7 @@ use mmu_api::{
     SlotId, VcpuId, VcpuKick,
 };
 
+use crate::lock::{ExclusiveGuard, MmuLock, SharedGuard};
 use crate::memslots::{DirtyLog, Memslots};
 use crate::pool::{PoolError, PoolMem, ShadowPool};
 use crate::spte::mmio;
@@ -27,7 +28,7 @@ pub const MIN_PAGE_LIMIT: u64 = 12;
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) config: ShadowConfig,
-    state: Mutex<MmuState>,
+    state: MmuLock,
     generation: AtomicU64,
     /// The pool's memory, for lock-free readers.
     pub(crate) pool: Arc<PoolMem>,
@@ -41,31 +42,15 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    /// Takes the MMU lock. Critical sections are short (a fault's is well
-    /// under a microsecond), shorter than putting a thread to sleep and
-    /// waking it, so a contended lock is first spun on for a bounded number
-    /// of tries, as KVM's `mmu_lock` spins, before the thread blocks.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, MmuState> {
-        // Tries, with the pause between them doubling up to 64 spin hints:
-        // a waiter that retried at once would take the lock's cache line
-        // from the holder on every try.
-        const TRIES: u32 = 200;
-        let mut pause = 1u32;
-        for _ in 0..TRIES {
-            match self.state.try_lock() {
-                Ok(guard) => return guard,
-                Err(std::sync::TryLockError::Poisoned(e)) => return e.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    for _ in 0..pause {
-                        std::hint::spin_loop();
-                    }
-                    pause = (pause * 2).min(64);
-                }
-            }
-        }
-        // A panic under the lock is a bug that already failed its thread;
-        // the state is still the best there is for teardown.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// Takes the MMU lock exclusively ([`MmuLock::lock`]).
+    pub(crate) fn lock(&self) -> ExclusiveGuard<'_> {
+        self.state.lock()
+    }
+
+    /// Takes the MMU lock shared for `vcpu` on its own thread, or `None`
+    /// if it is held or wanted exclusively ([`MmuLock::read`]).
+    pub(crate) fn read<'a>(&'a self, vcpu: &'a VcpuShared) -> Option<SharedGuard<'a>> {
+        self.state.read(vcpu)
     }
 
     /// The published memslot generation.
@@ -96,7 +81,7 @@ impl Inner {
     /// before any vCPU is waited for.
     fn zap_all_then<R>(
         &self,
-        mut st: MutexGuard<'_, MmuState>,
+        mut st: ExclusiveGuard<'_>,
         then: impl FnOnce(&mut MmuState) -> R,
     ) -> R {
         match self.config.zap {
@@ -223,7 +208,7 @@ impl ShadowBackend {
                 pool: state.pool.mem().clone(),
                 memslots: state.memslots.clone(),
                 invalidate_seq: state.invalidate_seq.clone(),
-                state: Mutex::new(state),
+                state: MmuLock::new(state),
                 generation: AtomicU64::new(0),
                 zap_serial: Mutex::new(()),
             }),
@@ -258,6 +243,7 @@ impl ShadowBackend {
             id,
             requests: AtomicU32::new(0),
             in_guest: AtomicBool::new(false),
+            reading: Default::default(),
             kick,
             stats: Default::default(),
         });

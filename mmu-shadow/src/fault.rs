@@ -9,6 +9,17 @@
 //! memslot lookup and the MMIO fast path run without the MMU lock: the
 //! fault snapshots the invalidation sequence count, walks, then takes the
 //! lock and walks again under it only if the count moved.
+//!
+//! Then, as KVM's TDP MMU does, the fault first tries holding the lock
+//! shared ([`MmuState::fix_fault_shared`]): when the whole shadow path to
+//! the faulting entry exists and that entry is empty, it rechecks the
+//! guest entries, fills the leaf with a compare-and-exchange and adds it
+//! to the sharded rmap, and returns. That is what scales: vCPUs faulting
+//! on different pages hold the lock side by side and write no cache line
+//! in common (their counters, their shared-hold flags and, usually, their
+//! rmap shards are their own). Anything more (allocating or linking a
+//! shadow page, reclaim, a flush owed by a write protection, emulation, an
+//! MMIO SPTE, dirty logging) takes the lock exclusively, as before.
 
 use std::sync::atomic::Ordering;
 
@@ -65,9 +76,9 @@ pub(crate) struct PageFault {
 pub(crate) struct GuestWalk {
     /// The translation.
     pub(crate) t: Translation,
-    /// Each walked entry as the walk left it (rechecked under the lock once
-    /// the tables are write-protected).
-    pub(crate) gptes: Vec<Option<u64>>,
+    /// Each walked entry as the walk left it, by step (rechecked under the
+    /// lock once the tables are write-protected); at most 5 levels.
+    pub(crate) gptes: [Option<u64>; 5],
     /// The gfn the guest maps.
     pub(crate) gfn: Gfn,
     /// Its memslot.
@@ -79,7 +90,7 @@ pub(crate) struct GuestWalk {
     /// The root key the path was computed for, and the keys of the shadow
     /// pages on the path below it.
     pub(crate) root_key: SpKey,
-    pub(crate) path: Vec<SpKey>,
+    pub(crate) path: PathKeys,
 }
 
 /// A neighbouring guest PTE found present and accessed.
@@ -182,9 +193,16 @@ fn access_of(error_code: PfErrorCode) -> Access {
     Access { kind, mode }
 }
 
-/// The key of the shadow page at `level` on the path to `gva`.
-fn path_key(ctx: &PagingContext, root: &SpKey, t: &Translation, gva: u64, level: PtLevel) -> SpKey {
-    let base = Role::base(ctx);
+/// The key of the shadow page at `level` on the path to `gva`; `base` is
+/// [`Role::base`] of `ctx`.
+fn path_key(
+    ctx: &PagingContext,
+    base: Role,
+    root: &SpKey,
+    t: &Translation,
+    gva: u64,
+    level: PtLevel,
+) -> SpKey {
     let mode = ctx.mode();
     let direct = |level: PtLevel, gpa: u64, access: Access3| SpKey {
         gfn: Gfn((gpa & !(level.coverage() - 1)) >> 12),
@@ -238,16 +256,38 @@ fn path_key(ctx: &PagingContext, root: &SpKey, t: &Translation, gva: u64, level:
     key
 }
 
+/// The keys of the shadow pages on the path below a root, from the level
+/// below the root down to the page table: at most 4, kept inline (a fault
+/// computes them without the lock, and allocates nothing for them).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PathKeys {
+    keys: [SpKey; 4],
+    len: usize,
+}
+
+impl std::ops::Deref for PathKeys {
+    type Target = [SpKey];
+
+    fn deref(&self) -> &[SpKey] {
+        &self.keys[..self.len]
+    }
+}
+
 /// The keys of the shadow pages on the path to `gva` below a root keyed
 /// `root`, from the level below the root down to the page table.
-fn path_keys(ctx: &PagingContext, root: &SpKey, t: &Translation, gva: u64) -> Vec<SpKey> {
-    let mut keys = Vec::with_capacity(4);
+fn path_keys(ctx: &PagingContext, root: &SpKey, t: &Translation, gva: u64) -> PathKeys {
+    let base = Role::base(ctx);
+    let mut path = PathKeys {
+        keys: [*root; 4],
+        len: 0,
+    };
     let mut level = root.role.level;
     while let Some(below) = level.below() {
-        keys.push(path_key(ctx, root, t, gva, below));
+        path.keys[path.len] = path_key(ctx, base, root, t, gva, below);
+        path.len += 1;
         level = below;
     }
-    keys
+    path
 }
 
 impl PageFault {
@@ -309,11 +349,11 @@ impl PageFault {
         // the walk: a frame used at two levels of the same walk (aliasing)
         // has its entry changed by the walk's own A/D update.
         let four_byte = self.ctx.mode() == PagingMode::Bits32;
-        let gptes = t
-            .steps()
-            .iter()
-            .map(|s| read_gpte(&mem, s.entry_gpa, four_byte))
-            .collect();
+        let mut gptes = [None; 5];
+        debug_assert!(t.steps().len() <= gptes.len(), "at most 5 levels");
+        for (gpte, s) in gptes.iter_mut().zip(t.steps()) {
+            *gpte = read_gpte(&mem, s.entry_gpa, four_byte);
+        }
         let gpa = t.gpa;
         let gfn = gpa.gfn();
         let slot = slots.find(gpa);
@@ -446,6 +486,15 @@ impl Inner {
             if let Some(out) = pf.walk_guest(&slots, stats)? {
                 return Ok(out);
             }
+            drop(slots);
+            // Most faults only fill an empty leaf entry below shadow pages
+            // that already exist: that needs the lock shared only.
+            if let Some(out) = self
+                .read(vcpu)
+                .and_then(|st| st.fix_fault_shared(&pf, stats))
+            {
+                return Ok(out);
+            }
         }
         let mut reclaim = true;
         loop {
@@ -545,7 +594,7 @@ impl MmuState {
         };
         let mut sp = pf.root;
         let mut level = root_key.role.level;
-        for &child_key in path {
+        for &child_key in path.iter() {
             let index = level.index(gva.raw());
             let below = child_key.role.level;
             let spte = Spte(self.pool.load(sp, index));
@@ -661,9 +710,55 @@ impl MmuState {
     /// Guest PTEs were walked without the lock; each is re-read here, where
     /// its table is write-protected, and skipped if it changed.
     fn prefetch(&mut self, pf: &PageFault, w: &GuestWalk, sp: FrameId, index: usize) -> Flush {
+        let mut flush = Flush::NONE;
+        for c in self.prefetch_candidates(pf, w, sp, index) {
+            if Spte(self.pool.load(sp, c.index)).is_present() {
+                continue;
+            }
+            let Some(spte) = self.prefetch_spte(&c) else {
+                continue;
+            };
+            flush |= self.set_leaf(sp, c.index, c.gfn, spte);
+            self.counters.prefetched += 1;
+        }
+        flush
+    }
+
+    /// As [`prefetch`](Self::prefetch), holding the MMU lock shared: only
+    /// empty entries are filled.
+    fn prefetch_shared(
+        &self,
+        pf: &PageFault,
+        w: &GuestWalk,
+        sp: FrameId,
+        index: usize,
+        stats: &LocalCounters,
+    ) {
+        for c in self.prefetch_candidates(pf, w, sp, index) {
+            if self.pool.load(sp, c.index) != 0 {
+                continue;
+            }
+            if let Some(spte) = self.prefetch_spte(&c)
+                && self.install_leaf_shared(sp, c.index, c.gfn, spte)
+            {
+                LocalCounters::bump(&stats.prefetched);
+            }
+        }
+    }
+
+    /// The neighbours of `index` in level-1 page `sp` to prefetch: computed
+    /// for a direct page, else the ones walked without the lock whose guest
+    /// PTE is unchanged.
+    fn prefetch_candidates(
+        &self,
+        pf: &PageFault,
+        w: &GuestWalk,
+        sp: FrameId,
+        index: usize,
+    ) -> Vec<PrefetchCandidate> {
         let key = self.page(sp).key;
         let four_byte = pf.ctx.mode() == PagingMode::Bits32;
-        let candidates: Vec<PrefetchCandidate> = if key.role.direct {
+        if key.role.direct {
             let count = pf.prefetch.next_power_of_two().min(ENTRIES_PER_PAGE);
             let first = index & !(count - 1);
             (first..first + count)
@@ -688,28 +783,118 @@ impl MmuState {
                 })
                 .copied()
                 .collect()
-        };
-        let mut flush = Flush::NONE;
-        for c in candidates {
-            if Spte(self.pool.load(sp, c.index)).is_present() {
-                continue;
-            }
-            let Some(slot) = self.slots.table.find_gfn(c.gfn).copied() else {
-                continue;
-            };
-            let write = c.rights.write
-                && c.dirty
-                && slot.is_writable()
-                && !slot.flags.contains(MemslotFlags::LOG_DIRTY)
-                && !self.is_write_protected(c.gfn);
-            let hpa = slot.hpa_of(c.gfn.gpa()).expect("gfn is in the slot");
-            let mut spte = Spte::leaf(hpa, write, c.rights.user, c.rights.exec);
-            if let Some(k) = c.pkey {
-                spte = spte.with_pkey(k);
-            }
-            flush |= self.set_leaf(sp, c.index, c.gfn, spte);
-            self.counters.prefetched += 1;
         }
-        flush
+    }
+
+    /// The leaf SPTE a prefetch candidate gets (`None`: no memslot backs
+    /// it). Never writable unless the guest's D bit is set, nor for a
+    /// logging slot or a shadowed guest table.
+    fn prefetch_spte(&self, c: &PrefetchCandidate) -> Option<Spte> {
+        let slot = self.slots.table.find_gfn(c.gfn).copied()?;
+        let write = c.rights.write
+            && c.dirty
+            && slot.is_writable()
+            && !slot.flags.contains(MemslotFlags::LOG_DIRTY)
+            && !self.is_write_protected(c.gfn);
+        let hpa = slot.hpa_of(c.gfn.gpa())?;
+        let mut spte = Spte::leaf(hpa, write, c.rights.user, c.rights.exec);
+        if let Some(k) = c.pkey {
+            spte = spte.with_pkey(k);
+        }
+        Some(spte)
+    }
+
+    /// The fault path holding the MMU lock shared: fills the empty leaf
+    /// entry for a fault walked without the lock, when the whole shadow
+    /// path to it exists already and nothing else is owed. `None`: the
+    /// fault needs the lock exclusively (a page to allocate or link, pages
+    /// to reclaim, a write protection not yet flushed, a write-flooding
+    /// count to reset, an emulated write, an MMIO SPTE, a dirty-logging
+    /// slot, an entry that is not empty, an invalidation since the walk).
+    ///
+    /// Everything that changes the shadow tables in any other way holds
+    /// the lock exclusively, so here the path, the memslots, the shadowed
+    /// guest tables and the invalidation count stay as they are. Faults
+    /// holding the lock shared only fill entries that hold 0, with a
+    /// compare-and-exchange: each entry has one winner, which alone records
+    /// its gfn and adds it to the (sharded) rmap. No SPTE is removed or
+    /// narrowed, so no flush is owed.
+    fn fix_fault_shared(&self, pf: &PageFault, stats: &LocalCounters) -> Option<FaultOutcome> {
+        let w = pf.walk.as_ref()?;
+        let need = u64::from(pf.root_level.get()) + 1;
+        if self.is_obsolete(pf.root)
+            || self.invalidate_seq.load(Ordering::SeqCst) != pf.mmu_seq
+            || self.available(self.effective_limit()) < need
+        {
+            return None;
+        }
+        let slot = w.slot?;
+        if slot.flags.contains(MemslotFlags::LOG_DIRTY) {
+            return None;
+        }
+        let root_key = self.page(pf.root).key;
+        if root_key != w.root_key {
+            return None;
+        }
+        let gva = pf.addr.raw();
+        let flushed = self.wp_flushed.load(Ordering::SeqCst);
+        let mut sp = pf.root;
+        let mut level = root_key.role.level;
+        for &child_key in w.path.iter() {
+            let spte = Spte(self.pool.load(sp, level.index(gva)));
+            if !spte.is_present() {
+                return None;
+            }
+            let child = self.pool.frame_at(spte.addr())?;
+            let page = self.pages[child as usize].as_ref()?;
+            if page.key != child_key || page.write_flooding != 0 || page.wp_epoch > flushed {
+                return None;
+            }
+            sp = child;
+            level = child_key.role.level;
+        }
+        let index = PtLevel::PT.index(gva);
+        if self.pool.load(sp, index) != 0 {
+            return None;
+        }
+
+        // The guest may have changed an entry between the walk and now:
+        // then walk again. The tables on the path are write-protected and
+        // flushed, so no write can land from here to the install but an
+        // emulated one, which holds the lock exclusively.
+        let t = &w.t;
+        let four_byte = pf.ctx.mode() == PagingMode::Bits32;
+        {
+            let mem = self.slots.guest_mem();
+            for (step, before) in t.steps().iter().zip(&w.gptes) {
+                if read_gpte(&mem, step.entry_gpa, four_byte) != *before {
+                    return Some(FaultOutcome::Retry);
+                }
+            }
+        }
+
+        let lr = leaf_rights(&pf.ctx, t, pf.access);
+        let hidden_from_smap = pf.ctx.smap() && t.rights.user && !lr.user;
+        let shadowed = self.is_write_protected(w.gfn);
+        if pf.access.is_write() && (shadowed || hidden_from_smap) {
+            return None;
+        }
+        let write = lr.write && slot.is_writable() && !shadowed && guest_dirty(t);
+        let hpa = slot.hpa_of(w.gfn.gpa())?;
+        let mut spte = Spte::leaf(hpa, write, lr.user, lr.exec);
+        if let Some(key) = t.pkey {
+            spte = spte.with_pkey(key);
+        }
+        if !self.install_leaf_shared(sp, index, w.gfn, spte) {
+            // Another vCPU filled it first: let the hardware walk again.
+            return Some(FaultOutcome::Retry);
+        }
+        if pf.prefetch > 1 {
+            self.prefetch_shared(pf, w, sp, index, stats);
+        }
+        LocalCounters::bump(&stats.faults_fixed);
+        LocalCounters::bump(&stats.faults_fixed_shared);
+        tracing::trace!(gva, gpa = t.gpa.raw(), write, "shadow fault fixed (shared)");
+        Some(FaultOutcome::Retry)
     }
 }

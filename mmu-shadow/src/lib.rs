@@ -45,8 +45,19 @@
 //! reader holds the old snapshot. Every change that leaves a TLB flush owed
 //! returns a token the compiler makes the caller commit, and the vCPUs'
 //! acknowledgements of a flush or a root reload are waited for with the
-//! lock dropped. [`ShadowConfig::lockless_faults`] turns the lock-free
-//! paths off, for comparison.
+//! lock dropped.
+//!
+//! The lock can be held shared, as KVM's TDP MMU holds `mmu_lock` for read
+//! on faults. Most faults only fill an empty leaf entry below shadow pages
+//! that already exist; those hold the lock shared and run side by side on
+//! different vCPUs: the leaf is installed with a compare-and-exchange on
+//! the empty entry, the rmap is sharded behind small locks, and each vCPU
+//! announces a shared hold in a flag on its own cache lines, so faults on
+//! different pages write no cache line in common. Everything else (a page
+//! to allocate or link, reclaim, zaps, write protection, emulated writes,
+//! memslot changes) holds the lock exclusively, after every shared holder
+//! has left. [`ShadowConfig::lockless_faults`] turns the lock-free and
+//! shared paths off, for comparison.
 //!
 //! Source map, by KVM counterpart: `page` (shadow pages, roles, the hash),
 //! `rmap` (rmap and parent SPTEs), `zap` (prepare / commit, fast zap,
@@ -58,9 +69,9 @@
 //! The hardware runs the shadow tables with the registers
 //! [`hardware_context`] gives, not the guest's own.
 //!
-//! [`soft::SoftVcpu`] is a software CPU that walks the shadow tables as the
-//! hardware would, with a TLB, so tests run without KVM and a missing
-//! flush fails them.
+//! `soft::SoftVcpu` (feature `test-utils`) is a software CPU that walks
+//! the shadow tables as the hardware would, with a TLB, so tests run
+//! without KVM and a missing flush fails them.
 //!
 //! # Example
 //!
@@ -83,6 +94,7 @@ mod fault;
 #[cfg(any(test, feature = "test-utils"))]
 #[doc(hidden)]
 pub mod fuzzing;
+mod lock;
 mod memslots;
 mod mmio;
 mod page;
@@ -228,7 +240,8 @@ pub struct ShadowConfig {
     pub coherence: Coherence,
     /// Serve the guest walk, the memslot lookup and the MMIO fast path
     /// without the MMU lock, rechecking the MMU's invalidation count under
-    /// it (as KVM does). Off: every fault runs under the lock (the
+    /// it (as KVM does), and fill empty leaf entries holding the lock
+    /// shared. Off: every fault runs holding the lock exclusively (the
     /// baseline, for comparison).
     pub lockless_faults: bool,
     /// Where a hypervisor that runs the shadow tables has no memory: with

@@ -76,7 +76,11 @@ impl MmuState {
     ) -> Flush {
         let flush = self.drop_spte(sp, index);
         self.pool.store(sp, index, value);
-        self.page_mut(sp).leaf_gfns.as_mut().expect("level 1")[index] = gfn;
+        self.page(sp)
+            .leaf_gfns
+            .as_ref()
+            .expect("level 1")
+            .set(index, gfn);
         if self.window_gfn(value).is_some() {
             let ptr = SptePtr {
                 sp,
@@ -106,7 +110,7 @@ impl MmuState {
                 let live = self.pages[ptr.sp as usize].as_ref().is_some_and(|p| {
                     p.leaf_gfns
                         .as_ref()
-                        .is_some_and(|g| g[usize::from(ptr.index)] == gfn)
+                        .is_some_and(|g| g.get(usize::from(ptr.index)) == gfn)
                 });
                 let spte = self.pool.load(ptr.sp, usize::from(ptr.index));
                 if live && self.window_gfn(spte) == Some(gfn) {

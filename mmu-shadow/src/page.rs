@@ -4,6 +4,8 @@
 //! `kvm_mmu_alloc_shadow_page`), `union kvm_mmu_page_role` and the
 //! `active_mmu_pages` list.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use mmu_api::{Gfn, PagingContext, PagingMode, Rights, VcpuError};
 
 use crate::pool::{ENTRIES_PER_PAGE, FrameId};
@@ -225,6 +227,32 @@ pub(crate) struct SpKey {
     pub(crate) role: Role,
 }
 
+/// The gfn each leaf of a level-1 page maps, by index. Atomic because a
+/// fault installing a leaf into an empty entry records its gfn holding the
+/// MMU lock shared ([`MmuState::install_leaf_shared`]); each such fault
+/// writes only the entry whose SPTE it installed, and everyone else
+/// reads or writes the gfns holding the lock exclusively.
+#[derive(Debug)]
+pub(crate) struct LeafGfns(Box<[AtomicU64]>);
+
+impl LeafGfns {
+    /// Every entry gfn 0.
+    fn new() -> Self {
+        LeafGfns((0..ENTRIES_PER_PAGE).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// The gfn of entry `index`.
+    pub(crate) fn get(&self, index: usize) -> Gfn {
+        Gfn(self.0[index].load(Ordering::Relaxed))
+    }
+
+    /// Records the gfn of entry `index`. The MMU lock, held exclusively or
+    /// shared by the only writer of this entry, orders it for readers.
+    pub(crate) fn set(&self, index: usize, gfn: Gfn) {
+        self.0[index].store(gfn.raw(), Ordering::Relaxed);
+    }
+}
+
 /// Metadata of one shadow page (one pool frame).
 #[derive(Debug)]
 pub(crate) struct ShadowPage {
@@ -242,7 +270,7 @@ pub(crate) struct ShadowPage {
     /// SPTEs in other shadow pages that link to this one.
     pub(crate) parents: Vec<SptePtr>,
     /// For level-1 pages: the gfn each present leaf maps.
-    pub(crate) leaf_gfns: Option<Box<[Gfn]>>,
+    pub(crate) leaf_gfns: Option<LeafGfns>,
     /// Emulated writes to the shadowed guest table since it was last used.
     pub(crate) write_flooding: u8,
     /// PAE roots: the PDPTEs the root was built from.
@@ -299,11 +327,7 @@ impl MmuState {
         };
         let seq = self.next_seq;
         self.next_seq += 1;
-        let leaf_gfns = key
-            .role
-            .level
-            .is_pt()
-            .then(|| vec![Gfn(0); ENTRIES_PER_PAGE].into_boxed_slice());
+        let leaf_gfns = key.role.level.is_pt().then(LeafGfns::new);
         self.pages[frame as usize] = Some(ShadowPage {
             key,
             generation: self.valid_gen,

@@ -144,6 +144,18 @@ impl PoolMem {
         self.entry(frame, index).load(Ordering::Acquire)
     }
 
+    /// Writes `value` into an entry that holds 0, with one
+    /// compare-and-exchange; false if the entry holds anything else. For
+    /// faults that fill empty leaf entries holding the MMU lock shared:
+    /// of two racing for one entry, one wins. An entry that was not
+    /// present needs no journal record (a host that shadows the pool
+    /// cached nothing for it).
+    pub(crate) fn fill_empty(&self, frame: FrameId, index: usize, value: u64) -> bool {
+        self.entry(frame, index)
+            .compare_exchange(0, value, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
     /// Compare-and-exchange on one entry (for a hardware model setting A/D).
     #[cfg(any(test, feature = "test-utils"))]
     pub(crate) fn compare_exchange(
@@ -214,7 +226,15 @@ impl ShadowPool {
     /// (see [`is_quarantined`](Self::is_quarantined)) is never handed out.
     pub(crate) fn alloc(&mut self) -> Option<FrameId> {
         let pos = self.free.iter().rposition(|&f| !self.is_quarantined(f))?;
-        Some(self.free.swap_remove(pos))
+        let frame = self.free.swap_remove(pos);
+        // Written before anything reads it, a never-used frame gets a
+        // fresh zeroed page from the host kernel at once. Read first, it
+        // would be mapped to the shared zero page, and its first write
+        // would replace that mapping, for which the kernel flushes the TLB
+        // of every CPU running another thread of the VMM: an interrupt to
+        // each vCPU thread, in the middle of its faults.
+        self.entry(frame, 0).store(0, Ordering::Relaxed);
+        Some(frame)
     }
 
     /// Returns a frame, zeroing it. The caller must have made sure that no

@@ -27,7 +27,7 @@ impl MmuState {
 
     /// Pages that can be allocated under the limit once the owed commit
     /// returns the retired frames.
-    fn available(&self, limit: u64) -> u64 {
+    pub(crate) fn available(&self, limit: u64) -> u64 {
         limit.saturating_sub(self.used_pages())
             + self.zapped_obsolete.len() as u64
             + self.pending_free.len() as u64

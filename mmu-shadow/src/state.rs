@@ -14,7 +14,7 @@ use crate::ShadowConfig;
 use crate::memslots::{Memslots, Slots};
 use crate::page::{FastMap, ShadowPage, SpKey};
 use crate::pool::{FrameId, ShadowPool};
-use crate::rmap::RmapList;
+use crate::rmap::Rmap;
 use crate::root::{HostWindow, RootCache};
 use crate::stats::Counters;
 use crate::vcpu::VcpuShared;
@@ -31,7 +31,7 @@ pub(crate) struct MmuState {
     /// own generation, where no lookup looks.
     pub(crate) hash: FastMap<(SpKey, u64), FrameId>,
     /// Leaf SPTEs mapping each gfn.
-    pub(crate) rmap: FastMap<Gfn, RmapList>,
+    pub(crate) rmap: Rmap,
     /// Shadow pages shadowing each guest table frame (write-protected).
     pub(crate) gfn_pages: FastMap<Gfn, Vec<FrameId>>,
     /// Active pages by age (FIFO: oldest first).
@@ -98,7 +98,7 @@ impl MmuState {
             pool,
             pages: (0..frames).map(|_| None).collect(),
             hash: FastMap::default(),
-            rmap: FastMap::default(),
+            rmap: Rmap::default(),
             gfn_pages: FastMap::default(),
             active: BTreeMap::new(),
             next_seq: 0,

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub(crate) struct Counters {
     pub(crate) faults: u64,
     pub(crate) faults_fixed: u64,
+    pub(crate) faults_fixed_shared: u64,
     pub(crate) faults_injected: u64,
     pub(crate) faults_mmio: u64,
     pub(crate) write_protect_hits: u64,
@@ -45,20 +46,27 @@ pub(crate) struct Counters {
     pub(crate) fault_walk_retries: u64,
 }
 
-/// The counters a vCPU bumps on its lock-free paths. Only the vCPU's own
-/// thread writes them; [`stats`](mmu_api::MmuBackend::stats) sums them.
+/// The counters a vCPU bumps on its fault path: its lock-free parts and
+/// what it does holding the MMU lock shared. Only the vCPU's own thread
+/// writes them, on its own cache lines, so vCPUs faulting side by side
+/// write no counter line in common; [`stats`](mmu_api::MmuBackend::stats)
+/// sums them.
 #[derive(Debug, Default)]
 pub(crate) struct LocalCounters {
     pub(crate) faults: AtomicU64,
     /// Bumped under the MMU lock, but kept here so the fault path writes no
     /// shared line it does not need.
     pub(crate) faults_fixed: AtomicU64,
+    /// Of those, fixed holding the MMU lock shared.
+    pub(crate) faults_fixed_shared: AtomicU64,
     pub(crate) faults_injected: AtomicU64,
     pub(crate) faults_mmio: AtomicU64,
     pub(crate) mmio_fast_hits: AtomicU64,
     pub(crate) mmio_stale: AtomicU64,
     /// Lock-free work thrown away because the invalidation count moved.
     pub(crate) lockless_retries: AtomicU64,
+    /// SPTEs prefetched by faults holding the MMU lock shared.
+    pub(crate) prefetched: AtomicU64,
 }
 
 impl LocalCounters {
@@ -72,11 +80,13 @@ impl LocalCounters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         total.faults += get(&self.faults);
         total.faults_fixed += get(&self.faults_fixed);
+        total.faults_fixed_shared += get(&self.faults_fixed_shared);
         total.faults_injected += get(&self.faults_injected);
         total.faults_mmio += get(&self.faults_mmio);
         total.mmio_fast_hits += get(&self.mmio_fast_hits);
         total.mmio_stale += get(&self.mmio_stale);
         total.fault_walk_retries += get(&self.lockless_retries);
+        total.prefetched += get(&self.prefetched);
     }
 }
 
@@ -86,6 +96,7 @@ impl Counters {
         vec![
             ("faults", self.faults),
             ("faults_fixed", self.faults_fixed),
+            ("faults_fixed_shared", self.faults_fixed_shared),
             ("faults_injected", self.faults_injected),
             ("faults_mmio", self.faults_mmio),
             ("write_protect_hits", self.write_protect_hits),

@@ -27,6 +27,13 @@ bitflags::bitflags! {
     }
 }
 
+/// A vCPU's shared-hold flag, on cache lines of its own: every exclusive
+/// holder of the MMU lock reads it, and it must not share a line with
+/// what the vCPU writes on every entry and exit.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct ReadingFlag(pub(crate) AtomicBool);
+
 /// The part of a vCPU other threads touch: its requests and whether it is
 /// in guest mode (KVM's `vcpu->requests` and `vcpu->mode`). Aligned to
 /// its own cache lines: its vCPU writes it on every entry and exit.
@@ -36,6 +43,8 @@ pub(crate) struct VcpuShared {
     pub(crate) id: VcpuId,
     pub(crate) requests: AtomicU32,
     pub(crate) in_guest: AtomicBool,
+    /// The vCPU holds the MMU lock shared ([`crate::lock::MmuLock::read`]).
+    pub(crate) reading: ReadingFlag,
     pub(crate) kick: Arc<dyn VcpuKick>,
     /// Counters of the lock-free paths.
     pub(crate) stats: LocalCounters,

@@ -23,7 +23,7 @@ impl MmuState {
 
     /// Removes write access from every leaf SPTE mapping `gfn`.
     pub(crate) fn write_protect_gfn(&mut self, gfn: Gfn) -> Flush {
-        let Some(ptrs) = self.rmap.get(&gfn) else {
+        let Some(ptrs) = self.rmap.get(gfn) else {
             return Flush::NONE;
         };
         let mut flush = Flush::NONE;
@@ -41,7 +41,7 @@ impl MmuState {
     /// Removes write access from every leaf mapping a gfn in `[start, end)`.
     pub(crate) fn write_protect_range(&mut self, start: Gfn, end: Gfn) -> Flush {
         let mut flush = Flush::NONE;
-        for g in crate::rmap::keys_in_range(&self.rmap, start, end) {
+        for g in self.rmap.keys_in_range(start, end) {
             flush |= self.write_protect_gfn(g);
         }
         flush

@@ -24,7 +24,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 /// Counters summed over every case, to show each mechanism was exercised.
-const EXERCISED: [&str; 17] = [
+const EXERCISED: [&str; 18] = [
     "replayed_entries",
     "fast_zaps",
     "naive_zaps",
@@ -33,6 +33,7 @@ const EXERCISED: [&str; 17] = [
     "mmio_stale",
     "generation_wraps",
     "faults_fixed",
+    "faults_fixed_shared",
     "faults_injected",
     "faults_mmio",
     "write_protect_hits",
@@ -43,7 +44,7 @@ const EXERCISED: [&str; 17] = [
     "zap_all",
     "dirty_harvests",
 ];
-static TOTALS: [AtomicU64; 17] = [const { AtomicU64::new(0) }; 17];
+static TOTALS: [AtomicU64; 18] = [const { AtomicU64::new(0) }; 18];
 static SEQUENCES: AtomicU64 = AtomicU64::new(0);
 static STEPS: AtomicU64 = AtomicU64::new(0);
 

@@ -283,9 +283,10 @@ fn run(vcpus: u64, zap: ZapMode, lockless_faults: bool) -> u64 {
     let stats = b.stats();
     println!(
         "{vcpus} vCPUs ({zap:?} zap, lock-free faults {lockless_faults}): \
-         {audits} audits passed; faults {}, fast zaps {}, reclaimed {}, \
-         walk retries {}, remote flushes {}",
+         {audits} audits passed; faults {} (fixed holding the lock shared {}), \
+         fast zaps {}, reclaimed {}, walk retries {}, remote flushes {}",
         stats.get("faults").unwrap_or(0),
+        stats.get("faults_fixed_shared").unwrap_or(0),
         stats.get("fast_zaps").unwrap_or(0),
         stats.get("reclaimed_valid").unwrap_or(0),
         stats.get("fault_walk_retries").unwrap_or(0),
