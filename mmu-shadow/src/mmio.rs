@@ -86,10 +86,12 @@ impl MmuState {
                 sp,
                 index: index as u16,
             };
-            let leaves = self.window_leaves.entry(gfn).or_default();
-            if !leaves.contains(&ptr) {
-                leaves.push(ptr);
-            }
+            // Drop entries whose leaf went with a zap, so the list holds
+            // only live leaves across fast zaps.
+            let mut leaves = self.window_leaves.remove(&gfn).unwrap_or_default();
+            leaves.retain(|&p| p != ptr && self.is_window_leaf(p, gfn));
+            leaves.push(ptr);
+            self.window_leaves.insert(gfn, leaves);
         }
         self.counters.mmio_sptes += 1;
         flush
@@ -107,18 +109,22 @@ impl MmuState {
         let mut flush = Flush::NONE;
         for gfn in gfns {
             for ptr in self.window_leaves.remove(&gfn).unwrap_or_default() {
-                let live = self.pages[ptr.sp as usize].as_ref().is_some_and(|p| {
-                    p.leaf_gfns
-                        .as_ref()
-                        .is_some_and(|g| g.get(usize::from(ptr.index)) == gfn)
-                });
-                let spte = self.pool.load(ptr.sp, usize::from(ptr.index));
-                if live && self.window_gfn(spte) == Some(gfn) {
+                if self.is_window_leaf(ptr, gfn) {
                     flush |= self.drop_spte(ptr.sp, usize::from(ptr.index));
                 }
             }
         }
         flush
+    }
+
+    /// True if `ptr` is still a live window leaf for `gfn` (its page was
+    /// not zapped and reused meanwhile).
+    fn is_window_leaf(&self, ptr: SptePtr, gfn: Gfn) -> bool {
+        let index = usize::from(ptr.index);
+        let live = self.pages[ptr.sp as usize]
+            .as_ref()
+            .is_some_and(|p| p.leaf_gfns.as_ref().is_some_and(|g| g.get(index) == gfn));
+        live && self.window_gfn(self.pool.load(ptr.sp, index)) == Some(gfn)
     }
 }
 
